@@ -1,0 +1,155 @@
+"""The ``batchwire`` command: serve, ls, inspect, health.
+
+The one module that knows both sides: each subcommand imports the server or
+the client inside its own function, so ``batchwire ls`` never loads server code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+
+DEFAULT_TARGET = "localhost:50051"
+
+
+def _target(args: argparse.Namespace) -> str:
+    return args.target or os.environ.get("BATCHWIRE_TARGET") or DEFAULT_TARGET
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from batchwire.server import BatchwireServer, ConfigError, load_config
+
+    try:
+        config = load_config(args.config)
+        server = BatchwireServer(config, host=args.host, port=args.port, workers=args.workers)
+    except ConfigError as exc:
+        print(f"batchwire serve: bad config: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"batchwire serve: {exc}", file=sys.stderr)
+        return 1
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    server.start()
+    names = ", ".join(server.registry.names())
+    # Tests and scripts read the bound port from this line (with --port 0).
+    print(
+        f"batchwire: serving {names} on {server.host}:{server.port} with {server.pool.size or 'starting'} workers",
+        flush=True,
+    )
+    while not stop.wait(0.5):
+        pass
+    logging.getLogger("batchwire").info("shutting down")
+    server.stop(grace=args.grace)
+    print("batchwire: stopped", flush=True)
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from batchwire import wire
+    from batchwire.client import BatchClient
+
+    for info in BatchClient(_target(args)).list_datasets():
+        fields = ", ".join(f"{f.name}: {wire.dtype_name(f.dtype)}{list(f.shape)}" for f in info.fields)
+        print(f"{info.name}\t{info.source}\t{info.length} samples\t{fields}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import torch
+
+    from batchwire import wire
+    from batchwire.client import BatchClient, RemoteDataset
+
+    info = BatchClient(_target(args)).describe(args.dataset)
+    print(f"dataset: {info.name}\nsource:  {info.source}\nlength:  {info.length}\nfields:")
+    for field in info.fields:
+        print(f"  {field.name}: {wire.dtype_name(field.dtype)} {list(field.shape)}")
+    dataset = RemoteDataset(_target(args), args.dataset, batch_size=args.batch_size)
+    batch = next(iter(dataset), None)
+    if batch is None:
+        return 0
+    print(f"first batch of {args.batch_size}:")
+    tensors, structure = wire.flatten(batch)
+    for field, tensor in zip(wire.field_infos(structure, tensors), tensors, strict=True):
+        values = tensor.to(torch.float64)
+        stats = (
+            f"min {values.min().item():.4g}  max {values.max().item():.4g}  mean {values.mean().item():.4g}"
+            if tensor.numel()
+            else "empty"
+        )
+        print(f"  {field.name}: {list(tensor.shape)}  {stats}")
+    return 0
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    target = _target(args)
+    try:
+        with grpc.insecure_channel(target) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
+    except grpc.RpcError as error:
+        print(f"{target}: {error.code().name}: {error.details()}", file=sys.stderr)
+        return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"{target}: {status}")
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="batchwire", description=__doc__.splitlines()[0])
+    parser.add_argument("--log-level", default=os.environ.get("BATCHWIRE_LOG_LEVEL", "INFO"))
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve the datasets of a config file")
+    serve.add_argument("--config", required=True, help="TOML config file")
+    serve.add_argument("--host", help="address to bind (default: the config's, else 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to bind; 0 picks a free one")
+    serve.add_argument("--workers", type=int, help="worker processes (default: the config's, else one per core)")
+    serve.add_argument("--grace", type=float, default=5.0, help="seconds open streams get at shutdown")
+    serve.set_defaults(func=cmd_serve)
+
+    def client_command(name: str, help_text: str):
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("--target", help=f"server host:port (default: $BATCHWIRE_TARGET or {DEFAULT_TARGET})")
+        return sub
+
+    client_command("ls", "list the served datasets").set_defaults(func=cmd_ls)
+    inspect = client_command("inspect", "describe a dataset and one batch")
+    inspect.add_argument("dataset")
+    inspect.add_argument("--batch-size", type=int, default=8)
+    inspect.set_defaults(func=cmd_inspect)
+    health = client_command("health", "exit 0 only when the server is SERVING")
+    health.add_argument("--service", default="", help="service name to check (default: the whole server)")
+    health.add_argument("--timeout", type=float, default=3.0)
+    health.set_defaults(func=cmd_health)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    if args.command != "serve":
+        from batchwire.client import BatchwireError
+
+        try:
+            return args.func(args)
+        except BatchwireError as exc:
+            print(f"batchwire {args.command}: {exc}", file=sys.stderr)
+            return 1
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,336 @@
+"""Encodes batches into wire frames and decodes them back; shared by server and client.
+
+A batch is a nest of tensors (tuple, list, dict). It travels as one
+``BatchHeader`` (dtype, shape and offset of each tensor, plus the nesting) and
+a payload: the tensors' raw little-endian bytes laid end to end, each at a
+64-byte aligned offset. The payload is cut into chunks of a few MiB; each
+chunk is one ``BatchChunk`` message.
+
+The server does not build ``BatchChunk`` objects: assigning and serialising a
+protobuf ``bytes`` field copies the payload several times. A frame is instead
+the serialised header (field 1) followed by a hand-written field 2 tag and
+length and the raw payload slice, which is the same protobuf on the wire.
+The client slices frames the same way instead of parsing them, so tensors are
+``torch.frombuffer`` views of the received bytes (one copy to reassemble a
+batch that spans several chunks, none otherwise).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from batchwire.v1 import batchwire_pb2 as pb
+
+if sys.byteorder != "little":  # pragma: no cover - no big-endian host in sight
+    raise ImportError("batchwire's wire format assumes a little-endian host")
+
+# Tensors decoded from a received `bytes` object share its memory; the message
+# is owned by the batch alone, so writing to them is safe.
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+
+ALIGNMENT = 64
+DEFAULT_CHUNK_BYTES = 4 << 20
+
+_TORCH_TO_WIRE: dict[torch.dtype, int] = {
+    torch.float32: pb.FLOAT32,
+    torch.float64: pb.FLOAT64,
+    torch.float16: pb.FLOAT16,
+    torch.bfloat16: pb.BFLOAT16,
+    torch.int8: pb.INT8,
+    torch.int16: pb.INT16,
+    torch.int32: pb.INT32,
+    torch.int64: pb.INT64,
+    torch.uint8: pb.UINT8,
+    torch.bool: pb.BOOL,
+}
+_WIRE_TO_TORCH = {wire: dtype for dtype, wire in _TORCH_TO_WIRE.items()}
+
+_HEADER_TAG = bytes([(1 << 3) | 2])  # BatchChunk.header, length-delimited
+_DATA_TAG = bytes([(2 << 3) | 2])  # BatchChunk.data, length-delimited
+
+
+class WireError(ValueError):
+    """A batch that cannot be encoded, or a frame that cannot be decoded."""
+
+
+def wire_dtype(dtype: torch.dtype) -> int:
+    """Returns the wire ``DType`` of a torch dtype."""
+    try:
+        return _TORCH_TO_WIRE[dtype]
+    except KeyError:
+        supported = ", ".join(str(d).removeprefix("torch.") for d in _TORCH_TO_WIRE)
+        raise WireError(f"dtype {dtype} cannot travel; supported: {supported}") from None
+
+
+def torch_dtype(wire: int) -> torch.dtype:
+    """Returns the torch dtype of a wire ``DType``."""
+    try:
+        return _WIRE_TO_TORCH[wire]
+    except KeyError:
+        raise WireError(f"unknown wire dtype {wire}") from None
+
+
+def dtype_name(wire: int) -> str:
+    return pb.DType.Name(wire).lower()
+
+
+# -- structure ----------------------------------------------------------------
+
+
+def flatten(batch: Any) -> tuple[list[torch.Tensor], pb.Node]:
+    """Splits a nest of tensors into a flat tensor list and its structure.
+
+    Numbers and numpy arrays become tensors, as ``default_collate`` would make
+    them. Raises ``WireError`` for anything else (strings, custom objects).
+    """
+    tensors: list[torch.Tensor] = []
+
+    def visit(obj: Any, path: str) -> pb.Node:
+        if isinstance(obj, torch.Tensor):
+            tensors.append(obj)
+            return pb.Node(tensor=len(tensors) - 1)
+        if isinstance(obj, np.ndarray | np.generic | bool | int | float):
+            tensors.append(torch.as_tensor(np.asarray(obj)))
+            return pb.Node(tensor=len(tensors) - 1)
+        if isinstance(obj, Mapping):
+            keys = [str(key) for key in obj]
+            values = [visit(value, f"{path}.{key}" if path else str(key)) for key, value in obj.items()]
+            return pb.Node(map=pb.NodeMap(keys=keys, values=values))
+        if isinstance(obj, tuple | list):
+            items = [visit(value, f"{path}.{i}" if path else str(i)) for i, value in enumerate(obj)]
+            nodes = pb.NodeList(items=items)
+            return pb.Node(tuple=nodes) if isinstance(obj, tuple) else pb.Node(list=nodes)
+        where = f" at {path!r}" if path else ""
+        raise WireError(
+            f"cannot send a {type(obj).__name__}{where}: batches may only hold tensors, "
+            "numpy arrays and numbers, nested in tuples, lists and dicts"
+        )
+
+    structure = visit(batch, "")
+    return tensors, structure
+
+
+def unflatten(structure: pb.Node, tensors: list[torch.Tensor]) -> Any:
+    """Rebuilds the nest that ``flatten`` split."""
+    kind = structure.WhichOneof("kind")
+    if kind == "tensor":
+        return tensors[structure.tensor]
+    if kind == "tuple":
+        return tuple(unflatten(node, tensors) for node in structure.tuple.items)
+    if kind == "list":
+        return [unflatten(node, tensors) for node in structure.list.items]
+    if kind == "map":
+        return {
+            key: unflatten(node, tensors)
+            for key, node in zip(structure.map.keys, structure.map.values, strict=True)
+        }
+    raise WireError(f"batch structure has an empty node ({kind=})")
+
+
+def field_infos(structure: pb.Node, tensors: list[torch.Tensor]) -> list[pb.FieldInfo]:
+    """Names each leaf of one item by its path ("image", "0", "inputs.ids")."""
+    fields: list[pb.FieldInfo] = []
+
+    def visit(node: pb.Node, path: str) -> None:
+        kind = node.WhichOneof("kind")
+        if kind == "tensor":
+            tensor = tensors[node.tensor]
+            fields.append(
+                pb.FieldInfo(name=path, dtype=wire_dtype(tensor.dtype), shape=list(tensor.shape))
+            )
+        elif kind in ("tuple", "list"):
+            for i, child in enumerate(getattr(node, kind).items):
+                visit(child, f"{path}.{i}" if path else str(i))
+        elif kind == "map":
+            for key, child in zip(node.map.keys, node.map.values, strict=True):
+                visit(child, f"{path}.{key}" if path else key)
+
+    visit(structure, "")
+    return fields
+
+
+# -- encoding (server) --------------------------------------------------------
+
+
+def _aligned(offset: int) -> int:
+    return (offset + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
+
+
+def layout(tensors: list[torch.Tensor]) -> tuple[list[pb.TensorMeta], int]:
+    """Assigns each tensor an aligned offset; returns the metas and payload size."""
+    metas = []
+    offset = 0
+    for tensor in tensors:
+        offset = _aligned(offset)
+        nbytes = tensor.numel() * tensor.element_size()
+        metas.append(
+            pb.TensorMeta(
+                dtype=wire_dtype(tensor.dtype), shape=list(tensor.shape), offset=offset, nbytes=nbytes
+            )
+        )
+        offset += nbytes
+    return metas, offset
+
+
+def write_payload(tensors: list[torch.Tensor], metas: list[pb.TensorMeta], buffer: memoryview) -> None:
+    """Copies each tensor's bytes into ``buffer`` at its offset."""
+    for tensor, meta in zip(tensors, metas, strict=True):
+        if meta.nbytes == 0:
+            continue
+        raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        np.ndarray(meta.nbytes, np.uint8, buffer=buffer, offset=meta.offset)[...] = raw
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def frames(header: pb.BatchHeader, payload: memoryview, chunk_bytes: int) -> Iterator[bytes]:
+    """Yields the serialised ``BatchChunk`` messages of one batch.
+
+    The first frame holds the header and the first slice of the payload; each
+    frame carries at most ``chunk_bytes`` payload bytes.
+    """
+    header_bytes = header.SerializeToString()
+    prefix = _HEADER_TAG + _varint(len(header_bytes)) + header_bytes
+    size = len(payload)
+    count = max(1, math.ceil(size / chunk_bytes))
+    for i in range(count):
+        piece = payload[i * chunk_bytes : (i + 1) * chunk_bytes]
+        parts = [prefix] if i == 0 else []
+        if len(piece):
+            parts += [_DATA_TAG, _varint(len(piece)), piece]
+        yield b"".join(parts)
+
+
+# -- decoding (client) --------------------------------------------------------
+
+
+def _read_varint(data: memoryview, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(data):
+            raise WireError("truncated varint in BatchChunk frame")
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """A parsed ``BatchChunk``: the header if this frame starts a batch, and its data."""
+
+    header: pb.BatchHeader | None
+    data: memoryview
+
+
+def parse_chunk(frame: bytes) -> Chunk:
+    """Parses a ``BatchChunk`` frame without copying its data (a gRPC deserializer)."""
+    view = memoryview(frame)
+    header: pb.BatchHeader | None = None
+    data = view[0:0]
+    pos = 0
+    while pos < len(view):
+        tag, pos = _read_varint(view, pos)
+        if tag & 7 != 2:
+            raise WireError(f"unexpected wire type {tag & 7} in BatchChunk frame")
+        length, pos = _read_varint(view, pos)
+        body = view[pos : pos + length]
+        pos += length
+        if tag >> 3 == 1:
+            header = pb.BatchHeader.FromString(body)
+        elif tag >> 3 == 2:
+            data = body
+        # Unknown length-delimited fields are skipped, as protobuf does.
+    return Chunk(header, data)
+
+
+def decode_tensors(header: pb.BatchHeader, payload: Any) -> list[torch.Tensor]:
+    """Views each tensor of a payload buffer; no bytes are copied."""
+    tensors = []
+    for meta in header.tensors:
+        dtype = torch_dtype(meta.dtype)
+        shape = tuple(meta.shape)
+        if meta.nbytes == 0:
+            tensors.append(torch.empty(shape, dtype=dtype))
+            continue
+        numel = math.prod(shape)
+        flat = torch.frombuffer(payload, dtype=dtype, count=numel, offset=meta.offset)
+        tensors.append(flat.view(shape))
+    return tensors
+
+
+class BatchAssembler:
+    """Joins the chunks of a stream into decoded batches.
+
+    ``add(chunk)`` returns ``(batch_index, batch)`` when a chunk completes a
+    batch, else ``None``.
+    """
+
+    def __init__(self, decompress: Any = None) -> None:
+        self._decompress = decompress
+        self._header: pb.BatchHeader | None = None
+        self._buffer: bytearray | None = None
+        self._filled = 0
+
+    def add(self, chunk: Chunk) -> tuple[int, Any] | None:
+        if chunk.header is not None:
+            if self._header is not None:
+                raise WireError(
+                    f"batch {self._header.batch_index} ended after {self._filled} of "
+                    f"{self._header.payload_size} bytes"
+                )
+            self._header = chunk.header
+            self._filled = 0
+            self._buffer = None
+            if len(chunk.data) == self._header.payload_size:
+                return self._finish(chunk.data)  # one chunk: decode in place
+        header = self._header
+        if header is None:
+            raise WireError("stream sent payload bytes before a batch header")
+        if len(chunk.data):
+            if self._buffer is None:
+                self._buffer = bytearray(header.payload_size)
+            end = self._filled + len(chunk.data)
+            if end > header.payload_size:
+                raise WireError(f"batch {header.batch_index} sent more than {header.payload_size} bytes")
+            self._buffer[self._filled : end] = chunk.data
+            self._filled = end
+        if self._filled == header.payload_size:
+            return self._finish(self._buffer if self._buffer is not None else b"")
+        return None
+
+    @property
+    def pending(self) -> bool:
+        """True while a batch has started but not all its bytes arrived."""
+        return self._header is not None
+
+    def _finish(self, payload: Any) -> tuple[int, Any]:
+        header = self._header
+        assert header is not None
+        self._header, self._buffer, self._filled = None, None, 0
+        if header.compression != pb.NONE:
+            if self._decompress is None:
+                raise WireError(f"batch {header.batch_index} is compressed but no codec was asked for")
+            payload = self._decompress(header.compression, payload, header.raw_size)
+        tensors = decode_tensors(header, payload)
+        return header.batch_index, unflatten(header.structure, tensors)

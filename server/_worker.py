@@ -1,0 +1,59 @@
+"""The worker process: receives batch tasks over a pipe, builds them, reports back.
+
+A worker is created once, at server start-up (or to replace one that died),
+builds each dataset from the config the first time a task names it, and keeps
+it. It never talks gRPC. Protocol, all over one duplex pipe:
+
+    pool -> worker: (task_id, dataset, indices, path) | None (stop)
+    worker -> pool: ("ok", task_id, header_bytes, payload_size, busy_seconds)
+                    ("error", task_id, message)
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+import traceback
+from multiprocessing.connection import Connection
+from typing import Any
+
+import torch
+
+from batchwire.server.batches import BatchBuildError, collate, load_samples, write_batch
+from batchwire.server.config import Config, ConfigError
+from batchwire.server.sources import build_dataset
+
+
+def run(config: Config, conn: Connection) -> None:
+    """Worker main loop; returns when the pool says stop or the pipe closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle
+    torch.set_num_threads(1)  # one process per core already; threads would oversubscribe
+    for folder in config.server.python_path:
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
+    datasets: dict[str, Any] = {}
+    while True:
+        try:
+            task = conn.recv()
+        except (EOFError, OSError):
+            return  # the server is gone
+        if task is None:
+            return
+        task_id, name, indices, path = task
+        started = time.perf_counter()
+        try:
+            if name not in datasets:
+                datasets[name] = build_dataset(config.datasets[name], config.file)
+            samples = load_samples(datasets[name], name, indices)
+            header, size = write_batch(collate(samples, name), name, path)
+            reply: tuple[Any, ...] = ("ok", task_id, header.SerializeToString(), size, time.perf_counter() - started)
+        except (BatchBuildError, ConfigError) as exc:
+            reply = ("error", task_id, str(exc))
+        except Exception as exc:
+            where = traceback.format_exception_only(exc)[-1].strip()
+            reply = ("error", task_id, f"dataset {name!r}: worker failed: {where}")
+        try:
+            conn.send(reply)
+        except (BrokenPipeError, OSError):
+            return

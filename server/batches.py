@@ -1,0 +1,83 @@
+"""Builds one batch: load each sample, collate, and write the payload to a file in shared memory.
+
+Runs inside a worker process; plain Python with no gRPC. Errors name the
+dataset and the sample index, so that the stream can end with a message that
+tells the user which sample of which dataset broke.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from torch.utils.data import default_collate
+
+from batchwire import wire
+from batchwire.v1 import batchwire_pb2 as pb
+
+
+class BatchBuildError(RuntimeError):
+    """A dataset, transform or collate function raised while building a batch."""
+
+
+def load_samples(dataset: Any, name: str, indices: Sequence[int]) -> list[Any]:
+    samples = []
+    for index in indices:
+        try:
+            samples.append(dataset[int(index)])
+        except Exception as exc:
+            raise BatchBuildError(
+                f"dataset {name!r}, sample index {int(index)}: {type(exc).__name__}: {exc}"
+            ) from exc
+    return samples
+
+
+def collate(samples: list[Any], name: str, collate_fn: Callable[[list[Any]], Any] = default_collate) -> Any:
+    try:
+        return collate_fn(samples)
+    except Exception as exc:
+        raise BatchBuildError(f"dataset {name!r}: collate failed: {type(exc).__name__}: {exc}") from exc
+
+
+def write_batch(batch: Any, name: str, path: str) -> tuple[pb.BatchHeader, int]:
+    """Encodes ``batch`` into ``path`` (created here); returns its header and payload size."""
+    try:
+        tensors, structure = wire.flatten(batch)
+    except wire.WireError as exc:
+        raise BatchBuildError(f"dataset {name!r}: {exc}") from exc
+    metas, size = wire.layout(tensors)
+    header = pb.BatchHeader(
+        payload_size=size,
+        raw_size=size,
+        tensors=metas,
+        structure=structure,
+        num_samples=_num_samples(tensors),
+    )
+    if size:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            with mmap.mmap(fd, size) as mapped, memoryview(mapped) as buffer:
+                wire.write_payload(tensors, metas, buffer)
+        finally:
+            os.close(fd)
+    return header, size
+
+
+def _num_samples(tensors: list[Any]) -> int:
+    return int(tensors[0].shape[0]) if tensors and tensors[0].dim() else 0
+
+
+def open_payload(path: str, size: int) -> memoryview:
+    """Maps a finished payload read-only and removes its name; memory lives while the view does."""
+    if size == 0:
+        return memoryview(b"")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        mapped = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    return memoryview(mapped)

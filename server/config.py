@@ -1,0 +1,198 @@
+"""Reads the server's TOML config into frozen dataclasses, checking every key.
+
+A bad config stops ``serve`` at start-up: every error names the file, the
+dotted key and the reason, e.g.
+``digits.toml: datasets.digits.length: expected a positive integer, got -3``.
+Source-specific keys are checked by the source (see ``sources/``), through the
+same ``Table`` reader so that their errors read alike.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+_MISSING = object()
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be served, with the file, key and reason."""
+
+    def __init__(self, file: str | os.PathLike[str], key: str, reason: str) -> None:
+        self.file = str(file)
+        self.key = key
+        self.reason = reason
+        super().__init__(f"{self.file}: {key}: {reason}" if key else f"{self.file}: {reason}")
+
+
+class Table:
+    """A TOML table that knows where it sits, for errors that name the key."""
+
+    def __init__(self, data: Mapping[str, Any], *, file: Path, prefix: str) -> None:
+        self.data = data
+        self.file = file
+        self.prefix = prefix
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def error(self, name: str, reason: str) -> ConfigError:
+        return ConfigError(self.file, self.key(name), reason)
+
+    def get(self, name: str, kind: type | tuple[type, ...], default: Any = _MISSING) -> Any:
+        """Returns ``data[name]`` after checking its type; raises if required and missing."""
+        if name not in self.data:
+            if default is _MISSING:
+                raise self.error(name, "required key is missing")
+            return default
+        value = self.data[name]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        # bool is an int in Python, but `workers = true` is a mistake.
+        if isinstance(value, bool) and bool not in kinds:
+            ok = False
+        elif float in kinds and isinstance(value, int) and not isinstance(value, bool):
+            ok = True
+        else:
+            ok = isinstance(value, kinds)
+        if not ok:
+            names = " or ".join(_type_name(k) for k in kinds)
+            raise self.error(name, f"expected {names}, got {_type_name(type(value))} {value!r}")
+        return value
+
+    def positive_int(self, name: str, default: Any = _MISSING) -> int:
+        value = self.get(name, int, default)
+        if value is not None and value <= 0:
+            raise self.error(name, f"expected a positive integer, got {value}")
+        return value
+
+    def table(self, name: str, default: Any = _MISSING) -> Table:
+        data = self.get(name, dict, default)
+        return Table(data if data is not None else {}, file=self.file, prefix=self.key(name))
+
+    def choice(self, name: str, options: Mapping[str, Any] | list[str], default: Any = _MISSING) -> str:
+        value = self.get(name, str, default)
+        if value not in options:
+            raise self.error(name, f"unknown value {value!r}; expected one of {', '.join(sorted(options))}")
+        return value
+
+    def path(self, name: str, default: Any = _MISSING, *, must_exist: bool = True) -> Path | None:
+        """A file path, relative to the config file's folder."""
+        value = self.get(name, str, default)
+        if value is None:
+            return None
+        resolved = (self.file.parent / value).resolve()
+        if must_exist and not resolved.exists():
+            raise self.error(name, f"file not found: {resolved}")
+        return resolved
+
+    def reject_unknown(self, known: set[str]) -> None:
+        for name in self.data:
+            if name not in known:
+                raise self.error(name, f"unknown key; expected one of {', '.join(sorted(known))}")
+
+
+def _type_name(kind: type) -> str:
+    return {dict: "table", list: "array", str: "string", int: "integer", float: "number"}.get(
+        kind, kind.__name__
+    )
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The ``[server]`` table."""
+
+    host: str = "127.0.0.1"
+    """Address to bind; "0.0.0.0" to serve other machines."""
+    port: int = 50051
+    """Port to bind; 0 picks a free one (printed at start-up)."""
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    """Worker processes that load, transform and collate batches."""
+    max_batch_size: int = 65536
+    """Largest batch_size a request may ask for."""
+    prefetch_batches: int = 4
+    """Batches built ahead of each stream (bounds server memory per stream)."""
+    chunk_bytes: int = 4 << 20
+    """Largest payload slice in one gRPC message."""
+    max_concurrent_streams: int = 64
+    """Open streams beyond this are refused with RESOURCE_EXHAUSTED."""
+    python_path: tuple[str, ...] = ()
+    """Folders (relative to the config file) added to sys.path for `python` sources."""
+    shm_dir: str = ""
+    """Where workers put finished batches; default /dev/shm."""
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """One ``[datasets.NAME]`` table; ``options`` are the source's own keys."""
+
+    name: str
+    source: str
+    options: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Config:
+    file: Path
+    server: ServerConfig
+    datasets: Mapping[str, DatasetConfig]
+
+
+_SERVER_KEYS = set(ServerConfig.__dataclass_fields__)
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Parses and checks a config file; raises ``ConfigError`` naming file, key and reason."""
+    file = Path(path).resolve()
+    try:
+        with file.open("rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(file, "", "config file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(file, "", f"not valid TOML: {exc}") from None
+    root = Table(data, file=file, prefix="")
+    root.reject_unknown({"server", "datasets"})
+    server = _server_config(root.table("server", {}))
+    datasets_table = root.table("datasets")
+    datasets = {}
+    for name in datasets_table.data:
+        table = datasets_table.table(name)
+        source = table.get("source", str)
+        options = {key: value for key, value in table.data.items() if key != "source"}
+        datasets[name] = DatasetConfig(name=name, source=source, options=options)
+    if not datasets:
+        raise ConfigError(file, "datasets", "no datasets declared; add a [datasets.NAME] table")
+    return Config(file=file, server=server, datasets=datasets)
+
+
+def _server_config(table: Table) -> ServerConfig:
+    table.reject_unknown(_SERVER_KEYS)
+    defaults = ServerConfig()
+    python_path = table.get("python_path", list, [])
+    for i, entry in enumerate(python_path):
+        if not isinstance(entry, str):
+            raise table.error(f"python_path[{i}]", f"expected string, got {entry!r}")
+    return ServerConfig(
+        host=table.get("host", str, defaults.host),
+        port=_port(table, defaults.port),
+        workers=table.positive_int("workers", defaults.workers),
+        max_batch_size=table.positive_int("max_batch_size", defaults.max_batch_size),
+        prefetch_batches=table.positive_int("prefetch_batches", defaults.prefetch_batches),
+        chunk_bytes=table.positive_int("chunk_bytes", defaults.chunk_bytes),
+        max_concurrent_streams=table.positive_int(
+            "max_concurrent_streams", defaults.max_concurrent_streams
+        ),
+        python_path=tuple(str((table.file.parent / p).resolve()) for p in python_path),
+        shm_dir=table.get("shm_dir", str, defaults.shm_dir),
+    )
+
+
+def _port(table: Table, default: int) -> int:
+    port = table.get("port", int, default)
+    if not 0 <= port <= 65535:
+        raise table.error("port", f"expected 0..65535, got {port}")
+    return port

@@ -1,0 +1,68 @@
+"""The datasets a server serves, built once in the gRPC process for lengths and descriptions."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch.utils.data import default_collate
+
+from batchwire import wire
+from batchwire.server.config import Config
+from batchwire.server.sources import MapDataset, build_dataset
+from batchwire.v1 import batchwire_pb2 as pb
+
+
+class DescribeError(RuntimeError):
+    """A dataset whose first item cannot be loaded or sent."""
+
+
+@dataclass
+class DatasetEntry:
+    name: str
+    source: str
+    dataset: MapDataset
+    length: int
+    _info: pb.DatasetInfo | None = field(default=None, repr=False)
+
+    def info(self) -> pb.DatasetInfo:
+        """Length and per-sample fields, read off item 0 as ``default_collate`` makes it."""
+        if self._info is None:
+            fields: list[pb.FieldInfo] = []
+            if self.length:
+                try:
+                    batch: Any = default_collate([self.dataset[0]])
+                    tensors, structure = wire.flatten(batch)
+                except Exception as exc:
+                    raise DescribeError(
+                        f"dataset {self.name!r}, sample index 0: {type(exc).__name__}: {exc}"
+                    ) from exc
+                fields = wire.field_infos(structure, tensors)
+                for info in fields:
+                    del info.shape[0]  # the batch dimension of the one-item batch
+            self._info = pb.DatasetInfo(name=self.name, length=self.length, fields=fields, source=self.source)
+        return self._info
+
+
+class DatasetRegistry:
+    """Builds every dataset of a config; raises ``ConfigError`` for the first that fails."""
+
+    def __init__(self, config: Config) -> None:
+        add_python_path(config.server.python_path)
+        self.entries: dict[str, DatasetEntry] = {}
+        for name, dataset_config in config.datasets.items():
+            dataset = build_dataset(dataset_config, config.file)
+            self.entries[name] = DatasetEntry(name, dataset_config.source, dataset, len(dataset))
+
+    def get(self, name: str) -> DatasetEntry | None:
+        return self.entries.get(name)
+
+    def names(self) -> list[str]:
+        return sorted(self.entries)
+
+
+def add_python_path(folders: tuple[str, ...]) -> None:
+    for folder in folders:
+        if folder not in sys.path:
+            sys.path.insert(0, folder)

@@ -1,0 +1,97 @@
+"""``arrays``: named fields from .npy files or one .npz, memory-mapped.
+
+Memory maps keep per-sample data out of the Python heap: forked or spawned
+workers share the file's pages through the page cache instead of each holding
+a copy (copy-on-access of Python objects is a classic DataLoader memory trap).
+Members of an uncompressed .npz are mapped in place; compressed members
+cannot be, and are loaded into memory.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from batchwire.server.config import Table
+
+
+def _map_npz_member(path: Path, member: zipfile.ZipInfo) -> np.ndarray:
+    """Memory-maps one uncompressed .npy member of a .npz file."""
+    with path.open("rb") as handle:
+        # The local file header: 30 bytes, then the name and an extra field.
+        handle.seek(member.header_offset + 26)
+        name_length = int.from_bytes(handle.read(2), "little")
+        extra_length = int.from_bytes(handle.read(2), "little")
+        start = member.header_offset + 30 + name_length + extra_length
+        handle.seek(start)
+        version = np.lib.format.read_magic(handle)
+        shape, fortran_order, dtype = np.lib.format._read_array_header(handle, version)  # noqa: SLF001
+        data_offset = handle.tell()
+    order = "F" if fortran_order else "C"
+    return np.memmap(path, dtype=dtype, mode="r", offset=data_offset, shape=shape, order=order)
+
+
+def load_npz(path: Path, names: list[str] | None) -> dict[str, np.ndarray]:
+    arrays: dict[str, np.ndarray] = {}
+    with zipfile.ZipFile(path) as archive:
+        members = {info.filename.removesuffix(".npy"): info for info in archive.infolist()}
+        for name in names if names is not None else list(members):
+            if name not in members:
+                raise KeyError(f"{path.name} has no array {name!r}; it has {', '.join(sorted(members))}")
+            info = members[name]
+            if info.compress_type == zipfile.ZIP_STORED:
+                arrays[name] = _map_npz_member(path, info)
+            else:
+                with archive.open(info) as handle:
+                    arrays[name] = np.lib.format.read_array(handle)
+    return arrays
+
+
+class ArrayDataset:
+    """Item i is ``{field: array[i]}`` (or a tuple in field order), as tensors."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], item: str) -> None:
+        self.arrays = arrays
+        self.item = item
+        self.length = len(next(iter(arrays.values())))
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> Any:
+        # np.array copies the sample out of the read-only map: tensors must own writable memory.
+        values = {name: torch.from_numpy(np.array(array[index])) for name, array in self.arrays.items()}
+        return values if self.item == "dict" else tuple(values.values())
+
+
+def build(table: Table) -> ArrayDataset:
+    table.reject_unknown({"path", "files", "fields", "item"})
+    item = table.choice("item", ["dict", "tuple"], "dict")
+    if ("path" in table.data) == ("files" in table.data):
+        raise table.error("path", "give either path = \"data.npz\" or files = { field = \"file.npy\" }")
+    if "path" in table.data:
+        path = table.path("path")
+        fields = table.get("fields", list, None)
+        try:
+            arrays = load_npz(path, fields)
+        except (KeyError, zipfile.BadZipFile, ValueError, OSError) as exc:
+            raise table.error("path", f"cannot read {path}: {exc}") from None
+    else:
+        files = table.table("files")
+        arrays = {}
+        for name in files.data:
+            path = files.path(name)
+            try:
+                arrays[name] = np.load(path, mmap_mode="r")
+            except (ValueError, OSError) as exc:
+                raise files.error(name, f"cannot read {path}: {exc}") from None
+    if not arrays:
+        raise table.error("fields", "no arrays selected")
+    lengths = {name: (array.shape[0] if array.ndim else None) for name, array in arrays.items()}
+    if None in lengths.values() or len(set(lengths.values())) != 1:
+        raise table.error("files" if "files" in table.data else "path", f"arrays must share their first dimension, got {lengths}")
+    return ArrayDataset(arrays, item)
