@@ -33,8 +33,11 @@ if sys.byteorder != "little":  # pragma: no cover - no big-endian host in sight
     raise ImportError("batchwire's wire format assumes a little-endian host")
 
 # Tensors decoded from a received `bytes` object share its memory; the message
-# is owned by the batch alone, so writing to them is safe.
-warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+# is owned by the batch alone, so writing to them is safe. torch warns about
+# read-only buffers once per process: spend that warning here, silenced.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", UserWarning)
+    torch.frombuffer(b"\0", dtype=torch.uint8)
 
 ALIGNMENT = 64
 DEFAULT_CHUNK_BYTES = 4 << 20
@@ -95,6 +98,10 @@ def flatten(batch: Any) -> tuple[list[torch.Tensor], pb.Node]:
 
     def visit(obj: Any, path: str) -> pb.Node:
         if isinstance(obj, torch.Tensor):
+            try:
+                wire_dtype(obj.dtype)
+            except WireError as exc:
+                raise WireError(f"{exc} (at {path!r})" if path else str(exc)) from None
             tensors.append(obj)
             return pb.Node(tensor=len(tensors) - 1)
         if isinstance(obj, np.ndarray | np.generic | bool | int | float):

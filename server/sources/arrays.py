@@ -29,7 +29,10 @@ def _map_npz_member(path: Path, member: zipfile.ZipInfo) -> np.ndarray:
         start = member.header_offset + 30 + name_length + extra_length
         handle.seek(start)
         version = np.lib.format.read_magic(handle)
-        shape, fortran_order, dtype = np.lib.format._read_array_header(handle, version)  # noqa: SLF001
+        read_header = (
+            np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        )
+        shape, fortran_order, dtype = read_header(handle)
         data_offset = handle.tell()
     order = "F" if fortran_order else "C"
     return np.memmap(path, dtype=dtype, mode="r", offset=data_offset, shape=shape, order=order)
