@@ -52,10 +52,14 @@ class BatchClient:
             raise ServerError.from_rpc(error, self.target) from None
 
     def list_datasets(self) -> list[pb.DatasetInfo]:
-        return list(self._unary("ListDatasets", pb.ListDatasetsRequest(), pb.ListDatasetsResponse).datasets)
+        return list(
+            self._unary("ListDatasets", pb.ListDatasetsRequest(), pb.ListDatasetsResponse).datasets
+        )
 
     def describe(self, dataset: str) -> pb.DatasetInfo:
-        return self._unary("DescribeDataset", pb.DescribeDatasetRequest(dataset=dataset), pb.DatasetInfo)
+        return self._unary(
+            "DescribeDataset", pb.DescribeDatasetRequest(dataset=dataset), pb.DatasetInfo
+        )
 
     def stream(self, request: pb.StreamBatchesRequest) -> grpc.Call:
         """Opens a StreamBatches call; iterate it for ``wire.Chunk`` objects."""

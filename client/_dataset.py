@@ -46,9 +46,13 @@ class RemoteDataset(IterableDataset):
     ) -> None:
         super().__init__()
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
-            raise ValueError(f"batch_size should be a positive integer value, but got batch_size={batch_size}")
+            raise ValueError(
+                f"batch_size should be a positive integer value, but got batch_size={batch_size}"
+            )
         if not isinstance(world_size, int) or world_size <= 0:
-            raise ValueError(f"world_size should be a positive integer value, but got world_size={world_size}")
+            raise ValueError(
+                f"world_size should be a positive integer value, but got world_size={world_size}"
+            )
         if not isinstance(rank, int) or not 0 <= rank < world_size:
             raise ValueError(f"rank should be in [0, {world_size - 1}], but got rank={rank}")
         self.target = target
@@ -83,7 +87,9 @@ class RemoteDataset(IterableDataset):
     def __len__(self) -> int:
         """Batches per epoch for this rank."""
         per_rank = math.ceil(self.describe().length / self.world_size)
-        return per_rank // self.batch_size if self.drop_last else math.ceil(per_rank / self.batch_size)
+        return (
+            per_rank // self.batch_size if self.drop_last else math.ceil(per_rank / self.batch_size)
+        )
 
     def request(self, epoch: int, start_batch: int = 0) -> pb.StreamBatchesRequest:
         return pb.StreamBatchesRequest(

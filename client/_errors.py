@@ -1,8 +1,8 @@
 """The client's exceptions.
 
-    BatchwireError            anything batchwire raises
-    └── ServerError           the server ended a call with a gRPC status
-        (.code: grpc.StatusCode, .details: the server's message)
+BatchwireError            anything batchwire raises
+└── ServerError           the server ended a call with a gRPC status
+    (.code: grpc.StatusCode, .details: the server's message)
 """
 
 from __future__ import annotations

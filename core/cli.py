@@ -56,7 +56,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
     from batchwire.client import BatchClient
 
     for info in BatchClient(_target(args)).list_datasets():
-        fields = ", ".join(f"{f.name}: {wire.dtype_name(f.dtype)}{list(f.shape)}" for f in info.fields)
+        fields = ", ".join(
+            f"{f.name}: {wire.dtype_name(f.dtype)}{list(f.shape)}" for f in info.fields
+        )
         print(f"{info.name}\t{info.source}\t{info.length} samples\t{fields}")
     return 0
 
@@ -96,7 +98,9 @@ def cmd_health(args: argparse.Namespace) -> int:
     try:
         with grpc.insecure_channel(target) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
-            reply = stub.Check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
+            reply = stub.Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
     except grpc.RpcError as error:
         print(f"{target}: {error.code().name}: {error.details()}", file=sys.stderr)
         return 1
@@ -114,13 +118,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", required=True, help="TOML config file")
     serve.add_argument("--host", help="address to bind (default: the config's, else 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to bind; 0 picks a free one")
-    serve.add_argument("--workers", type=int, help="worker processes (default: the config's, else one per core)")
-    serve.add_argument("--grace", type=float, default=5.0, help="seconds open streams get at shutdown")
+    serve.add_argument(
+        "--workers", type=int, help="worker processes (default: the config's, else one per core)"
+    )
+    serve.add_argument(
+        "--grace", type=float, default=5.0, help="seconds open streams get at shutdown"
+    )
     serve.set_defaults(func=cmd_serve)
 
     def client_command(name: str, help_text: str):
         sub = commands.add_parser(name, help=help_text)
-        sub.add_argument("--target", help=f"server host:port (default: $BATCHWIRE_TARGET or {DEFAULT_TARGET})")
+        sub.add_argument(
+            "--target", help=f"server host:port (default: $BATCHWIRE_TARGET or {DEFAULT_TARGET})"
+        )
         return sub
 
     client_command("ls", "list the served datasets").set_defaults(func=cmd_ls)
@@ -129,7 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--batch-size", type=int, default=8)
     inspect.set_defaults(func=cmd_inspect)
     health = client_command("health", "exit 0 only when the server is SERVING")
-    health.add_argument("--service", default="", help="service name to check (default: the whole server)")
+    health.add_argument(
+        "--service", default="", help="service name to check (default: the whole server)"
+    )
     health.add_argument("--timeout", type=float, default=3.0)
     health.set_defaults(func=cmd_health)
     return parser
@@ -138,7 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
     )
     if args.command != "serve":
         from batchwire.client import BatchwireError

@@ -109,7 +109,9 @@ def flatten(batch: Any) -> tuple[list[torch.Tensor], pb.Node]:
             return pb.Node(tensor=len(tensors) - 1)
         if isinstance(obj, Mapping):
             keys = [str(key) for key in obj]
-            values = [visit(value, f"{path}.{key}" if path else str(key)) for key, value in obj.items()]
+            values = [
+                visit(value, f"{path}.{key}" if path else str(key)) for key, value in obj.items()
+            ]
             return pb.Node(map=pb.NodeMap(keys=keys, values=values))
         if isinstance(obj, tuple | list):
             items = [visit(value, f"{path}.{i}" if path else str(i)) for i, value in enumerate(obj)]
@@ -180,14 +182,19 @@ def layout(tensors: list[torch.Tensor]) -> tuple[list[pb.TensorMeta], int]:
         nbytes = tensor.numel() * tensor.element_size()
         metas.append(
             pb.TensorMeta(
-                dtype=wire_dtype(tensor.dtype), shape=list(tensor.shape), offset=offset, nbytes=nbytes
+                dtype=wire_dtype(tensor.dtype),
+                shape=list(tensor.shape),
+                offset=offset,
+                nbytes=nbytes,
             )
         )
         offset += nbytes
     return metas, offset
 
 
-def write_payload(tensors: list[torch.Tensor], metas: list[pb.TensorMeta], buffer: memoryview) -> None:
+def write_payload(
+    tensors: list[torch.Tensor], metas: list[pb.TensorMeta], buffer: memoryview
+) -> None:
     """Copies each tensor's bytes into ``buffer`` at its offset."""
     for tensor, meta in zip(tensors, metas, strict=True):
         if meta.nbytes == 0:
@@ -319,7 +326,9 @@ class BatchAssembler:
                 self._buffer = bytearray(header.payload_size)
             end = self._filled + len(chunk.data)
             if end > header.payload_size:
-                raise WireError(f"batch {header.batch_index} sent more than {header.payload_size} bytes")
+                raise WireError(
+                    f"batch {header.batch_index} sent more than {header.payload_size} bytes"
+                )
             self._buffer[self._filled : end] = chunk.data
             self._filled = end
         if self._filled == header.payload_size:
@@ -337,7 +346,9 @@ class BatchAssembler:
         self._header, self._buffer, self._filled = None, None, 0
         if header.compression != pb.NONE:
             if self._decompress is None:
-                raise WireError(f"batch {header.batch_index} is compressed but no codec was asked for")
+                raise WireError(
+                    f"batch {header.batch_index} is compressed but no codec was asked for"
+                )
             payload = self._decompress(header.compression, payload, header.raw_size)
         tensors = decode_tensors(header, payload)
         return header.batch_index, unflatten(header.structure, tensors)

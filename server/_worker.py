@@ -47,7 +47,13 @@ def run(config: Config, conn: Connection) -> None:
                 datasets[name] = build_dataset(config.datasets[name], config.file)
             samples = load_samples(datasets[name], name, indices)
             header, size = write_batch(collate(samples, name), name, path)
-            reply: tuple[Any, ...] = ("ok", task_id, header.SerializeToString(), size, time.perf_counter() - started)
+            reply: tuple[Any, ...] = (
+                "ok",
+                task_id,
+                header.SerializeToString(),
+                size,
+                time.perf_counter() - started,
+            )
         except (BatchBuildError, ConfigError) as exc:
             reply = ("error", task_id, str(exc))
         except Exception as exc:

@@ -24,8 +24,14 @@ _MESSAGE_HEADROOM = 16 << 20
 class BatchwireServer:
     """A started server; ``port`` is the bound port (useful with port 0)."""
 
-    def __init__(self, config: Config, *, host: str | None = None, port: int | None = None,
-                 workers: int | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        host: str | None = None,
+        port: int | None = None,
+        workers: int | None = None,
+    ) -> None:
         settings = config.server
         self.config = config
         self.registry = DatasetRegistry(config)  # raises ConfigError before anything starts
@@ -60,7 +66,11 @@ class BatchwireServer:
         self._set_serving(False)
 
     def _set_serving(self, serving: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         for service in ("", SERVICE_NAME):
             self.health.set(service, status)
 

@@ -34,11 +34,15 @@ def load_samples(dataset: Any, name: str, indices: Sequence[int]) -> list[Any]:
     return samples
 
 
-def collate(samples: list[Any], name: str, collate_fn: Callable[[list[Any]], Any] = default_collate) -> Any:
+def collate(
+    samples: list[Any], name: str, collate_fn: Callable[[list[Any]], Any] = default_collate
+) -> Any:
     try:
         return collate_fn(samples)
     except Exception as exc:
-        raise BatchBuildError(f"dataset {name!r}: collate failed: {type(exc).__name__}: {exc}") from exc
+        raise BatchBuildError(
+            f"dataset {name!r}: collate failed: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def write_batch(batch: Any, name: str, path: str) -> tuple[pb.BatchHeader, int]:

@@ -73,10 +73,14 @@ class Table:
         data = self.get(name, dict, default)
         return Table(data if data is not None else {}, file=self.file, prefix=self.key(name))
 
-    def choice(self, name: str, options: Mapping[str, Any] | list[str], default: Any = _MISSING) -> str:
+    def choice(
+        self, name: str, options: Mapping[str, Any] | list[str], default: Any = _MISSING
+    ) -> str:
         value = self.get(name, str, default)
         if value not in options:
-            raise self.error(name, f"unknown value {value!r}; expected one of {', '.join(sorted(options))}")
+            raise self.error(
+                name, f"unknown value {value!r}; expected one of {', '.join(sorted(options))}"
+            )
         return value
 
     def path(self, name: str, default: Any = _MISSING, *, must_exist: bool = True) -> Path | None:

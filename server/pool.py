@@ -17,6 +17,7 @@ once, the gRPC process maps the file and frames chunks straight from it.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import itertools
 import logging
@@ -85,7 +86,9 @@ class WorkerPool:
 
     def __init__(self, config: Config, num_workers: int, *, shm_dir: str = "") -> None:
         if num_workers <= 0:
-            raise ValueError(f"num_workers should be a positive integer, but got num_workers={num_workers}")
+            raise ValueError(
+                f"num_workers should be a positive integer, but got num_workers={num_workers}"
+            )
         self._config = config
         self._num_workers = num_workers
         self._shm_dir = shm_dir or default_shm_dir()
@@ -133,7 +136,9 @@ class WorkerPool:
             worker.tasks[task.task_id] = task
         try:
             with worker.send_lock:
-                worker.conn.send((task.task_id, task.dataset, task.indices, self._path(task.task_id)))
+                worker.conn.send(
+                    (task.task_id, task.dataset, task.indices, self._path(task.task_id))
+                )
         except (BrokenPipeError, OSError):
             pass  # the worker died; the collector hands its tasks to the replacement
 
@@ -143,7 +148,10 @@ class WorkerPool:
     def _spawn(self, slot: int) -> _Worker:
         ours, theirs = self._context.Pipe(duplex=True)
         process = self._context.Process(
-            target=_worker.run, args=(self._config, theirs), name=f"batchwire-worker-{slot}", daemon=True
+            target=_worker.run,
+            args=(self._config, theirs),
+            name=f"batchwire-worker-{slot}",
+            daemon=True,
         )
         process.start()
         theirs.close()
@@ -185,9 +193,13 @@ class WorkerPool:
             try:
                 payload = open_payload(self._path(task_id), size)
             except OSError as exc:
-                task.future.set_exception(RuntimeError(f"lost batch payload of dataset {task.dataset!r}: {exc}"))
+                task.future.set_exception(
+                    RuntimeError(f"lost batch payload of dataset {task.dataset!r}: {exc}")
+                )
                 return
-            task.future.set_result(BuiltBatch(pb.BatchHeader.FromString(header_bytes), payload, busy))
+            task.future.set_result(
+                BuiltBatch(pb.BatchHeader.FromString(header_bytes), payload, busy)
+            )
         else:
             task.future.set_exception(BatchFailed(reply[2]))
 
@@ -205,7 +217,10 @@ class WorkerPool:
             self.replaced += 1
         log.warning(
             "worker %s (pid %s) died with exit code %s; replaced it, rebuilding %d batch(es)",
-            dead.slot, dead.process.pid, exitcode, len(orphans),
+            dead.slot,
+            dead.process.pid,
+            exitcode,
+            len(orphans),
         )
         for task in orphans:
             _remove(self._path(task.task_id))
@@ -257,7 +272,5 @@ class BatchFailed(RuntimeError):
 
 
 def _remove(path: str) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    except FileNotFoundError:
-        pass

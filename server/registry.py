@@ -41,7 +41,9 @@ class DatasetEntry:
                 fields = wire.field_infos(structure, tensors)
                 for info in fields:
                     del info.shape[0]  # the batch dimension of the one-item batch
-            self._info = pb.DatasetInfo(name=self.name, length=self.length, fields=fields, source=self.source)
+            self._info = pb.DatasetInfo(
+                name=self.name, length=self.length, fields=fields, source=self.source
+            )
         return self._info
 
 

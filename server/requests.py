@@ -18,7 +18,9 @@ class StreamPlan:
     positions: range
 
 
-def plan_stream(request: pb.StreamBatchesRequest, *, length: int, max_batch_size: int) -> StreamPlan:
+def plan_stream(
+    request: pb.StreamBatchesRequest, *, length: int, max_batch_size: int
+) -> StreamPlan:
     """Validates ``request`` against a dataset of ``length`` samples; raises ``InvalidRequest``."""
     if not 0 < request.batch_size <= max_batch_size:
         raise InvalidRequest(
@@ -26,7 +28,9 @@ def plan_stream(request: pb.StreamBatchesRequest, *, length: int, max_batch_size
             f"but got batch_size={request.batch_size}"
         )
     if request.world_size <= 0:
-        raise InvalidRequest(f"world_size should be a positive integer, but got world_size={request.world_size}")
+        raise InvalidRequest(
+            f"world_size should be a positive integer, but got world_size={request.world_size}"
+        )
     if not 0 <= request.rank < request.world_size:
         raise InvalidRequest(
             f"rank should be in [0, world_size - 1] = [0, {request.world_size - 1}], but got rank={request.rank}"
@@ -34,7 +38,9 @@ def plan_stream(request: pb.StreamBatchesRequest, *, length: int, max_batch_size
     if request.epoch < 0:
         raise InvalidRequest(f"epoch should be non-negative, but got epoch={request.epoch}")
     if request.batch_stride < 0:
-        raise InvalidRequest(f"batch_stride should be non-negative, but got batch_stride={request.batch_stride}")
+        raise InvalidRequest(
+            f"batch_stride should be non-negative, but got batch_stride={request.batch_stride}"
+        )
     order = distributed_order(
         length,
         shuffle=request.shuffle,

@@ -62,7 +62,9 @@ class BatchService:
             },
         )
 
-    def list_datasets(self, request: pb.ListDatasetsRequest, context: grpc.ServicerContext) -> pb.ListDatasetsResponse:
+    def list_datasets(
+        self, request: pb.ListDatasetsRequest, context: grpc.ServicerContext
+    ) -> pb.ListDatasetsResponse:
         infos = []
         for name in self._registry.names():
             entry = self._registry.entries[name]
@@ -72,7 +74,9 @@ class BatchService:
                 infos.append(pb.DatasetInfo(name=name, length=entry.length, source=entry.source))
         return pb.ListDatasetsResponse(datasets=infos)
 
-    def describe_dataset(self, request: pb.DescribeDatasetRequest, context: grpc.ServicerContext) -> pb.DatasetInfo:
+    def describe_dataset(
+        self, request: pb.DescribeDatasetRequest, context: grpc.ServicerContext
+    ) -> pb.DatasetInfo:
         entry = self._lookup(request.dataset, context)
         try:
             return entry.info()
@@ -80,10 +84,14 @@ class BatchService:
             context.abort(grpc.StatusCode.INTERNAL, str(exc))
             raise  # unreachable: abort raises
 
-    def stream_batches(self, request: pb.StreamBatchesRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
+    def stream_batches(
+        self, request: pb.StreamBatchesRequest, context: grpc.ServicerContext
+    ) -> Iterator[bytes]:
         entry = self._lookup(request.dataset, context)
         try:
-            stream = plan_stream(request, length=entry.length, max_batch_size=self._settings.max_batch_size)
+            stream = plan_stream(
+                request, length=entry.length, max_batch_size=self._settings.max_batch_size
+            )
         except InvalidRequest as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         if not self._stream_slots.acquire(blocking=False):
@@ -105,13 +113,28 @@ class BatchService:
             log.info(
                 "stream end peer=%s dataset=%s batch_size=%d shuffle=%s seed=%d epoch=%d rank=%d/%d "
                 "start=%d batches=%d bytes=%d seconds=%.3f status=%s",
-                context.peer(), entry.name, request.batch_size, request.shuffle, request.seed,
-                request.epoch, request.rank, request.world_size, request.start_batch,
-                sent["batches"], sent["bytes"], time.monotonic() - started, status,
+                context.peer(),
+                entry.name,
+                request.batch_size,
+                request.shuffle,
+                request.seed,
+                request.epoch,
+                request.rank,
+                request.world_size,
+                request.start_batch,
+                sent["batches"],
+                sent["bytes"],
+                time.monotonic() - started,
+                status,
             )
 
     def _send(
-        self, entry: DatasetEntry, plan, positions: range, context: grpc.ServicerContext, sent: dict[str, int]
+        self,
+        entry: DatasetEntry,
+        plan,
+        positions: range,
+        context: grpc.ServicerContext,
+        sent: dict[str, int],
     ) -> Iterator[bytes]:
         # Keep at most `prefetch_batches` batches in the pool per stream: bounded memory
         # while the client is slow, and batches are sent in order whatever finishes first.
@@ -134,13 +157,14 @@ class BatchService:
             refill()
             header = built.header
             header.batch_index = position
-            for frame in wire.frames(header, built.payload, self._settings.chunk_bytes):
-                yield frame
+            yield from wire.frames(header, built.payload, self._settings.chunk_bytes)
             sent["batches"] += 1
             sent["bytes"] += header.payload_size
             del built  # drop the shared-memory mapping before waiting on the next batch
 
-    def _await(self, future: Future[BuiltBatch], context: grpc.ServicerContext) -> BuiltBatch | None:
+    def _await(
+        self, future: Future[BuiltBatch], context: grpc.ServicerContext
+    ) -> BuiltBatch | None:
         while True:
             try:
                 return future.result(timeout=_POLL_SECONDS)
@@ -156,5 +180,7 @@ class BatchService:
         entry = self._registry.get(name)
         if entry is None:
             known = ", ".join(self._registry.names())
-            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown dataset {name!r}; this server has: {known}")
+            context.abort(
+                grpc.StatusCode.NOT_FOUND, f"unknown dataset {name!r}; this server has: {known}"
+            )
         return entry

@@ -28,8 +28,15 @@ def batchwire_command() -> list[str]:
 class ServerProcess:
     """``batchwire serve --config FILE`` on 127.0.0.1; ``target`` once started."""
 
-    def __init__(self, config: Path | str, *, port: int = 0, workers: int = 2, extra: list[str] | None = None,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        config: Path | str,
+        *,
+        port: int = 0,
+        workers: int = 2,
+        extra: list[str] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.config = Path(config)
         self.port = port
         self.workers = workers
@@ -43,11 +50,25 @@ class ServerProcess:
         return f"127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 60.0) -> ServerProcess:
-        command = [*batchwire_command(), "serve", "--config", str(self.config), "--host", "127.0.0.1",
-                   "--port", str(self.port), "--workers", str(self.workers), *self.extra]
+        command = [
+            *batchwire_command(),
+            "serve",
+            "--config",
+            str(self.config),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            str(self.workers),
+            *self.extra,
+        ]
         self.output = []
         self.process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
             env={**os.environ, **(self.env or {})},
         )
         ready = threading.Event()

@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 import torch
-
 from _serverproc import ServerProcess
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -58,10 +57,14 @@ def core_server(core_config: Path) -> Iterator[ServerProcess]:
 
 def assert_same_batch(actual: Any, expected: Any, where: str = "batch") -> None:
     """Same structure (container types, keys), same dtypes, shapes and values."""
-    assert type(actual) is type(expected), f"{where}: {type(actual).__name__} != {type(expected).__name__}"
+    assert type(actual) is type(expected), (
+        f"{where}: {type(actual).__name__} != {type(expected).__name__}"
+    )
     if isinstance(expected, torch.Tensor):
         assert actual.dtype == expected.dtype, f"{where}: dtype {actual.dtype} != {expected.dtype}"
-        assert actual.shape == expected.shape, f"{where}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+        assert actual.shape == expected.shape, (
+            f"{where}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+        )
         assert torch.equal(actual, expected), f"{where}: values differ"
     elif isinstance(expected, dict):
         assert list(actual) == list(expected), f"{where}: keys {list(actual)} != {list(expected)}"

@@ -39,7 +39,11 @@ class IndexedTuple(Dataset):
 
     def __getitem__(self, index: int):
         g = torch.Generator().manual_seed(1000 + index)
-        return torch.randn(4, generator=g, dtype=torch.float64), index % 7, {"id": torch.tensor([index, -index])}
+        return (
+            torch.randn(4, generator=g, dtype=torch.float64),
+            index % 7,
+            {"id": torch.tensor([index, -index])},
+        )
 
 
 class Failing(Dataset):
@@ -91,5 +95,7 @@ def failing(length: int = 40, bad_index: int = 13) -> Failing:
     return Failing(length, bad_index)
 
 
-def crashing(length: int = 40, bad_index: int = 13, marker_dir: str = "", times: int = 1) -> Crashing:
+def crashing(
+    length: int = 40, bad_index: int = 13, marker_dir: str = "", times: int = 1
+) -> Crashing:
     return Crashing(length, bad_index, marker_dir, times)

@@ -6,23 +6,54 @@ import subprocess
 
 import numpy as np
 import pytest
-
 from _serverproc import batchwire_command
 
 SYNTHETIC = '[datasets.s]\nsource = "synthetic"\nlength = 4\nfields.x = { shape = [2] }\n'
 
 CASES = {
-    "missing key": ('[datasets.s]\nsource = "synthetic"\nfields.x = { shape = [2] }\n', "datasets.s.length", "required key is missing"),
-    "wrong type": ('[datasets.s]\nsource = "synthetic"\nlength = "ten"\nfields.x = { shape = [2] }\n', "datasets.s.length", "expected integer, got string 'ten'"),
-    "bad value": ('[datasets.s]\nsource = "synthetic"\nlength = -3\nfields.x = { shape = [2] }\n', "datasets.s.length", "expected a positive integer, got -3"),
-    "unknown source": ('[datasets.s]\nsource = "parquet"\n', "datasets.s.source", "unknown source 'parquet'"),
-    "missing file": ('[datasets.a]\nsource = "arrays"\nfiles = { x = "nope.npy" }\n', "datasets.a.files.x", "file not found"),
-    "unimportable factory": ('[datasets.p]\nsource = "python"\nfactory = "no_such_module_xyz:make"\n', "datasets.p.factory", "cannot import module 'no_such_module_xyz'"),
-    "missing attribute": ('[datasets.p]\nsource = "python"\nfactory = "json:no_such_function"\n', "datasets.p.factory", "has no attribute 'no_such_function'"),
-    "unknown server key": ('[server]\nwrokers = 2\n' + SYNTHETIC, "server.wrokers", "unknown key"),
-    "bad dtype": ('[datasets.s]\nsource = "synthetic"\nlength = 4\nfields.x = { shape = [2], dtype = "complex64" }\n', "datasets.s.fields.x.dtype", "unknown value 'complex64'"),
-    "no datasets": ('[server]\nworkers = 1\n', "datasets", "required key is missing"),
-    "not toml": ('[datasets.s\n', "", "not valid TOML"),
+    "missing key": (
+        '[datasets.s]\nsource = "synthetic"\nfields.x = { shape = [2] }\n',
+        "datasets.s.length",
+        "required key is missing",
+    ),
+    "wrong type": (
+        '[datasets.s]\nsource = "synthetic"\nlength = "ten"\nfields.x = { shape = [2] }\n',
+        "datasets.s.length",
+        "expected integer, got string 'ten'",
+    ),
+    "bad value": (
+        '[datasets.s]\nsource = "synthetic"\nlength = -3\nfields.x = { shape = [2] }\n',
+        "datasets.s.length",
+        "expected a positive integer, got -3",
+    ),
+    "unknown source": (
+        '[datasets.s]\nsource = "parquet"\n',
+        "datasets.s.source",
+        "unknown source 'parquet'",
+    ),
+    "missing file": (
+        '[datasets.a]\nsource = "arrays"\nfiles = { x = "nope.npy" }\n',
+        "datasets.a.files.x",
+        "file not found",
+    ),
+    "unimportable factory": (
+        '[datasets.p]\nsource = "python"\nfactory = "no_such_module_xyz:make"\n',
+        "datasets.p.factory",
+        "cannot import module 'no_such_module_xyz'",
+    ),
+    "missing attribute": (
+        '[datasets.p]\nsource = "python"\nfactory = "json:no_such_function"\n',
+        "datasets.p.factory",
+        "has no attribute 'no_such_function'",
+    ),
+    "unknown server key": ("[server]\nwrokers = 2\n" + SYNTHETIC, "server.wrokers", "unknown key"),
+    "bad dtype": (
+        '[datasets.s]\nsource = "synthetic"\nlength = 4\nfields.x = { shape = [2], dtype = "complex64" }\n',
+        "datasets.s.fields.x.dtype",
+        "unknown value 'complex64'",
+    ),
+    "no datasets": ("[server]\nworkers = 1\n", "datasets", "required key is missing"),
+    "not toml": ("[datasets.s\n", "", "not valid TOML"),
 }
 
 
@@ -33,7 +64,9 @@ def test_bad_config_fails_at_start_up(tmp_path, case):
     config.write_text(text)
     result = subprocess.run(
         [*batchwire_command(), "serve", "--config", str(config), "--port", "0"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2, result.stderr
     assert str(config) in result.stderr
@@ -46,14 +79,22 @@ def test_arrays_with_different_lengths_are_rejected(tmp_path):
     np.save(tmp_path / "y.npy", np.zeros(4))
     config = tmp_path / "bad.toml"
     config.write_text('[datasets.a]\nsource = "arrays"\nfiles = { x = "x.npy", y = "y.npy" }\n')
-    result = subprocess.run([*batchwire_command(), "serve", "--config", str(config), "--port", "0"],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [*batchwire_command(), "serve", "--config", str(config), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert "datasets.a.files" in result.stderr and "first dimension" in result.stderr
 
 
 def test_missing_config_file(tmp_path):
-    result = subprocess.run([*batchwire_command(), "serve", "--config", str(tmp_path / "none.toml")],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [*batchwire_command(), "serve", "--config", str(tmp_path / "none.toml")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert "config file not found" in result.stderr

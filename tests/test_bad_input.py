@@ -79,7 +79,11 @@ def test_dataset_that_raises_is_internal_naming_dataset_index_and_error(core_ser
     assert [b.flatten().tolist() for b in received] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
     assert_still_serves(core_server.target)
     # The workers survived the error: a stream that avoids index 13 completes.
-    tail = list(BatchClient(core_server.target).batches(good_request(dataset="failing", batch_size=4, start_batch=4)))
+    tail = list(
+        BatchClient(core_server.target).batches(
+            good_request(dataset="failing", batch_size=4, start_batch=4)
+        )
+    )
     assert len(tail) == 6
 
 

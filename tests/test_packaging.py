@@ -35,23 +35,43 @@ def test_committed_stubs_match_the_proto(tmp_path):
 def test_regular_install_imports_from_outside_the_repo(tmp_path):
     target = tmp_path / "site"
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-         "--target", str(target), str(ROOT)],
-        check=True, capture_output=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=600,
     )
     code = (
         "import batchwire, batchwire.client, batchwire.server, batchwire.v1.batchwire_pb2, batchwire.cli;"
         "print(batchwire.__file__)"
     )
     result = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
         env={**os.environ, "PYTHONPATH": str(target)},
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().startswith(str(target))
     # Nothing is importable under the bare folder names.
-    bare = subprocess.run([sys.executable, "-c", "import server"], cwd=tmp_path, capture_output=True,
-                          env={**os.environ, "PYTHONPATH": str(target)})
+    bare = subprocess.run(
+        [sys.executable, "-c", "import server"],
+        cwd=tmp_path,
+        capture_output=True,
+        env={**os.environ, "PYTHONPATH": str(target)},
+    )
     assert bare.returncode != 0
 
 
@@ -64,5 +84,10 @@ def test_public_exports_are_pinned():
     import batchwire.client
     import batchwire.server
 
-    assert batchwire.client.__all__ == ["BatchClient", "BatchwireError", "RemoteDataset", "ServerError"]
+    assert batchwire.client.__all__ == [
+        "BatchClient",
+        "BatchwireError",
+        "RemoteDataset",
+        "ServerError",
+    ]
     assert batchwire.server.__all__ == ["BatchwireServer", "Config", "ConfigError", "load_config"]

@@ -5,17 +5,19 @@ from __future__ import annotations
 import itertools
 
 import pytest
+import sample_datasets
 from conftest import assert_same_batch
 from torch.utils.data import DataLoader, DistributedSampler
 
-import sample_datasets
 from batchwire.client import RemoteDataset
 from batchwire.server.config import DatasetConfig
 from batchwire.server.sources import build_dataset
 
 
 def local_batches(dataset, *, batch_size, shuffle, seed, epoch, rank, world_size, drop_last):
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
+    sampler = DistributedSampler(
+        dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed
+    )
     sampler.set_epoch(epoch)
     return list(DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last))
 
@@ -27,11 +29,27 @@ GRID = list(itertools.product([1, 3], [False, True], [False, True], [0, 1]))
 def test_dict_items_match(core_server, world_size, shuffle, drop_last, epoch):
     local_dataset = sample_datasets.indexed_dict(103)  # 103: not a multiple of 3 or of 8
     for rank in range(world_size):
-        remote = RemoteDataset(core_server.target, "dict", batch_size=8, shuffle=shuffle, seed=42,
-                               drop_last=drop_last, rank=rank, world_size=world_size)
+        remote = RemoteDataset(
+            core_server.target,
+            "dict",
+            batch_size=8,
+            shuffle=shuffle,
+            seed=42,
+            drop_last=drop_last,
+            rank=rank,
+            world_size=world_size,
+        )
         remote.set_epoch(epoch)
-        expected = local_batches(local_dataset, batch_size=8, shuffle=shuffle, seed=42, epoch=epoch,
-                                 rank=rank, world_size=world_size, drop_last=drop_last)
+        expected = local_batches(
+            local_dataset,
+            batch_size=8,
+            shuffle=shuffle,
+            seed=42,
+            epoch=epoch,
+            rank=rank,
+            world_size=world_size,
+            drop_last=drop_last,
+        )
         actual = list(remote)
         assert len(actual) == len(expected) == len(remote)
         for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
@@ -40,8 +58,16 @@ def test_dict_items_match(core_server, world_size, shuffle, drop_last, epoch):
 
 def test_tuple_items_keep_structure_and_dtypes(core_server):
     remote = RemoteDataset(core_server.target, "tuple", batch_size=16, shuffle=True, seed=3)
-    expected = local_batches(sample_datasets.indexed_tuple(50), batch_size=16, shuffle=True, seed=3,
-                             epoch=0, rank=0, world_size=1, drop_last=False)
+    expected = local_batches(
+        sample_datasets.indexed_tuple(50),
+        batch_size=16,
+        shuffle=True,
+        seed=3,
+        epoch=0,
+        rank=0,
+        world_size=1,
+        drop_last=False,
+    )
     actual = list(remote)
     assert len(actual) == 4  # 50 = 3 * 16 + 2
     for a, e in zip(actual, expected, strict=True):
@@ -54,15 +80,26 @@ def test_tuple_items_keep_structure_and_dtypes(core_server):
 def test_uint8_float32_int64_fields_arrive_with_their_dtypes(core_server):
     batch = next(iter(RemoteDataset(core_server.target, "dict", batch_size=4)))
     assert {k: str(v.dtype) for k, v in batch.items()} == {
-        "index": "torch.int64", "features": "torch.float32", "pixels": "torch.uint8"
+        "index": "torch.int64",
+        "features": "torch.float32",
+        "pixels": "torch.uint8",
     }
 
 
 def test_start_position_mid_epoch(core_server):
-    remote = RemoteDataset(core_server.target, "dict", batch_size=8, shuffle=True, seed=1,
-                           rank=1, world_size=3)
-    expected = local_batches(sample_datasets.indexed_dict(103), batch_size=8, shuffle=True, seed=1,
-                             epoch=2, rank=1, world_size=3, drop_last=False)
+    remote = RemoteDataset(
+        core_server.target, "dict", batch_size=8, shuffle=True, seed=1, rank=1, world_size=3
+    )
+    expected = local_batches(
+        sample_datasets.indexed_dict(103),
+        batch_size=8,
+        shuffle=True,
+        seed=1,
+        epoch=2,
+        rank=1,
+        world_size=3,
+        drop_last=False,
+    )
     tail = [batch for _, batch in remote._client.batches(remote.request(epoch=2, start_batch=3))]
     assert len(tail) == len(expected) - 3
     for a, e in zip(tail, expected[3:], strict=True):
@@ -84,8 +121,9 @@ def test_batch_above_chunk_size_is_reassembled(core_server, core_config):
 
     config = load_config(core_config)
     local = build_dataset(config.datasets["big"], config.file)
-    expected = local_batches(local, batch_size=10, shuffle=True, seed=5, epoch=0, rank=0,
-                             world_size=1, drop_last=False)
+    expected = local_batches(
+        local, batch_size=10, shuffle=True, seed=5, epoch=0, rank=0, world_size=1, drop_last=False
+    )
     actual = list(remote)
     assert actual[0]["image"].nbytes == 40 * 1024 * 1024
     for a, e in zip(actual, expected, strict=True):

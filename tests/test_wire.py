@@ -16,7 +16,9 @@ def roundtrip(batch, chunk_bytes: int = 1 << 20):
     metas, size = wire.layout(tensors)
     payload = bytearray(size)
     wire.write_payload(tensors, metas, memoryview(payload))
-    header = pb.BatchHeader(batch_index=5, payload_size=size, raw_size=size, tensors=metas, structure=structure)
+    header = pb.BatchHeader(
+        batch_index=5, payload_size=size, raw_size=size, tensors=metas, structure=structure
+    )
     frames = list(wire.frames(header, memoryview(bytes(payload)), chunk_bytes))
     assembler = wire.BatchAssembler()
     results = [r for r in (assembler.add(wire.parse_chunk(f)) for f in frames) if r is not None]
@@ -26,8 +28,18 @@ def roundtrip(batch, chunk_bytes: int = 1 << 20):
     return decoded, frames
 
 
-ALL_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int8, torch.int16,
-              torch.int32, torch.int64, torch.uint8, torch.bool]
+ALL_DTYPES = [
+    torch.float32,
+    torch.float64,
+    torch.float16,
+    torch.bfloat16,
+    torch.int8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.uint8,
+    torch.bool,
+]
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
@@ -38,8 +50,11 @@ def test_every_dtype_roundtrips(dtype):
 
 
 def test_nested_structure_roundtrips():
-    batch = {"a": (torch.arange(3), [torch.ones(2, 2), {"deep": torch.zeros(1, dtype=torch.uint8)}]),
-             "b": torch.tensor(7.0), "empty": torch.empty(0, 4)}
+    batch = {
+        "a": (torch.arange(3), [torch.ones(2, 2), {"deep": torch.zeros(1, dtype=torch.uint8)}]),
+        "b": torch.tensor(7.0),
+        "empty": torch.empty(0, 4),
+    }
     decoded, _ = roundtrip(batch)
     assert_same_batch(decoded, batch)
 
@@ -104,6 +119,11 @@ def test_truncated_batch_is_an_error():
 
 
 def test_field_infos_name_leaves_by_path():
-    tensors, structure = wire.flatten({"x": torch.zeros(2, 3), "y": (torch.zeros(2), torch.zeros(2, dtype=torch.uint8))})
-    names = [(f.name, wire.dtype_name(f.dtype), list(f.shape)) for f in wire.field_infos(structure, tensors)]
+    tensors, structure = wire.flatten(
+        {"x": torch.zeros(2, 3), "y": (torch.zeros(2), torch.zeros(2, dtype=torch.uint8))}
+    )
+    names = [
+        (f.name, wire.dtype_name(f.dtype), list(f.shape))
+        for f in wire.field_infos(structure, tensors)
+    ]
     assert names == [("x", "float32", [2, 3]), ("y.0", "float32", [2]), ("y.1", "uint8", [2])]

@@ -39,7 +39,9 @@ def build_dataset(dataset: DatasetConfig, file: Any) -> MapDataset:
     builder = SOURCES.get(dataset.source)
     if builder is None:
         raise ConfigError(
-            file, f"{key}.source", f"unknown source {dataset.source!r}; expected one of {', '.join(sorted(SOURCES))}"
+            file,
+            f"{key}.source",
+            f"unknown source {dataset.source!r}; expected one of {', '.join(sorted(SOURCES))}",
         )
     return builder(Table(dataset.options, file=file, prefix=key))
 

@@ -30,7 +30,9 @@ def _map_npz_member(path: Path, member: zipfile.ZipInfo) -> np.ndarray:
         handle.seek(start)
         version = np.lib.format.read_magic(handle)
         read_header = (
-            np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            np.lib.format.read_array_header_1_0
+            if version == (1, 0)
+            else np.lib.format.read_array_header_2_0
         )
         shape, fortran_order, dtype = read_header(handle)
         data_offset = handle.tell()
@@ -44,7 +46,9 @@ def load_npz(path: Path, names: list[str] | None) -> dict[str, np.ndarray]:
         members = {info.filename.removesuffix(".npy"): info for info in archive.infolist()}
         for name in names if names is not None else list(members):
             if name not in members:
-                raise KeyError(f"{path.name} has no array {name!r}; it has {', '.join(sorted(members))}")
+                raise KeyError(
+                    f"{path.name} has no array {name!r}; it has {', '.join(sorted(members))}"
+                )
             info = members[name]
             if info.compress_type == zipfile.ZIP_STORED:
                 arrays[name] = _map_npz_member(path, info)
@@ -67,7 +71,9 @@ class ArrayDataset:
 
     def __getitem__(self, index: int) -> Any:
         # np.array copies the sample out of the read-only map: tensors must own writable memory.
-        values = {name: torch.from_numpy(np.array(array[index])) for name, array in self.arrays.items()}
+        values = {
+            name: torch.from_numpy(np.array(array[index])) for name, array in self.arrays.items()
+        }
         return values if self.item == "dict" else tuple(values.values())
 
 
@@ -75,7 +81,7 @@ def build(table: Table) -> ArrayDataset:
     table.reject_unknown({"path", "files", "fields", "item"})
     item = table.choice("item", ["dict", "tuple"], "dict")
     if ("path" in table.data) == ("files" in table.data):
-        raise table.error("path", "give either path = \"data.npz\" or files = { field = \"file.npy\" }")
+        raise table.error("path", 'give either path = "data.npz" or files = { field = "file.npy" }')
     if "path" in table.data:
         path = table.path("path")
         fields = table.get("fields", list, None)
@@ -96,5 +102,8 @@ def build(table: Table) -> ArrayDataset:
         raise table.error("fields", "no arrays selected")
     lengths = {name: (array.shape[0] if array.ndim else None) for name, array in arrays.items()}
     if None in lengths.values() or len(set(lengths.values())) != 1:
-        raise table.error("files" if "files" in table.data else "path", f"arrays must share their first dimension, got {lengths}")
+        raise table.error(
+            "files" if "files" in table.data else "path",
+            f"arrays must share their first dimension, got {lengths}",
+        )
     return ArrayDataset(arrays, item)

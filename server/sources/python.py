@@ -20,7 +20,9 @@ def import_object(path: str) -> Any:
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # ImportError, or the module raising on import
-        raise ValueError(f"cannot import module {module_name!r}: {type(exc).__name__}: {exc}") from exc
+        raise ValueError(
+            f"cannot import module {module_name!r}: {type(exc).__name__}: {exc}"
+        ) from exc
     target: Any = module
     for part in attribute.split("."):
         try:
@@ -43,9 +45,12 @@ def build(table: Table) -> Any:
     try:
         dataset = factory(**kwargs)
     except Exception as exc:
-        raise table.error("factory", f"{path}(**kwargs) raised {type(exc).__name__}: {exc}") from exc
+        raise table.error(
+            "factory", f"{path}(**kwargs) raised {type(exc).__name__}: {exc}"
+        ) from exc
     if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
         raise table.error(
-            "factory", f"{path} returned a {type(dataset).__name__}; a map-style Dataset needs __len__ and __getitem__"
+            "factory",
+            f"{path} returned a {type(dataset).__name__}; a map-style Dataset needs __len__ and __getitem__",
         )
     return dataset

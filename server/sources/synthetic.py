@@ -13,8 +13,19 @@ import torch
 
 from batchwire.server.config import Table
 
-_FLOATS = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_INTS = {"int8": torch.int8, "int16": torch.int16, "int32": torch.int32, "int64": torch.int64, "uint8": torch.uint8}
+_FLOATS = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+_INTS = {
+    "int8": torch.int8,
+    "int16": torch.int16,
+    "int32": torch.int32,
+    "int64": torch.int64,
+    "uint8": torch.uint8,
+}
 DTYPES = {**_FLOATS, **_INTS, "bool": torch.bool}
 
 
@@ -27,7 +38,9 @@ class SyntheticField:
         self.shape = tuple(shape)
         self.dtype_name = table.choice("dtype", DTYPES, "float32")
         self.dtype = DTYPES[self.dtype_name]
-        default_high = 2 if self.dtype is torch.bool else (256 if self.dtype is torch.uint8 else 1000)
+        default_high = (
+            2 if self.dtype is torch.bool else (256 if self.dtype is torch.uint8 else 1000)
+        )
         self.low = table.get("low", int, 0)
         self.high = table.get("high", int, default_high)
         if self.dtype_name in _INTS and self.high <= self.low:
@@ -46,7 +59,9 @@ class SyntheticField:
 
 
 class SyntheticDataset:
-    def __init__(self, length: int, seed: int, fields: dict[str, SyntheticField], item: str) -> None:
+    def __init__(
+        self, length: int, seed: int, fields: dict[str, SyntheticField], item: str
+    ) -> None:
         self.length = length
         self.seed = seed
         self.fields = fields
@@ -66,9 +81,13 @@ def build(table: Table) -> SyntheticDataset:
     table.reject_unknown({"length", "seed", "fields", "item"})
     fields_table = table.table("fields")
     if not fields_table.data:
-        raise table.error("fields", "declare at least one field, e.g. fields.x = { shape = [4], dtype = \"float32\" }")
+        raise table.error(
+            "fields",
+            'declare at least one field, e.g. fields.x = { shape = [4], dtype = "float32" }',
+        )
     fields = {
-        name: SyntheticField(fields_table.table(name), i) for i, name in enumerate(fields_table.data)
+        name: SyntheticField(fields_table.table(name), i)
+        for i, name in enumerate(fields_table.data)
     }
     return SyntheticDataset(
         length=table.positive_int("length"),

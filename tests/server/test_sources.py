@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from _serverproc import ServerProcess
+
 from batchwire.client import RemoteDataset
 from batchwire.server.config import ConfigError, DatasetConfig
 from batchwire.server.sources import build_dataset
@@ -17,8 +17,14 @@ def build(tmp_path, source, **options):
 
 
 def test_synthetic_is_deterministic_and_typed(tmp_path):
-    options = dict(length=5, seed=3, fields={"x": {"shape": [2, 3], "dtype": "bfloat16"},
-                                             "y": {"shape": [], "dtype": "int64", "low": 5, "high": 9}})
+    options = dict(
+        length=5,
+        seed=3,
+        fields={
+            "x": {"shape": [2, 3], "dtype": "bfloat16"},
+            "y": {"shape": [], "dtype": "int64", "low": 5, "high": 9},
+        },
+    )
     a, b = build(tmp_path, "synthetic", **options), build(tmp_path, "synthetic", **options)
     assert len(a) == 5
     assert torch.equal(a[4]["x"], b[4]["x"]) and a[4]["x"].dtype == torch.bfloat16
