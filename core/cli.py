@@ -21,13 +21,20 @@ def _target(args: argparse.Namespace) -> str:
     return args.target or os.environ.get("BATCHWIRE_TARGET") or DEFAULT_TARGET
 
 
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from batchwire.server import BatchwireServer, ConfigError, load_config
 
     try:
         config = load_config(args.config)
+        _configure_logging(args.log_level or config.server.log_level)
         server = BatchwireServer(config, host=args.host, port=args.port, workers=args.workers)
-    except ConfigError as exc:
+    except (ConfigError, ValueError) as exc:
         print(f"batchwire serve: bad config: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
@@ -40,13 +47,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     names = ", ".join(server.registry.names())
     # Tests and scripts read the bound port from this line (with --port 0).
     print(
-        f"batchwire: serving {names} on {server.host}:{server.port} with {server.pool.size or 'starting'} workers",
+        f"batchwire: serving {names} on {server.host}:{server.port} with {server.pool.size} workers"
+        + (f", metrics on port {server.metrics_port}" if server.metrics_port is not None else ""),
         flush=True,
     )
     while not stop.wait(0.5):
         pass
     logging.getLogger("batchwire").info("shutting down")
-    server.stop(grace=args.grace)
+    server.stop(grace=args.grace)  # None: the config's grace_seconds
     print("batchwire: stopped", flush=True)
     return 0
 
@@ -111,7 +119,13 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="batchwire", description=__doc__.splitlines()[0])
-    parser.add_argument("--log-level", default=os.environ.get("BATCHWIRE_LOG_LEVEL", "INFO"))
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("BATCHWIRE_LOG_LEVEL"),
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="log level (default: $BATCHWIRE_LOG_LEVEL, else the config's, else INFO)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="serve the datasets of a config file")
@@ -122,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers", type=int, help="worker processes (default: the config's, else one per core)"
     )
     serve.add_argument(
-        "--grace", type=float, default=5.0, help="seconds open streams get at shutdown"
+        "--grace", type=float, help="seconds open streams get at shutdown (default: the config's)"
     )
     serve.set_defaults(func=cmd_serve)
 
@@ -149,12 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
     if args.command != "serve":
+        _configure_logging(args.log_level or "WARNING")
         from batchwire.client import BatchwireError
 
         try:

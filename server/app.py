@@ -1,8 +1,23 @@
-"""Assembles a running server: registry, worker pool, gRPC service, health and reflection."""
+"""Assembles a running server: registry, worker pool, gRPC service, health, reflection, metrics.
+
+NOTE [ Graceful shutdown ]
+grpcio's own ``server.stop(grace)`` refuses every new call at once (health
+checks included) and then *cancels* open calls, which a client sees as
+CANCELLED, indistinguishable from its own cancellation. batchwire drains in
+two steps instead:
+
+1. health turns NOT_SERVING (orchestrators stop routing to us) and the
+   service refuses new streams with UNAVAILABLE; health checks still answer;
+2. open streams go on for ``grace_seconds``; a stream still open then ends
+   with UNAVAILABLE naming the batch to resume at, which a client treats as
+   "reconnect elsewhere". Only then is the gRPC server stopped and the worker
+   pool closed.
+"""
 
 from __future__ import annotations
 
 import logging
+import time
 from concurrent import futures
 
 import grpc
@@ -10,19 +25,20 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from batchwire.server.config import Config
+from batchwire.server.metrics import Metrics
 from batchwire.server.pool import WorkerPool
 from batchwire.server.registry import DatasetRegistry
+from batchwire.server.security import TokenAuthInterceptor, load_tokens, server_credentials
 from batchwire.server.service import SERVICE_NAME, BatchService
 from batchwire.v1 import batchwire_pb2
 
 log = logging.getLogger(__name__)
 
-# Frames carry at most chunk_bytes of payload plus a header; leave generous room.
-_MESSAGE_HEADROOM = 16 << 20
+_HEADER_ROOM = 1 << 20  # a frame is chunk_bytes of payload plus a header
 
 
 class BatchwireServer:
-    """A started server; ``port`` is the bound port (useful with port 0)."""
+    """A server built from a config; ``port`` is the bound port (useful with port 0)."""
 
     def __init__(
         self,
@@ -33,21 +49,38 @@ class BatchwireServer:
         workers: int | None = None,
     ) -> None:
         settings = config.server
+        if settings.chunk_bytes + _HEADER_ROOM > settings.max_message_bytes:
+            raise ValueError(
+                f"server.chunk_bytes={settings.chunk_bytes} leaves no room for a header within "
+                f"server.max_message_bytes={settings.max_message_bytes}; lower chunk_bytes"
+            )
         self.config = config
         self.registry = DatasetRegistry(config)  # raises ConfigError before anything starts
         self.pool = WorkerPool(config, workers or settings.workers, shm_dir=settings.shm_dir)
+        self.metrics = Metrics()
         self.health = health.HealthServicer()
-        max_message = settings.chunk_bytes + _MESSAGE_HEADROOM
+        interceptors = []
+        if settings.auth is not None:
+            rejected = self.metrics.errors.labels(grpc.StatusCode.UNAUTHENTICATED.name)
+            interceptors.append(TokenAuthInterceptor(load_tokens(settings.auth), rejected.inc))
         # A synchronous grpcio server holds one pool thread per open stream.
         self._grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.max_concurrent_streams + 8),
+            interceptors=interceptors,
             options=[
-                ("grpc.max_send_message_length", max_message),
-                ("grpc.max_receive_message_length", 4 << 20),
+                ("grpc.max_send_message_length", settings.max_message_bytes),
+                ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.so_reuseport", 0),
+                # Keepalive pings find peers that vanished without closing (a killed
+                # trainer, a dropped network) on long-lived streams.
+                ("grpc.keepalive_time_ms", int(settings.keepalive_seconds * 1000)),
+                ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout_seconds * 1000)),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.max_pings_without_data", 0),
+                ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
             ],
         )
-        self.service = BatchService(self.registry, self.pool, settings)
+        self.service = BatchService(self.registry, self.pool, settings, self.metrics)
         self._grpc.add_generic_rpc_handlers((self.service.handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection(
@@ -58,11 +91,15 @@ class BatchwireServer:
             ),
             self._grpc,
         )
-        address = f"{host or settings.host}:{settings.port if port is None else port}"
-        self.port = self._grpc.add_insecure_port(address)
+        self.host = host or settings.host
+        address = f"{self.host}:{settings.port if port is None else port}"
+        if settings.tls is not None:
+            self.port = self._grpc.add_secure_port(address, server_credentials(settings.tls))
+        else:
+            self.port = self._grpc.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot bind {address}")
-        self.host = host or settings.host
+        self.metrics_port: int | None = None
         self._set_serving(False)
 
     def _set_serving(self, serving: bool) -> None:
@@ -75,15 +112,27 @@ class BatchwireServer:
             self.health.set(service, status)
 
     def start(self) -> None:
+        """Starts workers, gRPC and metrics; health turns SERVING."""
+        settings = self.config.server
         self.pool.start()
         self._grpc.start()
+        if settings.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(
+                settings.metrics_host or self.host, settings.metrics_port
+            )
         self._set_serving(True)
 
-    def stop(self, grace: float = 5.0) -> None:
-        """Reports NOT_SERVING, ends open streams after ``grace`` seconds, stops the workers."""
+    def stop(self, grace: float | None = None) -> None:
+        """Drains (see NOTE [ Graceful shutdown ]), then stops gRPC, workers and metrics."""
+        grace = self.config.server.grace_seconds if grace is None else grace
         self._set_serving(False)
-        self._grpc.stop(grace).wait()
+        self.service.begin_drain(grace)
+        deadline = time.monotonic() + grace + 2.0  # streams notice the deadline within a poll
+        while self.service.active_streams and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self._grpc.stop(1.0).wait()
         self.pool.close()
+        self.metrics.close()
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._grpc.wait_for_termination(timeout)

@@ -106,6 +106,30 @@ def _type_name(kind: type) -> str:
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    """The ``[server.tls]`` table: serve over TLS, optionally requiring client certificates."""
+
+    cert: str
+    """PEM certificate chain of the server."""
+    key: str
+    """PEM private key of the server."""
+    client_ca: str = ""
+    """PEM CA bundle that client certificates must chain to (enables mutual TLS)."""
+    require_client_cert: bool = False
+    """Refuse clients without a certificate signed by ``client_ca``."""
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """The ``[server.auth]`` table: bearer tokens accepted in the ``authorization`` header."""
+
+    tokens_file: str = ""
+    """A file with one token per line (blank lines and # comments ignored)."""
+    tokens_env: str = ""
+    """An environment variable holding tokens, comma-separated."""
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """The ``[server]`` table."""
 
@@ -127,6 +151,24 @@ class ServerConfig:
     """Folders (relative to the config file) added to sys.path for `python` sources."""
     shm_dir: str = ""
     """Where workers put finished batches; default /dev/shm."""
+    max_batch_bytes: int = 1 << 30
+    """A batch larger than this ends its stream with RESOURCE_EXHAUSTED."""
+    max_message_bytes: int = 64 << 20
+    """Largest gRPC message the server sends or accepts."""
+    keepalive_seconds: float = 30.0
+    """Ping an idle connection this often, to detect dead peers on long streams."""
+    keepalive_timeout_seconds: float = 10.0
+    """A ping unanswered this long closes the connection."""
+    grace_seconds: float = 10.0
+    """On SIGTERM, open streams get this long before they end with UNAVAILABLE."""
+    metrics_port: int | None = None
+    """Port of the Prometheus endpoint (0: a free one); none when unset."""
+    metrics_host: str = ""
+    """Address of the Prometheus endpoint; defaults to ``host``."""
+    log_level: str = "INFO"
+    """DEBUG, INFO, WARNING or ERROR; ``--log-level`` overrides."""
+    tls: TlsConfig | None = None
+    auth: AuthConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -146,6 +188,7 @@ class Config:
 
 
 _SERVER_KEYS = set(ServerConfig.__dataclass_fields__)
+_LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
@@ -182,7 +225,7 @@ def _server_config(table: Table) -> ServerConfig:
             raise table.error(f"python_path[{i}]", f"expected string, got {entry!r}")
     return ServerConfig(
         host=table.get("host", str, defaults.host),
-        port=_port(table, defaults.port),
+        port=_port(table, defaults.port, "port"),
         workers=table.positive_int("workers", defaults.workers),
         max_batch_size=table.positive_int("max_batch_size", defaults.max_batch_size),
         prefetch_batches=table.positive_int("prefetch_batches", defaults.prefetch_batches),
@@ -192,11 +235,60 @@ def _server_config(table: Table) -> ServerConfig:
         ),
         python_path=tuple(str((table.file.parent / p).resolve()) for p in python_path),
         shm_dir=table.get("shm_dir", str, defaults.shm_dir),
+        max_batch_bytes=table.positive_int("max_batch_bytes", defaults.max_batch_bytes),
+        max_message_bytes=table.positive_int("max_message_bytes", defaults.max_message_bytes),
+        keepalive_seconds=_positive_number(table, "keepalive_seconds", defaults.keepalive_seconds),
+        keepalive_timeout_seconds=_positive_number(
+            table, "keepalive_timeout_seconds", defaults.keepalive_timeout_seconds
+        ),
+        grace_seconds=_positive_number(
+            table, "grace_seconds", defaults.grace_seconds, allow_zero=True
+        ),
+        metrics_port=_port(table, None, "metrics_port"),
+        metrics_host=table.get("metrics_host", str, defaults.metrics_host),
+        log_level=table.choice("log_level", _LOG_LEVELS, defaults.log_level),
+        tls=_tls_config(table.table("tls")) if "tls" in table.data else None,
+        auth=_auth_config(table.table("auth")) if "auth" in table.data else None,
     )
 
 
-def _port(table: Table, default: int) -> int:
-    port = table.get("port", int, default)
-    if not 0 <= port <= 65535:
-        raise table.error("port", f"expected 0..65535, got {port}")
+def _positive_number(table: Table, name: str, default: float, *, allow_zero: bool = False) -> float:
+    value = float(table.get(name, float, default))
+    if value < 0 or (value == 0 and not allow_zero):
+        raise table.error(name, f"expected a positive number of seconds, got {value}")
+    return value
+
+
+def _tls_config(table: Table) -> TlsConfig:
+    table.reject_unknown(set(TlsConfig.__dataclass_fields__))
+    client_ca = table.path("client_ca", None)
+    require = table.get("require_client_cert", bool, False)
+    if require and client_ca is None:
+        raise table.error(
+            "require_client_cert",
+            "mutual TLS needs client_ca, the CA that signs client certificates",
+        )
+    return TlsConfig(
+        cert=str(table.path("cert")),
+        key=str(table.path("key")),
+        client_ca=str(client_ca or ""),
+        require_client_cert=require,
+    )
+
+
+def _auth_config(table: Table) -> AuthConfig:
+    table.reject_unknown(set(AuthConfig.__dataclass_fields__))
+    tokens_file = table.path("tokens_file", None)
+    tokens_env = table.get("tokens_env", str, "")
+    if tokens_file is None and not tokens_env:
+        raise table.error("tokens_file", "give tokens_file or tokens_env (or remove [server.auth])")
+    if tokens_env and tokens_env not in os.environ:
+        raise table.error("tokens_env", f"environment variable {tokens_env} is not set")
+    return AuthConfig(tokens_file=str(tokens_file or ""), tokens_env=tokens_env)
+
+
+def _port(table: Table, default: int | None, name: str) -> int | None:
+    port = table.get(name, int, default)
+    if port is not None and not 0 <= port <= 65535:
+        raise table.error(name, f"expected 0..65535, got {port}")
     return port

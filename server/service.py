@@ -8,6 +8,8 @@ is unchanged: every frame is a valid ``BatchChunk`` message.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import threading
 import time
@@ -20,6 +22,7 @@ import grpc
 
 from batchwire import wire
 from batchwire.server.config import ServerConfig
+from batchwire.server.metrics import Metrics
 from batchwire.server.pool import BuiltBatch, PoolClosed, WorkerPool
 from batchwire.server.registry import DatasetEntry, DatasetRegistry, DescribeError
 from batchwire.server.requests import InvalidRequest, plan_stream
@@ -34,11 +37,43 @@ _POLL_SECONDS = 0.25  # how often a stream waiting on a worker checks that its c
 class BatchService:
     """Implements ``batchwire.v1.BatchService``."""
 
-    def __init__(self, registry: DatasetRegistry, pool: WorkerPool, settings: ServerConfig) -> None:
+    def __init__(
+        self, registry: DatasetRegistry, pool: WorkerPool, settings: ServerConfig, metrics: Metrics
+    ) -> None:
         self._registry = registry
         self._pool = pool
         self._settings = settings
+        self._metrics = metrics
         self._stream_slots = threading.BoundedSemaphore(settings.max_concurrent_streams)
+        self._stream_ids = itertools.count()
+        self._active = 0
+        self._active_lock = threading.Lock()
+        self._drain_deadline: float | None = None
+
+    @property
+    def active_streams(self) -> int:
+        with self._active_lock:
+            return self._active
+
+    def begin_drain(self, grace: float) -> None:
+        """Refuses new streams; open ones end with UNAVAILABLE once ``grace`` seconds pass.
+
+        See NOTE [ Graceful shutdown ] in app.py.
+        """
+        self._drain_deadline = time.monotonic() + grace
+
+    def _check_drain(self, context: grpc.ServicerContext, position: int) -> None:
+        deadline = self._drain_deadline
+        if deadline is not None and time.monotonic() >= deadline:
+            self._abort(
+                context,
+                grpc.StatusCode.UNAVAILABLE,
+                f"the server is shutting down; resume at batch {position} on another server",
+            )
+
+    def _abort(self, context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+        self._metrics.errors.labels(code.name).inc()
+        context.abort(code, message)
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(
@@ -81,7 +116,7 @@ class BatchService:
         try:
             return entry.info()
         except DescribeError as exc:
-            context.abort(grpc.StatusCode.INTERNAL, str(exc))
+            self._abort(context, grpc.StatusCode.INTERNAL, str(exc))
             raise  # unreachable: abort raises
 
     def stream_batches(
@@ -93,35 +128,56 @@ class BatchService:
                 request, length=entry.length, max_batch_size=self._settings.max_batch_size
             )
         except InvalidRequest as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if self._drain_deadline is not None:
+            self._abort(
+                context,
+                grpc.StatusCode.UNAVAILABLE,
+                "the server is shutting down; try another server",
+            )
         if not self._stream_slots.acquire(blocking=False):
-            context.abort(
+            self._abort(
+                context,
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"the server already has {self._settings.max_concurrent_streams} open streams "
                 "(max_concurrent_streams); retry later",
             )
+        stream_id = str(next(self._stream_ids))
+        parameters = (
+            f"peer={context.peer()} stream={stream_id} dataset={entry.name} "
+            f"batch_size={request.batch_size} shuffle={request.shuffle} seed={request.seed} "
+            f"epoch={request.epoch} rank={request.rank}/{request.world_size} "
+            f"drop_last={request.drop_last} start={request.start_batch} end={request.end_batch} "
+            f"stride={request.batch_stride}"
+        )
+        log.info("stream start %s", parameters)
+        with self._active_lock:
+            self._active += 1
+        self._metrics.active_streams.inc()
         started = time.monotonic()
         sent = {"batches": 0, "bytes": 0}
         status = "OK"
         try:
-            yield from self._send(entry, stream.plan, stream.positions, context, sent)
-        except BaseException as exc:
-            status = type(exc).__name__
+            yield from self._send(entry, stream.plan, stream.positions, context, sent, stream_id)
+            if not context.is_active():
+                status = "CANCELLED"
+        except GeneratorExit:
+            status = "CANCELLED"  # the client went away mid-stream
+            raise
+        except BaseException:
+            code = context.code()
+            status = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
             raise
         finally:
             self._stream_slots.release()
+            with self._active_lock:
+                self._active -= 1
+            self._metrics.active_streams.dec()
+            with contextlib.suppress(KeyError):
+                self._metrics.queue_depth.remove(stream_id)
             log.info(
-                "stream end peer=%s dataset=%s batch_size=%d shuffle=%s seed=%d epoch=%d rank=%d/%d "
-                "start=%d batches=%d bytes=%d seconds=%.3f status=%s",
-                context.peer(),
-                entry.name,
-                request.batch_size,
-                request.shuffle,
-                request.seed,
-                request.epoch,
-                request.rank,
-                request.world_size,
-                request.start_batch,
+                "stream end %s batches=%d bytes=%d seconds=%.3f status=%s",
+                parameters,
                 sent["batches"],
                 sent["bytes"],
                 time.monotonic() - started,
@@ -135,11 +191,14 @@ class BatchService:
         positions: range,
         context: grpc.ServicerContext,
         sent: dict[str, int],
+        stream_id: str,
     ) -> Iterator[bytes]:
         # Keep at most `prefetch_batches` batches in the pool per stream: bounded memory
         # while the client is slow, and batches are sent in order whatever finishes first.
         upcoming = iter(positions)
         pending: deque[tuple[int, Future[BuiltBatch]]] = deque()
+        metrics = self._metrics
+        depth = metrics.queue_depth.labels(stream_id)
 
         def refill() -> None:
             while len(pending) < self._settings.prefetch_batches:
@@ -151,19 +210,33 @@ class BatchService:
         refill()
         while pending:
             position, future = pending.popleft()
-            built = self._await(future, context)
+            self._check_drain(context, position)
+            built = self._await(future, context, position)
             if built is None:
                 return  # the client went away
             refill()
+            depth.set(sum(f.done() for _, f in pending))
             header = built.header
             header.batch_index = position
+            metrics.build_seconds.labels(entry.name).observe(built.build_seconds)
+            metrics.worker_busy.inc(built.build_seconds)
+            if header.payload_size > self._settings.max_batch_bytes:
+                self._abort(
+                    context,
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"batch {position} of dataset {entry.name!r} has {header.payload_size} bytes, "
+                    f"over the server's max_batch_bytes={self._settings.max_batch_bytes}; "
+                    "ask for a smaller batch_size",
+                )
             yield from wire.frames(header, built.payload, self._settings.chunk_bytes)
             sent["batches"] += 1
             sent["bytes"] += header.payload_size
+            metrics.batches_sent.labels(entry.name).inc()
+            metrics.bytes_sent.labels(entry.name).inc(header.payload_size)
             del built  # drop the shared-memory mapping before waiting on the next batch
 
     def _await(
-        self, future: Future[BuiltBatch], context: grpc.ServicerContext
+        self, future: Future[BuiltBatch], context: grpc.ServicerContext, position: int
     ) -> BuiltBatch | None:
         while True:
             try:
@@ -171,16 +244,23 @@ class BatchService:
             except FutureTimeout:
                 if not context.is_active():
                     return None
-            except PoolClosed as exc:
-                context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+                self._check_drain(context, position)
+            except PoolClosed:
+                self._abort(
+                    context,
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"the server is shutting down; resume at batch {position} on another server",
+                )
             except Exception as exc:
-                context.abort(grpc.StatusCode.INTERNAL, str(exc))
+                self._abort(context, grpc.StatusCode.INTERNAL, str(exc))
 
     def _lookup(self, name: str, context: grpc.ServicerContext) -> DatasetEntry:
         entry = self._registry.get(name)
         if entry is None:
             known = ", ".join(self._registry.names())
-            context.abort(
-                grpc.StatusCode.NOT_FOUND, f"unknown dataset {name!r}; this server has: {known}"
+            self._abort(
+                context,
+                grpc.StatusCode.NOT_FOUND,
+                f"unknown dataset {name!r}; this server has: {known}",
             )
         return entry

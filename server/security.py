@@ -1,0 +1,98 @@
+"""TLS credentials and bearer-token authentication for the server.
+
+Tokens are compared in constant time and never logged. The standard health
+service stays open without a token, so that orchestrators' probes (and
+``batchwire health``) work on an authenticated server.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+
+from batchwire.server.config import AuthConfig, TlsConfig
+
+log = logging.getLogger(__name__)
+
+UNAUTHENTICATED_PREFIXES = ("/grpc.health.v1.Health/",)
+
+
+def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
+    key = Path(tls.key).read_bytes()
+    cert = Path(tls.cert).read_bytes()
+    client_ca = Path(tls.client_ca).read_bytes() if tls.client_ca else None
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=client_ca, require_client_auth=tls.require_client_cert
+    )
+
+
+def load_tokens(auth: AuthConfig) -> tuple[str, ...]:
+    tokens: list[str] = []
+    if auth.tokens_file:
+        for line in Path(auth.tokens_file).read_text().splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                tokens.append(line)
+    if auth.tokens_env:
+        tokens += [t.strip() for t in os.environ.get(auth.tokens_env, "").split(",") if t.strip()]
+    if not tokens:
+        raise ValueError("server.auth is configured but no tokens were found")
+    return tuple(tokens)
+
+
+class TokenAuthInterceptor(grpc.ServerInterceptor):
+    """Rejects calls without ``authorization: Bearer <token>`` matching a configured token."""
+
+    def __init__(
+        self, tokens: tuple[str, ...], on_reject: Callable[[], None] = lambda: None
+    ) -> None:
+        self._tokens = tuple(t.encode() for t in tokens)
+        self._on_reject = on_reject
+
+    def _authorized(self, metadata: tuple[tuple[str, str | bytes], ...] | None) -> bool:
+        for key, value in metadata or ():
+            if key != "authorization" or not isinstance(value, str):
+                continue
+            scheme, _, token = value.partition(" ")
+            if scheme.lower() == "bearer":
+                presented = token.strip().encode()
+                # Compare against every token so timing does not reveal which prefix matched.
+                return any([hmac.compare_digest(presented, known) for known in self._tokens])
+        return False
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(UNAUTHENTICATED_PREFIXES):
+            return handler
+        if self._authorized(handler_call_details.invocation_metadata):
+            return handler
+        self._on_reject()
+        log.info("rejected %s: missing or invalid bearer token", handler_call_details.method)
+        return _denying(handler)
+
+
+def _deny(request, context: grpc.ServicerContext):
+    context.abort(
+        grpc.StatusCode.UNAUTHENTICATED,
+        "missing or invalid bearer token (metadata 'authorization: Bearer <token>')",
+    )
+
+
+def _denying(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as ``handler`` that aborts with UNAUTHENTICATED."""
+    kwargs = dict(
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(_deny, **kwargs)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(_deny, **kwargs)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(_deny, **kwargs)
+    return grpc.stream_stream_rpc_method_handler(_deny, **kwargs)
