@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from torch.utils.data import IterableDataset
@@ -29,6 +29,9 @@ class RemoteDataset(IterableDataset):
         drop_last: drop this rank's last batch when it is short.
         rank, world_size: this trainer's share of the epoch.
         timeout: seconds to wait for the server on metadata calls.
+        sampler: a sampler kind (``"weighted"``, ``"dynamic"``, ...) or a mapping of
+            ``SamplerSpec`` fields, e.g. ``{"kind": "dynamic", "max_tokens": 4096}``;
+            ``None`` takes the dataset's configured default.
     """
 
     def __init__(
@@ -43,6 +46,7 @@ class RemoteDataset(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         timeout: float = 10.0,
+        sampler: str | Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
@@ -63,6 +67,7 @@ class RemoteDataset(IterableDataset):
         self.drop_last = drop_last
         self.rank = rank
         self.world_size = world_size
+        self.sampler = _sampler_spec(sampler)
         self._client = BatchClient(target, timeout=timeout)
         self._next_epoch = 0
         self._info: pb.DatasetInfo | None = None
@@ -102,6 +107,7 @@ class RemoteDataset(IterableDataset):
             world_size=self.world_size,
             drop_last=self.drop_last,
             start_batch=start_batch,
+            sampler=self.sampler,
         )
 
     def __iter__(self) -> Iterator[Any]:
@@ -109,3 +115,14 @@ class RemoteDataset(IterableDataset):
         self._next_epoch = epoch + 1
         for _, batch in self._client.batches(self.request(epoch)):
             yield batch
+
+
+def _sampler_spec(sampler: str | Mapping[str, Any] | None) -> pb.SamplerSpec | None:
+    if sampler is None:
+        return None
+    if isinstance(sampler, str):
+        return pb.SamplerSpec(kind=sampler)
+    try:
+        return pb.SamplerSpec(**sampler)
+    except ValueError as exc:
+        raise ValueError(f"sampler: {exc}") from None

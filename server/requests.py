@@ -37,6 +37,10 @@ def plan_stream(
         )
     if request.epoch < 0:
         raise InvalidRequest(f"epoch should be non-negative, but got epoch={request.epoch}")
+    if request.sampler.kind not in ("", "distributed"):
+        raise InvalidRequest(
+            f"sampler kind {request.sampler.kind!r} is not supported; supported: 'distributed'"
+        )
     if request.batch_stride < 0:
         raise InvalidRequest(
             f"batch_stride should be non-negative, but got batch_stride={request.batch_stride}"

@@ -80,7 +80,7 @@ class DatasetInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., length: _Optional[int] = ..., fields: _Optional[_Iterable[_Union[FieldInfo, _Mapping]]] = ..., source: _Optional[str] = ...) -> None: ...
 
 class StreamBatchesRequest(_message.Message):
-    __slots__ = ("dataset", "batch_size", "shuffle", "seed", "epoch", "rank", "world_size", "drop_last", "start_batch", "end_batch", "batch_stride", "compression")
+    __slots__ = ("dataset", "batch_size", "shuffle", "seed", "epoch", "rank", "world_size", "drop_last", "start_batch", "end_batch", "batch_stride", "compression", "sampler")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     SHUFFLE_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +93,7 @@ class StreamBatchesRequest(_message.Message):
     END_BATCH_FIELD_NUMBER: _ClassVar[int]
     BATCH_STRIDE_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    SAMPLER_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     batch_size: int
     shuffle: bool
@@ -105,7 +106,22 @@ class StreamBatchesRequest(_message.Message):
     end_batch: int
     batch_stride: int
     compression: Compression
-    def __init__(self, dataset: _Optional[str] = ..., batch_size: _Optional[int] = ..., shuffle: _Optional[bool] = ..., seed: _Optional[int] = ..., epoch: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., drop_last: _Optional[bool] = ..., start_batch: _Optional[int] = ..., end_batch: _Optional[int] = ..., batch_stride: _Optional[int] = ..., compression: _Optional[_Union[Compression, str]] = ...) -> None: ...
+    sampler: SamplerSpec
+    def __init__(self, dataset: _Optional[str] = ..., batch_size: _Optional[int] = ..., shuffle: _Optional[bool] = ..., seed: _Optional[int] = ..., epoch: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., drop_last: _Optional[bool] = ..., start_batch: _Optional[int] = ..., end_batch: _Optional[int] = ..., batch_stride: _Optional[int] = ..., compression: _Optional[_Union[Compression, str]] = ..., sampler: _Optional[_Union[SamplerSpec, _Mapping]] = ...) -> None: ...
+
+class SamplerSpec(_message.Message):
+    __slots__ = ("kind", "num_samples", "without_replacement", "max_tokens", "max_items")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    WITHOUT_REPLACEMENT_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    num_samples: int
+    without_replacement: bool
+    max_tokens: int
+    max_items: int
+    def __init__(self, kind: _Optional[str] = ..., num_samples: _Optional[int] = ..., without_replacement: _Optional[bool] = ..., max_tokens: _Optional[int] = ..., max_items: _Optional[int] = ...) -> None: ...
 
 class TensorMeta(_message.Message):
     __slots__ = ("dtype", "shape", "offset", "nbytes")
