@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import grpc
 
 from batchwire import wire
+from batchwire.client._credentials import open_channel
 from batchwire.client._errors import ServerError
 from batchwire.v1 import batchwire_pb2 as pb
 
@@ -25,11 +26,14 @@ _channels: dict[tuple[int, str], grpc.Channel] = {}
 
 
 def channel(target: str) -> grpc.Channel:
-    """The shared channel to ``target`` for this process (a forked child makes its own)."""
+    """The shared channel to ``target`` for this process (a forked child makes its own).
+
+    TLS and token settings come from the environment (see ``_credentials``).
+    """
     key = (os.getpid(), target)
     with _lock:
         if key not in _channels:
-            _channels[key] = grpc.insecure_channel(target, options=_OPTIONS)
+            _channels[key] = open_channel(target, _OPTIONS)
         return _channels[key]
 
 

@@ -102,9 +102,11 @@ def cmd_health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    from batchwire.client._credentials import open_channel
+
     target = _target(args)
     try:
-        with grpc.insecure_channel(target) as channel:
+        with open_channel(target) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             reply = stub.Check(
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout

@@ -58,6 +58,7 @@ class BatchwireServer:
         self.registry = DatasetRegistry(config)  # raises ConfigError before anything starts
         self.pool = WorkerPool(config, workers or settings.workers, shm_dir=settings.shm_dir)
         self.metrics = Metrics()
+        self.metrics.track_pool(self.pool)
         self.health = health.HealthServicer()
         interceptors = []
         if settings.auth is not None:
@@ -112,15 +113,38 @@ class BatchwireServer:
             self.health.set(service, status)
 
     def start(self) -> None:
-        """Starts workers, gRPC and metrics; health turns SERVING."""
+        """Opens the port, warms the workers, then turns SERVING.
+
+        Until then health answers NOT_SERVING and streams are refused with
+        UNAVAILABLE, so an orchestrator's probe (and ``batchwire health``) tells
+        "starting" from "ready" instead of a closed port from an open one.
+        """
         settings = self.config.server
-        self.pool.start()
         self._grpc.start()
         if settings.metrics_port is not None:
             self.metrics_port = self.metrics.serve(
                 settings.metrics_host or self.host, settings.metrics_port
             )
+        self.pool.start()
+        self._warm_up()
+        self.service.open()
         self._set_serving(True)
+
+    def _warm_up(self) -> None:
+        # One single-sample batch per worker and dataset: every worker imports
+        # and opens its datasets now, not on some trainer's first batch.
+        workers = len(self.pool.pids)
+        pending = [
+            (name, self.pool.submit(name, [0]))
+            for name, entry in self.registry.entries.items()
+            if entry.length
+            for _ in range(workers)
+        ]
+        for name, future in pending:
+            try:
+                future.result()
+            except Exception as exc:  # a broken item fails its streams later, with INTERNAL
+                log.warning("warm-up of dataset %r failed: %s", name, exc)
 
     def stop(self, grace: float | None = None) -> None:
         """Drains (see NOTE [ Graceful shutdown ]), then stops gRPC, workers and metrics."""

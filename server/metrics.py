@@ -10,11 +10,15 @@ Exposed over HTTP when ``metrics_port`` is set. Names:
     batchwire_batch_build_seconds{dataset}       histogram: time to load, transform and collate a batch
     batchwire_errors_total{code}                 calls ended with an error, by gRPC status code
     batchwire_workers_replaced_total             worker processes that died and were replaced
+    batchwire_workers_alive                      worker processes alive now
 """
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 _BUILD_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -53,12 +57,11 @@ class Metrics:
         self.errors = Counter(
             "batchwire_errors", "Calls ended with an error, by status code.", ["code"], registry=r
         )
-        self.workers_replaced = Counter(
-            "batchwire_workers_replaced",
-            "Worker processes that died and were replaced.",
-            registry=r,
-        )
         self._http = None
+
+    def track_pool(self, pool: PoolStats) -> None:
+        """Reports the pool's own counts at each scrape (the pool does not know about metrics)."""
+        self.registry.register(_PoolCollector(pool))
 
     def serve(self, host: str, port: int) -> int:
         """Starts the HTTP endpoint; returns its bound port."""
@@ -70,3 +73,25 @@ class Metrics:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+
+class PoolStats(Protocol):
+    replaced: int
+
+    @property
+    def size(self) -> int: ...
+
+
+class _PoolCollector:
+    def __init__(self, pool: PoolStats) -> None:
+        self._pool = pool
+
+    def collect(self):
+        yield CounterMetricFamily(
+            "batchwire_workers_replaced",
+            "Worker processes that died and were replaced.",
+            value=self._pool.replaced,
+        )
+        yield GaugeMetricFamily(
+            "batchwire_workers_alive", "Worker processes alive now.", value=self._pool.size
+        )

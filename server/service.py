@@ -48,12 +48,17 @@ class BatchService:
         self._stream_ids = itertools.count()
         self._active = 0
         self._active_lock = threading.Lock()
+        self._open = threading.Event()  # set once the workers are warm
         self._drain_deadline: float | None = None
 
     @property
     def active_streams(self) -> int:
         with self._active_lock:
             return self._active
+
+    def open(self) -> None:
+        """Starts accepting streams (the server has finished starting)."""
+        self._open.set()
 
     def begin_drain(self, grace: float) -> None:
         """Refuses new streams; open ones end with UNAVAILABLE once ``grace`` seconds pass.
@@ -129,6 +134,10 @@ class BatchService:
             )
         except InvalidRequest as exc:
             self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if not self._open.is_set():
+            self._abort(
+                context, grpc.StatusCode.UNAVAILABLE, "the server is starting; retry shortly"
+            )
         if self._drain_deadline is not None:
             self._abort(
                 context,
