@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import grpc
 
 from batchwire import wire
-from batchwire.client._credentials import open_channel
+from batchwire.client import _credentials
 from batchwire.client._errors import ServerError
 from batchwire.v1 import batchwire_pb2 as pb
 
@@ -22,7 +22,7 @@ _OPTIONS = [
 ]
 
 _lock = threading.Lock()
-_channels: dict[tuple[int, str], grpc.Channel] = {}
+_channels: dict[tuple[int, str, tuple[str | None, ...]], grpc.Channel] = {}
 
 
 def channel(target: str) -> grpc.Channel:
@@ -30,10 +30,10 @@ def channel(target: str) -> grpc.Channel:
 
     TLS and token settings come from the environment (see ``_credentials``).
     """
-    key = (os.getpid(), target)
+    key = (os.getpid(), target, _credentials.environment())
     with _lock:
         if key not in _channels:
-            _channels[key] = open_channel(target, _OPTIONS)
+            _channels[key] = _credentials.open_channel(target, _OPTIONS)
         return _channels[key]
 
 

@@ -27,6 +27,21 @@ class CredentialsError(BatchwireError, ValueError):
     """A credentials variable points at something unusable."""
 
 
+VARIABLES = (
+    "BATCHWIRE_TLS_CA",
+    "BATCHWIRE_TLS_CERT",
+    "BATCHWIRE_TLS_KEY",
+    "BATCHWIRE_TLS_SERVER_NAME",
+    "BATCHWIRE_TOKEN",
+    "BATCHWIRE_TOKEN_FILE",
+)
+
+
+def environment() -> tuple[str | None, ...]:
+    """The credential settings now; channels are cached per target *and* these."""
+    return tuple(os.environ.get(name) for name in VARIABLES)
+
+
 def _read(variable: str) -> bytes | None:
     path = os.environ.get(variable)
     if not path:

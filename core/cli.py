@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from dataclasses import replace
 
 DEFAULT_TARGET = "localhost:50051"
 
@@ -32,6 +33,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         config = load_config(args.config)
+        if args.metrics_port is not None:
+            config = replace(config, server=replace(config.server, metrics_port=args.metrics_port))
         _configure_logging(args.log_level or config.server.log_level)
         server = BatchwireServer(config, host=args.host, port=args.port, workers=args.workers)
     except (ConfigError, ValueError) as exc:
@@ -136,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port to bind; 0 picks a free one")
     serve.add_argument(
         "--workers", type=int, help="worker processes (default: the config's, else one per core)"
+    )
+    serve.add_argument(
+        "--metrics-port", type=int, help="Prometheus metrics port (default: the config's, else off)"
     )
     serve.add_argument(
         "--grace", type=float, help="seconds open streams get at shutdown (default: the config's)"
