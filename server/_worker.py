@@ -1,10 +1,12 @@
 """The worker process: receives batch tasks over a pipe, builds them, reports back.
 
 A worker is created once, at server start-up (or to replace one that died),
-builds each dataset from the config the first time a task names it, and keeps
-it. It never talks gRPC. Protocol, all over one duplex pipe:
+builds each dataset's pipeline (source, transforms, collate) from the config
+the first time a task names it, and keeps it. A task carries the stream's seed
+and epoch: random transforms draw from an RNG seeded by (seed, epoch, index),
+so a batch is the same whichever worker builds it. It never talks gRPC. Protocol, all over one duplex pipe:
 
-    pool -> worker: (task_id, dataset, indices, path) | None (stop)
+    pool -> worker: (task_id, dataset, indices, path, seed, epoch) | None (stop)
     worker -> pool: ("ok", task_id, header_bytes, payload_size, busy_seconds)
                     ("error", task_id, message)
 """
@@ -22,7 +24,7 @@ import torch
 
 from batchwire.server.batches import BatchBuildError, collate, load_samples, write_batch
 from batchwire.server.config import Config, ConfigError
-from batchwire.server.sources import build_dataset
+from batchwire.server.pipeline import Pipeline, build_pipeline
 
 
 def run(config: Config, conn: Connection) -> None:
@@ -32,7 +34,7 @@ def run(config: Config, conn: Connection) -> None:
     for folder in config.server.python_path:
         if folder not in sys.path:
             sys.path.insert(0, folder)
-    datasets: dict[str, Any] = {}
+    datasets: dict[str, Pipeline] = {}
     while True:
         try:
             task = conn.recv()
@@ -40,13 +42,16 @@ def run(config: Config, conn: Connection) -> None:
             return  # the server is gone
         if task is None:
             return
-        task_id, name, indices, path = task
+        task_id, name, indices, path, seed, epoch = task
         started = time.perf_counter()
         try:
             if name not in datasets:
-                datasets[name] = build_dataset(config.datasets[name], config.file)
-            samples = load_samples(datasets[name], name, indices)
-            header, size = write_batch(collate(samples, name), name, path)
+                datasets[name] = build_pipeline(
+                    config.datasets[name], config.file, for_sampling=False
+                )
+            pipeline = datasets[name]
+            samples = load_samples(pipeline, name, indices, seed=seed, epoch=epoch)
+            header, size = write_batch(collate(samples, name, pipeline.collate_fn), name, path)
             reply: tuple[Any, ...] = (
                 "ok",
                 task_id,

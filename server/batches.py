@@ -22,11 +22,22 @@ class BatchBuildError(RuntimeError):
     """A dataset, transform or collate function raised while building a batch."""
 
 
-def load_samples(dataset: Any, name: str, indices: Sequence[int]) -> list[Any]:
+def load_samples(
+    dataset: Any, name: str, indices: Sequence[int], *, seed: int = 0, epoch: int = 0
+) -> list[Any]:
+    """Items ``indices`` of ``dataset``, transformed with each sample's ``(seed, epoch, index)`` RNG.
+
+    ``dataset`` is a ``Pipeline`` (its ``load`` applies the transforms) or any
+    map-style dataset.
+    """
+    load = getattr(dataset, "load", None)
     samples = []
     for index in indices:
         try:
-            samples.append(dataset[int(index)])
+            if load is not None:
+                samples.append(load(int(index), seed=seed, epoch=epoch))
+            else:
+                samples.append(dataset[int(index)])
         except Exception as exc:
             raise BatchBuildError(
                 f"dataset {name!r}, sample index {int(index)}: {type(exc).__name__}: {exc}"

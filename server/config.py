@@ -171,13 +171,22 @@ class ServerConfig:
     auth: AuthConfig | None = None
 
 
+PIPELINE_KEYS = ("transforms", "sampler", "collate")
+"""Keys of a ``[datasets.NAME]`` table that belong to the pipeline, not to the source."""
+
+
 @dataclass(frozen=True)
 class DatasetConfig:
-    """One ``[datasets.NAME]`` table; ``options`` are the source's own keys."""
+    """One ``[datasets.NAME]`` table; ``options`` are the source's own keys.
+
+    ``pipeline`` holds the raw ``transforms``, ``sampler`` and ``collate``
+    values, checked by ``batchwire.server.pipeline`` (which knows what they mean).
+    """
 
     name: str
     source: str
     options: Mapping[str, Any]
+    pipeline: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -209,11 +218,20 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     for name in datasets_table.data:
         table = datasets_table.table(name)
         source = table.get("source", str)
-        options = {key: value for key, value in table.data.items() if key != "source"}
-        datasets[name] = DatasetConfig(name=name, source=source, options=options)
+        options = {
+            key: value
+            for key, value in table.data.items()
+            if key != "source" and key not in PIPELINE_KEYS
+        }
+        pipeline = {key: table.data[key] for key in PIPELINE_KEYS if key in table.data}
+        datasets[name] = DatasetConfig(name, source, options, pipeline)
     if not datasets:
         raise ConfigError(file, "datasets", "no datasets declared; add a [datasets.NAME] table")
     return Config(file=file, server=server, datasets=datasets)
+
+
+HEADER_ROOM = 1 << 20
+"""Message bytes kept free beside a chunk's payload for its header."""
 
 
 def _server_config(table: Table) -> ServerConfig:
@@ -223,20 +241,28 @@ def _server_config(table: Table) -> ServerConfig:
     for i, entry in enumerate(python_path):
         if not isinstance(entry, str):
             raise table.error(f"python_path[{i}]", f"expected string, got {entry!r}")
+    chunk_bytes = table.positive_int("chunk_bytes", defaults.chunk_bytes)
+    max_message_bytes = table.positive_int("max_message_bytes", defaults.max_message_bytes)
+    if chunk_bytes + HEADER_ROOM > max_message_bytes:
+        raise table.error(
+            "chunk_bytes",
+            f"{chunk_bytes} leaves no room for a {HEADER_ROOM}-byte header within "
+            f"max_message_bytes={max_message_bytes}; lower chunk_bytes or raise max_message_bytes",
+        )
     return ServerConfig(
         host=table.get("host", str, defaults.host),
         port=_port(table, defaults.port, "port"),
         workers=table.positive_int("workers", defaults.workers),
         max_batch_size=table.positive_int("max_batch_size", defaults.max_batch_size),
         prefetch_batches=table.positive_int("prefetch_batches", defaults.prefetch_batches),
-        chunk_bytes=table.positive_int("chunk_bytes", defaults.chunk_bytes),
+        chunk_bytes=chunk_bytes,
         max_concurrent_streams=table.positive_int(
             "max_concurrent_streams", defaults.max_concurrent_streams
         ),
         python_path=tuple(str((table.file.parent / p).resolve()) for p in python_path),
         shm_dir=table.get("shm_dir", str, defaults.shm_dir),
         max_batch_bytes=table.positive_int("max_batch_bytes", defaults.max_batch_bytes),
-        max_message_bytes=table.positive_int("max_message_bytes", defaults.max_message_bytes),
+        max_message_bytes=max_message_bytes,
         keepalive_seconds=_positive_number(table, "keepalive_seconds", defaults.keepalive_seconds),
         keepalive_timeout_seconds=_positive_number(
             table, "keepalive_timeout_seconds", defaults.keepalive_timeout_seconds

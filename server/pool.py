@@ -65,6 +65,8 @@ class _Task:
     dataset: str
     indices: Sequence[int]
     future: Future[BuiltBatch]
+    seed: int = 0
+    epoch: int = 0
     attempts: int = 0
 
 
@@ -121,9 +123,14 @@ class WorkerPool:
         with self._lock:
             return sum(worker.process.is_alive() for worker in self._workers)
 
-    def submit(self, dataset: str, indices: Sequence[int]) -> Future[BuiltBatch]:
-        """Queues one batch; the future resolves to a ``BuiltBatch`` or raises why not."""
-        task = _Task(next(self._task_ids), dataset, indices, Future())
+    def submit(
+        self, dataset: str, indices: Sequence[int], *, seed: int = 0, epoch: int = 0
+    ) -> Future[BuiltBatch]:
+        """Queues one batch; the future resolves to a ``BuiltBatch`` or raises why not.
+
+        ``seed`` and ``epoch`` seed the random transforms of each sample (with its index).
+        """
+        task = _Task(next(self._task_ids), dataset, indices, Future(), seed, epoch)
         self._dispatch(task)
         return task.future
 
@@ -137,7 +144,14 @@ class WorkerPool:
         try:
             with worker.send_lock:
                 worker.conn.send(
-                    (task.task_id, task.dataset, task.indices, self._path(task.task_id))
+                    (
+                        task.task_id,
+                        task.dataset,
+                        task.indices,
+                        self._path(task.task_id),
+                        task.seed,
+                        task.epoch,
+                    )
                 )
         except (BrokenPipeError, OSError):
             pass  # the worker died; the collector hands its tasks to the replacement

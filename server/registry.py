@@ -10,7 +10,7 @@ from torch.utils.data import default_collate
 
 from batchwire import wire
 from batchwire.server.config import Config
-from batchwire.server.sources import MapDataset, build_dataset
+from batchwire.server.pipeline import Pipeline, build_pipeline
 from batchwire.v1 import batchwire_pb2 as pb
 
 
@@ -22,7 +22,7 @@ class DescribeError(RuntimeError):
 class DatasetEntry:
     name: str
     source: str
-    dataset: MapDataset
+    dataset: Pipeline
     length: int
     _info: pb.DatasetInfo | None = field(default=None, repr=False)
 
@@ -41,8 +41,20 @@ class DatasetEntry:
                 fields = wire.field_infos(structure, tensors)
                 for info in fields:
                     del info.shape[0]  # the batch dimension of the one-item batch
+            sampler = self.dataset.sampler
             self._info = pb.DatasetInfo(
-                name=self.name, length=self.length, fields=fields, source=self.source
+                name=self.name,
+                length=self.length,
+                fields=fields,
+                source=self.source,
+                transforms=self.dataset.describe_transforms(),
+                sampler=pb.SamplerSpec(
+                    kind=sampler.kind,
+                    num_samples=sampler.num_samples,
+                    without_replacement=sampler.without_replacement,
+                    max_tokens=sampler.max_tokens,
+                    max_items=sampler.max_items,
+                ),
             )
         return self._info
 
@@ -54,7 +66,7 @@ class DatasetRegistry:
         add_python_path(config.server.python_path)
         self.entries: dict[str, DatasetEntry] = {}
         for name, dataset_config in config.datasets.items():
-            dataset = build_dataset(dataset_config, config.file)
+            dataset = build_pipeline(dataset_config, config.file)
             self.entries[name] = DatasetEntry(name, dataset_config.source, dataset, len(dataset))
 
     def get(self, name: str) -> DatasetEntry | None:

@@ -1,10 +1,26 @@
-"""Checks a StreamBatches request and turns it into the list of batch positions to send."""
+"""Checks a StreamBatches request and turns it into the list of batch positions to send.
+
+The request's ``SamplerSpec`` chooses the sampler; fields it leaves at zero
+take the dataset's configured defaults (``[datasets.NAME.sampler]``).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from batchwire.server.samplers import BatchPlan, distributed_order
+import numpy as np
+
+from batchwire.server.pipeline import SamplerConfig
+from batchwire.server.samplers import (
+    KINDS,
+    BatchPlan,
+    BudgetError,
+    distributed_order,
+    dynamic_plan,
+    random_order,
+    subset_order,
+    weighted_order,
+)
 from batchwire.v1 import batchwire_pb2 as pb
 
 
@@ -16,13 +32,24 @@ class InvalidRequest(ValueError):
 class StreamPlan:
     plan: BatchPlan
     positions: range
+    sampler: str
 
 
 def plan_stream(
-    request: pb.StreamBatchesRequest, *, length: int, max_batch_size: int
+    request: pb.StreamBatchesRequest,
+    *,
+    length: int,
+    max_batch_size: int,
+    sampler: SamplerConfig | None = None,
 ) -> StreamPlan:
     """Validates ``request`` against a dataset of ``length`` samples; raises ``InvalidRequest``."""
-    if not 0 < request.batch_size <= max_batch_size:
+    config = sampler or SamplerConfig()
+    kind = request.sampler.kind or config.kind
+    if kind not in KINDS:
+        raise InvalidRequest(
+            f"sampler kind {request.sampler.kind!r} is not supported; supported: {', '.join(KINDS)}"
+        )
+    if kind != "dynamic" and not 0 < request.batch_size <= max_batch_size:
         raise InvalidRequest(
             f"batch_size should be in [1, {max_batch_size}] (the server's max_batch_size), "
             f"but got batch_size={request.batch_size}"
@@ -37,23 +64,11 @@ def plan_stream(
         )
     if request.epoch < 0:
         raise InvalidRequest(f"epoch should be non-negative, but got epoch={request.epoch}")
-    if request.sampler.kind not in ("", "distributed"):
-        raise InvalidRequest(
-            f"sampler kind {request.sampler.kind!r} is not supported; supported: 'distributed'"
-        )
     if request.batch_stride < 0:
         raise InvalidRequest(
             f"batch_stride should be non-negative, but got batch_stride={request.batch_stride}"
         )
-    order = distributed_order(
-        length,
-        shuffle=request.shuffle,
-        seed=request.seed,
-        epoch=request.epoch,
-        rank=request.rank,
-        world_size=request.world_size,
-    )
-    plan = BatchPlan(order, request.batch_size, request.drop_last)
+    plan = _plan(kind, request, config, length, max_batch_size)
     total = len(plan)
     if not 0 <= request.start_batch <= total:
         raise InvalidRequest(
@@ -66,4 +81,98 @@ def plan_stream(
             f"end_batch should be 0 (the end) or in [{request.start_batch}, {total}], "
             f"but got end_batch={request.end_batch}"
         )
-    return StreamPlan(plan, range(request.start_batch, end, max(1, request.batch_stride)))
+    return StreamPlan(plan, range(request.start_batch, end, max(1, request.batch_stride)), kind)
+
+
+def _plan(
+    kind: str,
+    request: pb.StreamBatchesRequest,
+    config: SamplerConfig,
+    length: int,
+    max_batch_size: int,
+) -> BatchPlan:
+    spec = request.sampler
+    shard = {
+        "seed": request.seed,
+        "epoch": request.epoch,
+        "rank": request.rank,
+        "world_size": request.world_size,
+    }
+    if kind == "dynamic":
+        return _dynamic_plan(request, config, length, max_batch_size, shard)
+    if kind == "distributed":
+        order = distributed_order(length, shuffle=request.shuffle, **shard)
+    elif kind == "subset":
+        if config.subset is None:
+            raise _not_configured(kind, "indices = FILE")
+        order = subset_order(config.subset, shuffle=request.shuffle, **shard)
+    else:
+        num_samples = _num_samples(spec.num_samples or config.num_samples or length)
+        if kind == "random":
+            order = random_order(length, num_samples=num_samples, **shard)
+        else:
+            if config.weights is None:
+                raise _not_configured(kind, "weights = FILE or balance = FIELD")
+            replacement = not (spec.without_replacement or config.without_replacement)
+            nonzero = int((config.weights > 0).sum())
+            if not replacement and num_samples > nonzero:
+                raise InvalidRequest(
+                    f"sampler.num_samples={num_samples} exceeds the {nonzero} samples of nonzero "
+                    "weight; without replacement each can be drawn once"
+                )
+            order = weighted_order(
+                config.weights, num_samples=num_samples, replacement=replacement, **shard
+            )
+    return BatchPlan.fixed(
+        order, request.batch_size, request.drop_last, seed=request.seed, epoch=request.epoch
+    )
+
+
+def _dynamic_plan(
+    request: pb.StreamBatchesRequest,
+    config: SamplerConfig,
+    length: int,
+    max_batch_size: int,
+    shard: dict[str, int],
+) -> BatchPlan:
+    spec = request.sampler
+    if spec.max_tokens < 0 or spec.max_items < 0:
+        raise InvalidRequest(
+            f"sampler.max_tokens and sampler.max_items should be non-negative, "
+            f"but got max_tokens={spec.max_tokens}, max_items={spec.max_items}"
+        )
+    max_tokens = spec.max_tokens or config.max_tokens
+    # Items per batch: the request's max_items, else the config's, else batch_size;
+    # never over the server's max_batch_size.
+    max_items = min(
+        spec.max_items or config.max_items or request.batch_size or max_batch_size, max_batch_size
+    )
+    if max_tokens and config.lengths is None:
+        raise _not_configured("dynamic", "lengths = FILE or length_field = FIELD")
+    # An item budget alone needs no lengths: every sample counts as one token.
+    lengths = config.lengths if max_tokens else np.ones(length, dtype=np.int64)
+    try:
+        plan = dynamic_plan(
+            lengths,
+            max_tokens=max_tokens,
+            max_items=max_items,
+            shuffle=request.shuffle,
+            drop_last=request.drop_last,
+            **shard,
+        )
+    except BudgetError as exc:
+        raise InvalidRequest(f"sampler.max_tokens: {exc}") from None
+    return BatchPlan(plan.indices, plan.offsets, request.seed, request.epoch)
+
+
+def _num_samples(value: int) -> int:
+    if value < 0:
+        raise InvalidRequest(f"sampler.num_samples should be non-negative, but got {value}")
+    return value
+
+
+def _not_configured(kind: str, keys: str) -> InvalidRequest:
+    return InvalidRequest(
+        f"sampler kind {kind!r} needs {keys} in this dataset's [datasets.NAME.sampler] "
+        "config, which the server does not have"
+    )

@@ -1,19 +1,47 @@
 """The order of an epoch: which sample indices make batch b of a rank.
 
-``distributed_order`` reproduces ``torch.utils.data.DistributedSampler``
-exactly (same generator, same padding, same striding), vectorised so that a
-request for a dataset of millions of samples costs milliseconds. A batch plan
-is a pure function of ``(length, seed, epoch, rank, world_size, shuffle)``:
-resuming at batch b needs no state but b.
+Every sampler is a pure function of ``(seed, epoch, rank, world_size)`` and the
+dataset's configured data (weights, subset, lengths), so resuming at batch b
+needs no state but b, and every server computes the same plan.
+
+- ``distributed_order`` reproduces ``torch.utils.data.DistributedSampler``
+  exactly (same generator, same padding, same striding), vectorised.
+- ``random_order`` and ``weighted_order`` draw ``num_samples`` indices for the
+  whole epoch from a generator seeded ``seed + epoch`` (``weighted_order`` is
+  ``WeightedRandomSampler``'s ``torch.multinomial`` draw), then shard the draw
+  across ranks as DistributedSampler shards its permutation.
+- ``subset_order`` is DistributedSampler over a fixed list of indices.
+- ``dynamic_plan`` fills batches up to a budget (tokens and/or items) in a
+  (shuffled) order, then deals whole batches to ranks round-robin: every
+  sample once per epoch, ranks disjoint.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+KINDS = ("distributed", "random", "weighted", "subset", "dynamic")
+
+
+def _generator(seed: int, epoch: int) -> torch.Generator:
+    generator = torch.Generator()
+    generator.manual_seed(seed + epoch)  # DistributedSampler's choice, kept for every kind
+    return generator
+
+
+def shard(order: np.ndarray, rank: int, world_size: int) -> np.ndarray:
+    """Rank ``rank``'s share: pad by repeating from the start, then stride (DistributedSampler)."""
+    length = len(order)
+    if length == 0:
+        return order
+    total = math.ceil(length / world_size) * world_size
+    if total > length:
+        order = np.concatenate([order, np.resize(order, total - length)])
+    return order[rank:total:world_size]
 
 
 def distributed_order(
@@ -23,33 +51,159 @@ def distributed_order(
     if length == 0:
         return np.empty(0, dtype=np.int64)
     if shuffle:
-        generator = torch.Generator()
-        generator.manual_seed(seed + epoch)
-        order = torch.randperm(length, generator=generator).numpy()
+        order = torch.randperm(length, generator=_generator(seed, epoch)).numpy()
     else:
         order = np.arange(length, dtype=np.int64)
-    per_rank = math.ceil(length / world_size)
-    total = per_rank * world_size
-    if total > length:  # pad by repeating from the start, as DistributedSampler does
-        order = np.concatenate([order, np.resize(order, total - length)])
-    return order[rank:total:world_size]
+    return shard(order, rank, world_size)
+
+
+def random_order(
+    length: int, *, num_samples: int, seed: int, epoch: int, rank: int, world_size: int
+) -> np.ndarray:
+    """``num_samples`` uniform draws with replacement over the epoch, sharded across ranks."""
+    draw = torch.randint(
+        length, (num_samples,), generator=_generator(seed, epoch), dtype=torch.int64
+    )
+    return shard(draw.numpy(), rank, world_size)
+
+
+def weighted_order(
+    weights: np.ndarray,
+    *,
+    num_samples: int,
+    replacement: bool,
+    seed: int,
+    epoch: int,
+    rank: int,
+    world_size: int,
+) -> np.ndarray:
+    """``WeightedRandomSampler(weights, num_samples, replacement)``'s draw, sharded across ranks."""
+    probabilities = torch.as_tensor(weights, dtype=torch.double)
+    draw = torch.multinomial(
+        probabilities, num_samples, replacement, generator=_generator(seed, epoch)
+    )
+    return shard(draw.numpy(), rank, world_size)
+
+
+def subset_order(
+    subset: np.ndarray, *, shuffle: bool, seed: int, epoch: int, rank: int, world_size: int
+) -> np.ndarray:
+    """DistributedSampler over ``subset``: the positions are shuffled and sharded, then mapped."""
+    positions = distributed_order(
+        len(subset), shuffle=shuffle, seed=seed, epoch=epoch, rank=rank, world_size=world_size
+    )
+    return subset[positions]
+
+
+def balanced_weights(labels: np.ndarray) -> np.ndarray:
+    """Inverse class frequency per sample: every class is drawn equally often on average."""
+    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    return 1.0 / counts[inverse].astype(np.float64)
+
+
+class BudgetError(ValueError):
+    """A sample alone is over the dynamic batch budget."""
+
+
+def dynamic_batches(
+    lengths: np.ndarray, order: np.ndarray, *, max_tokens: int, max_items: int
+) -> np.ndarray:
+    """Greedy packing of ``order``: returns batch offsets into ``order``.
+
+    A batch closes when the next sample would take its summed length over
+    ``max_tokens`` or its size over ``max_items`` (0: no limit of that kind).
+    """
+    token_limit = max_tokens or math.inf
+    item_limit = max_items or math.inf
+    offsets = [0]
+    tokens = 0
+    items = 0
+    for position, length in enumerate(lengths[order].tolist()):
+        if length > token_limit:
+            raise BudgetError(
+                f"sample {int(order[position])} has {length} tokens, more than max_tokens={max_tokens}"
+            )
+        if items and (tokens + length > token_limit or items + 1 > item_limit):
+            offsets.append(position)
+            tokens = items = 0
+        tokens += length
+        items += 1
+    if items:
+        offsets.append(len(order))
+    return np.asarray(offsets, dtype=np.int64)
+
+
+def dynamic_plan(
+    lengths: np.ndarray,
+    *,
+    max_tokens: int,
+    max_items: int,
+    shuffle: bool,
+    seed: int,
+    epoch: int,
+    rank: int,
+    world_size: int,
+    drop_last: bool,
+) -> BatchPlan:
+    """Budgeted batches of the whole epoch, dealt round-robin to ranks.
+
+    Batch ``g`` of the epoch goes to rank ``g % world_size``: ranks are disjoint
+    and together see every sample once. Ranks may differ by one batch; with
+    ``drop_last`` the tail is dropped so that all ranks get the same count.
+    """
+    length = len(lengths)
+    if shuffle:
+        order = torch.randperm(length, generator=_generator(seed, epoch)).numpy()
+    else:
+        order = np.arange(length, dtype=np.int64)
+    offsets = dynamic_batches(lengths, order, max_tokens=max_tokens, max_items=max_items)
+    total = len(offsets) - 1
+    if drop_last:
+        total -= total % world_size
+    mine = np.arange(rank, total, world_size)
+    sizes = offsets[mine + 1] - offsets[mine]
+    indices = (
+        np.concatenate([order[offsets[g] : offsets[g + 1]] for g in mine])
+        if len(mine)
+        else np.empty(0, dtype=np.int64)
+    )
+    return BatchPlan(indices, np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64))
 
 
 @dataclass(frozen=True)
 class BatchPlan:
-    """The batches of one rank's epoch: ``plan[b]`` is batch b's sample indices."""
+    """The batches of one rank's epoch: ``plan[b]`` is batch b's sample indices.
+
+    Batch b is ``indices[offsets[b]:offsets[b + 1]]``, so batches may differ in
+    size (dynamic batching). ``seed`` and ``epoch`` travel with the plan because
+    random transforms draw from an RNG seeded by ``(seed, epoch, sample index)``.
+    """
 
     indices: np.ndarray
-    batch_size: int
-    drop_last: bool
+    offsets: np.ndarray
+    seed: int = 0
+    epoch: int = 0
+    sizes: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sizes", np.diff(self.offsets))
+
+    @classmethod
+    def fixed(
+        cls, indices: np.ndarray, batch_size: int, drop_last: bool, *, seed: int = 0, epoch: int = 0
+    ) -> BatchPlan:
+        """Consecutive batches of ``batch_size`` (the last one smaller unless dropped)."""
+        count = num_batches(len(indices), batch_size, drop_last)
+        offsets = np.minimum(np.arange(count + 1, dtype=np.int64) * batch_size, len(indices))
+        return cls(indices, offsets, seed, epoch)
 
     def __len__(self) -> int:
-        return num_batches(len(self.indices), self.batch_size, self.drop_last)
+        return len(self.offsets) - 1
 
     def __getitem__(self, batch: int) -> np.ndarray:
         if not 0 <= batch < len(self):
             raise IndexError(f"batch {batch} out of range for {len(self)} batches")
-        return self.indices[batch * self.batch_size : (batch + 1) * self.batch_size]
+        return self.indices[self.offsets[batch] : self.offsets[batch + 1]]
 
 
 def num_batches(num_samples: int, batch_size: int, drop_last: bool) -> int:

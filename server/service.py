@@ -130,7 +130,10 @@ class BatchService:
         entry = self._lookup(request.dataset, context)
         try:
             stream = plan_stream(
-                request, length=entry.length, max_batch_size=self._settings.max_batch_size
+                request,
+                length=entry.length,
+                max_batch_size=self._settings.max_batch_size,
+                sampler=entry.dataset.sampler,
             )
         except InvalidRequest as exc:
             self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -214,7 +217,10 @@ class BatchService:
                 position = next(upcoming, None)
                 if position is None:
                     return
-                pending.append((position, self._pool.submit(entry.name, plan[position])))
+                task = self._pool.submit(
+                    entry.name, plan[position], seed=plan.seed, epoch=plan.epoch
+                )
+                pending.append((position, task))
 
         refill()
         while pending:

@@ -68,16 +68,20 @@ class FieldInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DatasetInfo(_message.Message):
-    __slots__ = ("name", "length", "fields", "source")
+    __slots__ = ("name", "length", "fields", "source", "transforms", "sampler")
     NAME_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
     FIELDS_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
+    TRANSFORMS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLER_FIELD_NUMBER: _ClassVar[int]
     name: str
     length: int
     fields: _containers.RepeatedCompositeFieldContainer[FieldInfo]
     source: str
-    def __init__(self, name: _Optional[str] = ..., length: _Optional[int] = ..., fields: _Optional[_Iterable[_Union[FieldInfo, _Mapping]]] = ..., source: _Optional[str] = ...) -> None: ...
+    transforms: _containers.RepeatedScalarFieldContainer[str]
+    sampler: SamplerSpec
+    def __init__(self, name: _Optional[str] = ..., length: _Optional[int] = ..., fields: _Optional[_Iterable[_Union[FieldInfo, _Mapping]]] = ..., source: _Optional[str] = ..., transforms: _Optional[_Iterable[str]] = ..., sampler: _Optional[_Union[SamplerSpec, _Mapping]] = ...) -> None: ...
 
 class StreamBatchesRequest(_message.Message):
     __slots__ = ("dataset", "batch_size", "shuffle", "seed", "epoch", "rank", "world_size", "drop_last", "start_batch", "end_batch", "batch_stride", "compression", "sampler")

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from batchwire.server.config import ConfigError, DatasetConfig, Table
-from batchwire.server.sources import arrays, python, synthetic
+from batchwire.server.sources import arrays, image_folder, python, synthetic, timeseries
 
 
 class MapDataset(Protocol):
@@ -28,8 +28,10 @@ SourceBuilder = Callable[[Table], MapDataset]
 
 SOURCES: dict[str, SourceBuilder] = {
     "arrays": arrays.build,
+    "image_folder": image_folder.build,
     "python": python.build,
     "synthetic": synthetic.build,
+    "timeseries": timeseries.build,
 }
 
 

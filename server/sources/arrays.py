@@ -65,6 +65,11 @@ class ArrayDataset:
         self.arrays = arrays
         self.item = item
         self.length = len(next(iter(arrays.values())))
+        self.field_names = tuple(arrays)
+
+    def field_array(self, name: str) -> np.ndarray | None:
+        """A field's values for all samples, straight from the map (for samplers)."""
+        return self.arrays.get(name)
 
     def __len__(self) -> int:
         return self.length

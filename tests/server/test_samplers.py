@@ -29,11 +29,11 @@ def test_order_equals_distributed_sampler(length, world_size, shuffle, seed, epo
 
 
 def test_batch_plan_slices_and_drops_last():
-    plan = BatchPlan(
+    plan = BatchPlan.fixed(
         distributed_order(10, shuffle=False, seed=0, epoch=0, rank=0, world_size=1), 4, False
     )
     assert len(plan) == 3 and plan[2].tolist() == [8, 9]
-    assert len(BatchPlan(plan.indices, 4, True)) == 2
+    assert len(BatchPlan.fixed(plan.indices, 4, True)) == 2
     with pytest.raises(IndexError):
         plan[3]
 
