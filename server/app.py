@@ -34,8 +34,6 @@ from batchwire.v1 import batchwire_pb2
 
 log = logging.getLogger(__name__)
 
-_HEADER_ROOM = 1 << 20  # a frame is chunk_bytes of payload plus a header
-
 
 class BatchwireServer:
     """A server built from a config; ``port`` is the bound port (useful with port 0)."""
@@ -49,11 +47,6 @@ class BatchwireServer:
         workers: int | None = None,
     ) -> None:
         settings = config.server
-        if settings.chunk_bytes + _HEADER_ROOM > settings.max_message_bytes:
-            raise ValueError(
-                f"server.chunk_bytes={settings.chunk_bytes} leaves no room for a header within "
-                f"server.max_message_bytes={settings.max_message_bytes}; lower chunk_bytes"
-            )
         self.config = config
         self.registry = DatasetRegistry(config)  # raises ConfigError before anything starts
         self.pool = WorkerPool(config, workers or settings.workers, shm_dir=settings.shm_dir)
