@@ -1,4 +1,4 @@
-"""The ``batchwire`` command: serve, ls, inspect, health.
+"""The ``batchwire`` command: serve, ls, inspect, bench, health.
 
 The one module that knows both sides: each subcommand imports the server or
 the client inside its own function, so ``batchwire ls`` never loads server code.
@@ -84,6 +84,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"dataset: {info.name}\nsource:  {info.source}\nlength:  {info.length}\nfields:")
     for field in info.fields:
         print(f"  {field.name}: {wire.dtype_name(field.dtype)} {list(field.shape)}")
+    print(f"sampler: {info.sampler.kind or 'distributed'}\ntransforms:")
+    for line in info.transforms or ["(none)"]:
+        print(f"  {line}")
     dataset = RemoteDataset(_target(args), args.dataset, batch_size=args.batch_size)
     batch = next(iter(dataset), None)
     if batch is None:
@@ -120,6 +123,27 @@ def cmd_health(args: argparse.Namespace) -> int:
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     print(f"{target}: {status}")
     return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from batchwire.client import bench
+
+    try:
+        config = bench.BenchConfig(
+            target=_target(args),
+            dataset=args.dataset,
+            batch_size=args.batch_size,
+            clients=args.clients,
+            duration=args.duration,
+            warmup=args.warmup,
+            streams=args.streams,
+            compression=args.compression,
+            shuffle=args.shuffle,
+        )
+    except ValueError as exc:
+        print(f"batchwire bench: {exc}", file=sys.stderr)
+        return 2
+    return bench.main(config, json_path=args.json)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,6 +184,17 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("dataset")
     inspect.add_argument("--batch-size", type=int, default=8)
     inspect.set_defaults(func=cmd_inspect)
+    bench = client_command("bench", "load test: N clients stream a dataset; throughput, latency")
+    bench.add_argument("--dataset", required=True, help="dataset name, as `batchwire ls` lists it")
+    bench.add_argument("--batch-size", type=int, required=True)
+    bench.add_argument("--clients", type=int, default=1, help="client processes (default 1)")
+    bench.add_argument("--duration", type=float, default=10.0, help="measured seconds (10)")
+    bench.add_argument("--warmup", type=float, default=2.0, help="seconds before measuring (2)")
+    bench.add_argument("--streams", type=int, default=1, help="parallel streams per client (1)")
+    bench.add_argument("--compression", choices=["none", "lz4", "zstd"], default="none")
+    bench.add_argument("--shuffle", action="store_true", help="shuffled order (default: in order)")
+    bench.add_argument("--json", metavar="FILE", help="also write the full report as JSON")
+    bench.set_defaults(func=cmd_bench)
     health = client_command("health", "exit 0 only when the server is SERVING")
     health.add_argument(
         "--service", default="", help="service name to check (default: the whole server)"
