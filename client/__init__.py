@@ -1,13 +1,23 @@
 """batchwire's client: stream a served dataset's batches into a training loop.
 
-from batchwire.client import RemoteDataset
+from batchwire.client import DevicePrefetcher, RemoteDataset
 ds = RemoteDataset("localhost:50051", "digits", batch_size=64, shuffle=True)
-for x, y in ds:
+for x, y in DevicePrefetcher(ds, "cuda"):
     ...
 """
 
 from batchwire.client._channel import BatchClient
 from batchwire.client._dataset import RemoteDataset
 from batchwire.client._errors import BatchwireError, ServerError
+from batchwire.client._prefetch import DevicePrefetcher
+from batchwire.client._retry import RetryError, RetryPolicy
 
-__all__ = ["BatchClient", "BatchwireError", "RemoteDataset", "ServerError"]
+__all__ = [
+    "BatchClient",
+    "BatchwireError",
+    "DevicePrefetcher",
+    "RemoteDataset",
+    "RetryError",
+    "RetryPolicy",
+    "ServerError",
+]

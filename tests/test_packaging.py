@@ -87,7 +87,10 @@ def test_public_exports_are_pinned():
     assert batchwire.client.__all__ == [
         "BatchClient",
         "BatchwireError",
+        "DevicePrefetcher",
         "RemoteDataset",
+        "RetryError",
+        "RetryPolicy",
         "ServerError",
     ]
     assert batchwire.server.__all__ == ["BatchwireServer", "Config", "ConfigError", "load_config"]

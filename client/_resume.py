@@ -1,0 +1,74 @@
+"""One share of an epoch's batches, streamed exactly once across reconnects.
+
+A share is the batch positions ``start, start + stride, ...`` of one epoch.
+The stream tracks the next position it owes; when the connection breaks, the
+server restarts or drains, it waits (see ``_retry``) and asks again from that
+position, so no batch is lost or repeated.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from batchwire.client._errors import BatchwireError, ServerError
+from batchwire.client._retry import Outage, RetryPolicy
+
+log = logging.getLogger(__name__)
+
+OpenStream = Callable[[int], Iterator[tuple[int, Any]]]
+"""Opens a stream of the share from a start position; yields ``(batch_index, batch)``."""
+
+
+def resuming_batches(
+    open_stream: OpenStream,
+    *,
+    start: int,
+    stride: int,
+    policy: RetryPolicy,
+    what: str,
+    stop: threading.Event | None = None,
+) -> Iterator[tuple[int, Any]]:
+    """Yields ``(batch_index, batch)`` of the share ``start, start + stride, ...``.
+
+    Args:
+        open_stream: opens the share's stream from a given start position.
+        start, stride: the share.
+        policy: when to reconnect and when to give up.
+        what: names the share in logs and errors ("dataset 'x' epoch 3 ...").
+        stop: set by the consumer to cut a backoff wait short.
+
+    Raises:
+        ServerError: a status the policy does not retry.
+        RetryError: the retry budget of one outage was spent.
+        BatchwireError: the server sent a batch other than the one owed.
+    """
+    stop = stop or threading.Event()
+    owed = start
+    outage = Outage(policy, time.monotonic)
+    while True:
+        try:
+            for index, batch in open_stream(owed):
+                if index != owed:
+                    raise BatchwireError(
+                        f"{what}: expected batch {owed} but the server sent batch {index}"
+                    )
+                owed += stride
+                outage.reset()
+                yield index, batch
+            return
+        except ServerError as error:
+            wait = outage.next_wait(error, f"{what} at batch {owed}")
+            log.warning(
+                "%s: stream broke at batch %d (%s); reconnect attempt %d in %.2fs",
+                what,
+                owed,
+                error,
+                outage.attempts,
+                wait,
+            )
+            if stop.wait(wait):
+                return
