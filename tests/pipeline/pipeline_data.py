@@ -130,3 +130,26 @@ def sum_collate(samples: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     """A collate function (by import path)."""
     stacked = torch.stack(samples)
     return {"stacked": stacked, "total": stacked.sum(0)}
+
+
+class VariableSequences(Dataset):
+    """Item i: ``{"tokens": [i, i, ...] of length (7 * i) % 13 + 1, "label": i}``."""
+
+    def __init__(self, length: int) -> None:
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+    @staticmethod
+    def size(index: int) -> int:
+        return (7 * index) % 13 + 1
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < self.length:
+            raise IndexError(index)
+        return {"tokens": torch.full((self.size(index),), index), "label": index}
+
+
+def variable_sequences(length: int = 50) -> VariableSequences:
+    return VariableSequences(length)
