@@ -283,9 +283,9 @@ def _accepts_generator(function: Callable[..., Any]) -> bool:
         parameters = inspect.signature(function).parameters
     except (TypeError, ValueError):
         return False
-    return "generator" in parameters or any(
-        p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()
-    )
+    # Only an explicit `generator` parameter: a generic **kwargs wrapper (an nn.Module's
+    # __call__, a partial) would pass it on to code that does not take it.
+    return "generator" in parameters
 
 
 # -- building transforms from the config -------------------------------------------------

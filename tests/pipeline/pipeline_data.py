@@ -153,3 +153,8 @@ class VariableSequences(Dataset):
 
 def variable_sequences(length: int = 50) -> VariableSequences:
     return VariableSequences(length)
+
+
+def scale_by(factor: float):
+    """A transform factory (by import path, with kwargs)."""
+    return lambda value: value * factor
