@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import grpc
 
-from batchwire import wire
+from batchwire import compression, wire
 from batchwire.client import _credentials
 from batchwire.client._errors import ServerError
 from batchwire.v1 import batchwire_pb2 as pb
@@ -77,7 +77,7 @@ class BatchClient:
     def batches(self, request: pb.StreamBatchesRequest) -> Iterator[tuple[int, object]]:
         """Yields ``(batch_index, batch)`` for one stream; raises ``ServerError`` if it fails."""
         call = self.stream(request)
-        assembler = wire.BatchAssembler()
+        assembler = wire.BatchAssembler(compression.decompress)
         try:
             for chunk in call:
                 done = assembler.add(chunk)

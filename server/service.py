@@ -20,7 +20,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 
 import grpc
 
-from batchwire import wire
+from batchwire import compression, wire
 from batchwire.server.config import ServerConfig
 from batchwire.server.metrics import Metrics
 from batchwire.server.pool import BuiltBatch, PoolClosed, WorkerPool
@@ -137,6 +137,10 @@ class BatchService:
             )
         except InvalidRequest as exc:
             self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        try:
+            compression.check_codec(request.compression)
+        except compression.CompressionError as exc:
+            self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"compression: {exc}")
         if not self._open.is_set():
             self._abort(
                 context, grpc.StatusCode.UNAVAILABLE, "the server is starting; retry shortly"
@@ -170,7 +174,9 @@ class BatchService:
         sent = {"batches": 0, "bytes": 0}
         status = "OK"
         try:
-            yield from self._send(entry, stream.plan, stream.positions, context, sent, stream_id)
+            yield from self._send(
+                entry, stream.plan, stream.positions, context, sent, stream_id, request.compression
+            )
             if not context.is_active():
                 status = "CANCELLED"
         except GeneratorExit:
@@ -204,6 +210,7 @@ class BatchService:
         context: grpc.ServicerContext,
         sent: dict[str, int],
         stream_id: str,
+        codec: int = pb.NONE,
     ) -> Iterator[bytes]:
         # Keep at most `prefetch_batches` batches in the pool per stream: bounded memory
         # while the client is slow, and batches are sent in order whatever finishes first.
@@ -243,7 +250,10 @@ class BatchService:
                     f"over the server's max_batch_bytes={self._settings.max_batch_bytes}; "
                     "ask for a smaller batch_size",
                 )
-            yield from wire.frames(header, built.payload, self._settings.chunk_bytes)
+            # Compressed here, in the stream's thread: lz4/zstd release the GIL, and
+            # this keeps the worker protocol codec-free (measured: benchmarks/RESULTS.md).
+            payload = compression.compress_batch(header, built.payload, codec)
+            yield from wire.frames(header, payload, self._settings.chunk_bytes)
             sent["batches"] += 1
             sent["bytes"] += header.payload_size
             metrics.batches_sent.labels(entry.name).inc()
