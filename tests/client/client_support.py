@@ -1,4 +1,8 @@
-"""Helpers of the client tests: a config with slow and indexed datasets, short retries."""
+"""Helpers of the client tests: a config with slow and indexed datasets, short retries.
+
+(No conftest.py in this folder: a second module named ``conftest`` would
+shadow ``tests/conftest.py`` for ``from conftest import ...``.)
+"""
 
 from __future__ import annotations
 

@@ -5,12 +5,33 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from _serverproc import ServerProcess, free_port
-from client_support import FAST_RETRY
+from client_support import FAST_RETRY, RESUME_CONFIG
 
 from batchwire.client import RemoteDataset, RetryError, RetryPolicy, ServerError
+
+
+@pytest.fixture(scope="session")
+def resume_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("resume") / "resume.toml"
+    path.write_text(RESUME_CONFIG)
+    return path
+
+
+@pytest.fixture
+def killable_server(resume_config: Path) -> Iterator[ServerProcess]:
+    """A server on a fixed port of its own, so that a restart comes back on the same target."""
+    server = ServerProcess(resume_config, port=free_port(), workers=2)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
 
 KILL_AFTER = 30  # batches received before the kill; the epoch has 120
 
