@@ -38,7 +38,7 @@ from batchwire.server.sources import MapDataset, build_dataset
 from batchwire.server.transforms import ItemTransforms, build_item_transforms, sample_generator
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared by identity: plans are cached per config
 class SamplerConfig:
     """A dataset's sampler defaults and the per-sample data its samplers need."""
 

@@ -6,7 +6,11 @@ take the dataset's configured defaults (``[datasets.NAME.sampler]``).
 
 from __future__ import annotations
 
+import threading
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -68,7 +72,7 @@ def plan_stream(
         raise InvalidRequest(
             f"batch_stride should be non-negative, but got batch_stride={request.batch_stride}"
         )
-    plan = _plan(kind, request, config, length, max_batch_size)
+    plan = _cached_plan(kind, request, config, length, max_batch_size)
     total = len(plan)
     if not 0 <= request.start_batch <= total:
         raise InvalidRequest(
@@ -82,6 +86,52 @@ def plan_stream(
             f"but got end_batch={request.end_batch}"
         )
     return StreamPlan(plan, range(request.start_batch, end, max(1, request.batch_stride)), kind)
+
+
+_PLANS_PER_CONFIG = 32
+_plans: weakref.WeakKeyDictionary[SamplerConfig, OrderedDict[tuple[Any, ...], BatchPlan]] = (
+    weakref.WeakKeyDictionary()
+)
+_plans_lock = threading.Lock()
+
+
+def _cached_plan(
+    kind: str,
+    request: pb.StreamBatchesRequest,
+    config: SamplerConfig,
+    length: int,
+    max_batch_size: int,
+) -> BatchPlan:
+    """``_plan``, remembered: the parallel streams and resumes of one epoch share a plan.
+
+    A weighted draw or a dynamic packing of a million samples takes about half
+    a second; every rank, stream and reconnect would otherwise pay it again.
+    """
+    key = (
+        kind,
+        request.sampler.SerializeToString(deterministic=True),
+        request.batch_size,
+        request.shuffle,
+        request.seed,
+        request.epoch,
+        request.rank,
+        request.world_size,
+        request.drop_last,
+        length,
+        max_batch_size,
+    )
+    with _plans_lock:
+        plans = _plans.setdefault(config, OrderedDict())
+        plan = plans.get(key)
+        if plan is not None:
+            plans.move_to_end(key)
+            return plan
+    plan = _plan(kind, request, config, length, max_batch_size)
+    with _plans_lock:
+        plans[key] = plan
+        while len(plans) > _PLANS_PER_CONFIG:
+            plans.popitem(last=False)
+    return plan
 
 
 def _plan(

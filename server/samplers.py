@@ -187,6 +187,7 @@ class BatchPlan:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sizes", np.diff(self.offsets))
+        self.indices.setflags(write=False)  # plans are cached and shared between streams
 
     @classmethod
     def fixed(

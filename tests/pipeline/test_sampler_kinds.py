@@ -113,6 +113,20 @@ def test_every_sampler_shards_across_ranks(kind):
             assert share.indices.tolist() == padded[rank::3].tolist()
 
 
+def test_plans_are_computed_once_per_request_parameters():
+    first = plan_for("dynamic", seed=8, epoch=1, rank=1, world_size=2)
+    assert plan_for("dynamic", seed=8, epoch=1, rank=1, world_size=2).plan is first.plan
+    assert plan_for("dynamic", seed=8, epoch=2, rank=1, world_size=2).plan is not first.plan
+    other_config = SamplerConfig(lengths=np.full(40, 3))
+    request = pb.StreamBatchesRequest(
+        batch_size=4, world_size=1, sampler=pb.SamplerSpec(kind="dynamic", max_tokens=20)
+    )
+    plan = plan_stream(request, length=40, max_batch_size=64, sampler=other_config).plan
+    assert set(plan.sizes.tolist()) == {4}  # 4 items of 3 tokens: the batch_size caps items
+    with pytest.raises(ValueError):
+        plan.indices[0] = 1  # shared between streams: read-only
+
+
 def test_requests_for_unconfigured_samplers_say_what_is_missing():
     request = pb.StreamBatchesRequest(
         dataset="d", batch_size=4, world_size=1, sampler=pb.SamplerSpec(kind="weighted")
