@@ -94,6 +94,11 @@ class BatchService:
                     request_deserializer=pb.DescribeDatasetRequest.FromString,
                     response_serializer=pb.DatasetInfo.SerializeToString,
                 ),
+                "CountBatches": grpc.unary_unary_rpc_method_handler(
+                    self.count_batches,
+                    request_deserializer=pb.StreamBatchesRequest.FromString,
+                    response_serializer=pb.BatchCount.SerializeToString,
+                ),
                 "StreamBatches": grpc.unary_stream_rpc_method_handler(
                     self.stream_batches,
                     request_deserializer=pb.StreamBatchesRequest.FromString,
@@ -123,6 +128,25 @@ class BatchService:
         except DescribeError as exc:
             self._abort(context, grpc.StatusCode.INTERNAL, str(exc))
             raise  # unreachable: abort raises
+
+    def count_batches(
+        self, request: pb.StreamBatchesRequest, context: grpc.ServicerContext
+    ) -> pb.BatchCount:
+        entry = self._lookup(request.dataset, context)
+        try:
+            stream = plan_stream(
+                request,
+                length=entry.length,
+                max_batch_size=self._settings.max_batch_size,
+                sampler=entry.dataset.sampler,
+            )
+        except InvalidRequest as exc:
+            self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return pb.BatchCount(
+            num_batches=len(stream.plan),
+            num_samples=len(stream.plan.indices),
+            sampler=stream.sampler,
+        )
 
     def stream_batches(
         self, request: pb.StreamBatchesRequest, context: grpc.ServicerContext

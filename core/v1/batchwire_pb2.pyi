@@ -127,6 +127,16 @@ class SamplerSpec(_message.Message):
     max_items: int
     def __init__(self, kind: _Optional[str] = ..., num_samples: _Optional[int] = ..., without_replacement: _Optional[bool] = ..., max_tokens: _Optional[int] = ..., max_items: _Optional[int] = ...) -> None: ...
 
+class BatchCount(_message.Message):
+    __slots__ = ("num_batches", "num_samples", "sampler")
+    NUM_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    SAMPLER_FIELD_NUMBER: _ClassVar[int]
+    num_batches: int
+    num_samples: int
+    sampler: str
+    def __init__(self, num_batches: _Optional[int] = ..., num_samples: _Optional[int] = ..., sampler: _Optional[str] = ...) -> None: ...
+
 class TensorMeta(_message.Message):
     __slots__ = ("dtype", "shape", "offset", "nbytes")
     DTYPE_FIELD_NUMBER: _ClassVar[int]

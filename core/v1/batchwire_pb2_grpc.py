@@ -50,6 +50,11 @@ class BatchServiceStub:
                 request_serializer=batchwire_dot_v1_dot_batchwire__pb2.StreamBatchesRequest.SerializeToString,
                 response_deserializer=batchwire_dot_v1_dot_batchwire__pb2.BatchChunk.FromString,
                 _registered_method=True)
+        self.CountBatches = channel.unary_unary(
+                '/batchwire.v1.BatchService/CountBatches',
+                request_serializer=batchwire_dot_v1_dot_batchwire__pb2.StreamBatchesRequest.SerializeToString,
+                response_deserializer=batchwire_dot_v1_dot_batchwire__pb2.BatchCount.FromString,
+                _registered_method=True)
 
 
 class BatchServiceServicer:
@@ -80,6 +85,16 @@ class BatchServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CountBatches(self, request, context):
+        """The size of the epoch that StreamBatches would stream for this request
+        (start_batch, end_batch and batch_stride aside): the exact batch count
+        for every sampler, including dynamic batching, without building a batch.
+        Errors as StreamBatches: NOT_FOUND, INVALID_ARGUMENT.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BatchServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -97,6 +112,11 @@ def add_BatchServiceServicer_to_server(servicer, server):
                     servicer.StreamBatches,
                     request_deserializer=batchwire_dot_v1_dot_batchwire__pb2.StreamBatchesRequest.FromString,
                     response_serializer=batchwire_dot_v1_dot_batchwire__pb2.BatchChunk.SerializeToString,
+            ),
+            'CountBatches': grpc.unary_unary_rpc_method_handler(
+                    servicer.CountBatches,
+                    request_deserializer=batchwire_dot_v1_dot_batchwire__pb2.StreamBatchesRequest.FromString,
+                    response_serializer=batchwire_dot_v1_dot_batchwire__pb2.BatchCount.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -181,6 +201,33 @@ class BatchService:
             '/batchwire.v1.BatchService/StreamBatches',
             batchwire_dot_v1_dot_batchwire__pb2.StreamBatchesRequest.SerializeToString,
             batchwire_dot_v1_dot_batchwire__pb2.BatchChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CountBatches(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/batchwire.v1.BatchService/CountBatches',
+            batchwire_dot_v1_dot_batchwire__pb2.StreamBatchesRequest.SerializeToString,
+            batchwire_dot_v1_dot_batchwire__pb2.BatchCount.FromString,
             options,
             channel_credentials,
             insecure,

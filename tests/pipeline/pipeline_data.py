@@ -32,14 +32,28 @@ def make_image_folder(
 
 def stream(target: str, dataset: str, **fields: Any) -> list[tuple[int, Any]]:
     """One StreamBatches call: ``(batch_index, batch)`` pairs (``sampler`` may be a dict)."""
+    return list(BatchClient(target).batches(request(dataset, **fields)))
+
+
+def request(dataset: str, **fields: Any) -> pb.StreamBatchesRequest:
     sampler = fields.pop("sampler", None)
-    request = pb.StreamBatchesRequest(
+    return pb.StreamBatchesRequest(
         dataset=dataset,
         world_size=fields.pop("world_size", 1),
         sampler=pb.SamplerSpec(**sampler) if sampler else None,
         **fields,
     )
-    return list(BatchClient(target).batches(request))
+
+
+def count(target: str, dataset: str, **fields: Any) -> pb.BatchCount:
+    """The CountBatches RPC, through the generated stub."""
+    import grpc
+
+    from batchwire.v1 import batchwire_pb2_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        stub = batchwire_pb2_grpc.BatchServiceStub(channel)
+        return stub.CountBatches(request(dataset, **fields), timeout=30)
 
 
 def batches(target: str, dataset: str, **fields: Any) -> list[Any]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from _serverproc import ServerProcess
-from pipeline_data import VariableSequences, batches, stream
+from pipeline_data import VariableSequences, batches, count, stream
 
 from batchwire.client import RemoteDataset, ServerError
 
@@ -63,10 +63,7 @@ def check_padded(batch: dict[str, torch.Tensor]) -> list[int]:
 def test_budget_is_kept_every_sample_once_and_ranks_disjoint(server, world_size, max_tokens):
     seen: list[list[int]] = []
     for rank in range(world_size):
-        indices: list[int] = []
-        for _, batch in stream(
-            server.target,
-            "seqs",
+        fields = dict(
             batch_size=64,
             shuffle=True,
             seed=7,
@@ -74,10 +71,16 @@ def test_budget_is_kept_every_sample_once_and_ranks_disjoint(server, world_size,
             rank=rank,
             world_size=world_size,
             sampler={"kind": "dynamic", "max_tokens": max_tokens},
-        ):
+        )
+        indices: list[int] = []
+        got = stream(server.target, "seqs", **fields)
+        for _, batch in got:
             assert int(batch["tokens_lengths"].sum()) <= max_tokens
             indices += check_padded(batch)
         seen.append(indices)
+        counted = count(server.target, "seqs", **fields)
+        assert (counted.num_batches, counted.num_samples) == (len(got), len(indices))
+        assert counted.sampler == "dynamic"
     everything = [i for share in seen for i in share]
     assert sorted(everything) == list(range(LENGTH))  # once each, so ranks are disjoint
     counts = [len(share) for share in seen]

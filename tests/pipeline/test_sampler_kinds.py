@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 from _serverproc import ServerProcess
-from pipeline_data import batches, stream
+from pipeline_data import batches, count, stream
 from torch.utils.data import DistributedSampler, WeightedRandomSampler
 
-from batchwire.client import ServerError
+from batchwire.client import BatchClient, ServerError
 from batchwire.server.pipeline import SamplerConfig
 from batchwire.server.requests import InvalidRequest, plan_stream
 from batchwire.server.samplers import (
@@ -227,6 +227,17 @@ def test_random_subset_and_resume_through_the_server(server):
             assert torch.equal(a["label"], b["label"])
     subset = stream(server.target, "weighted_file", batch_size=8, sampler={"kind": "subset"})
     assert len(subset) == 1 and subset[0][1]["label"].shape == (4,)
+
+
+def test_count_batches_and_describe_report_the_sampler(server):
+    assert count(server.target, "imbalanced", batch_size=1000).num_batches == 22
+    subset = count(server.target, "weighted_file", batch_size=3, sampler={"kind": "subset"})
+    assert (subset.num_batches, subset.num_samples, subset.sampler) == (2, 4, "subset")
+    spread = count(server.target, "imbalanced", batch_size=10, rank=1, world_size=3)
+    assert (spread.num_batches, spread.num_samples) == (734, 7334)  # ceil(22000 / 3)
+    info = BatchClient(server.target).describe("imbalanced")
+    assert (info.sampler.kind, info.sampler.num_samples) == ("weighted", 22000)
+    assert list(info.transforms) == ["collate: default"]
 
 
 def test_unconfigured_sampler_is_invalid_argument(server):
