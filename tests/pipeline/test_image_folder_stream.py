@@ -31,6 +31,12 @@ transforms.image = [
   { name = "RandomHorizontalFlip", p = 0.5 },
   { name = "Normalize", mean = [0.5, 0.5, 0.5], std = [0.25, 0.25, 0.25] },
 ]
+
+[datasets.resized]
+source = "image_folder"
+root = "images"
+mode = "L"
+transforms.image = [{ name = "Resize", size = 12 }, { name = "CenterCrop", size = [10, 12] }, "ToTensor"]
 """
 
 COUNTS = {"cat": 13, "dog": 7, "emu": 9}  # 29 images: not a multiple of the batch or world size
@@ -132,6 +138,17 @@ def test_epochs_draw_different_augmentations(server):
     assert torch.equal(epoch0, again0)
     differing = sum(not torch.equal(a, b) for a, b in zip(epoch0, epoch1, strict=True))
     assert differing > len(epoch0) // 2, f"only {differing} of {len(epoch0)} images changed"
+
+
+def test_resize_and_center_crop_equal_the_local_pipeline(config, server):
+    pipeline = T.Compose([T.Resize(12), T.CenterCrop([10, 12]), T.ToTensor()])
+    local = LocalImageFolder(config.parent / "images")
+    expected = torch.stack(
+        [pipeline(local[i][0].convert("L"), torch.Generator()) for i in range(len(local))]
+    )
+    got = torch.cat([x for x, _ in batches(server.target, "resized", batch_size=10)])
+    assert got.shape == (29, 1, 10, 12)  # 20x24 -> shorter edge 12 -> 12x14 -> crop 10x12
+    assert torch.equal(got, expected)
 
 
 def test_labels_follow_sorted_class_folders(server):
