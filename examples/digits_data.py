@@ -14,8 +14,12 @@ SPLIT_SEED = 0
 TEST_FRACTION = 0.2
 
 
-def load(split: str = "train") -> TensorDataset:
-    """``split`` is "train" (1437 images) or "test" (360): ``(pixels float32[64] in [0, 1], label int64)``."""
+def load(split: str = "train", with_index: bool = False) -> TensorDataset:
+    """``split`` is "train" (1437 images) or "test" (360): ``(pixels float32[64] in [0, 1], label int64)``.
+
+    ``with_index=True`` adds each item's index in the split as a third field, so
+    that a trainer can tell which samples it received (train_ddp.py --record).
+    """
     from sklearn.datasets import load_digits
 
     if split not in ("train", "test"):
@@ -26,4 +30,6 @@ def load(split: str = "train") -> TensorDataset:
     chosen = order[:cut] if split == "train" else order[cut:]
     pixels = torch.from_numpy(digits.data[chosen].astype(np.float32) / 16.0)
     labels = torch.from_numpy(digits.target[chosen].astype(np.int64))
+    if with_index:
+        return TensorDataset(pixels, labels, torch.arange(len(labels)))
     return TensorDataset(pixels, labels)
