@@ -162,6 +162,7 @@ def _client_main(
     while time.monotonic() < start:
         time.sleep(0.001)
     logs = [_StreamLog() for _ in range(config.streams)]
+    cpu_start = time.process_time()
     threads = [
         threading.Thread(
             target=_run_stream,
@@ -176,6 +177,7 @@ def _client_main(
     for thread in threads:
         thread.join()
     record = {
+        "cpu_seconds": time.process_time() - cpu_start,
         "streams": [
             {
                 "opened": log.opened,
@@ -186,7 +188,7 @@ def _client_main(
                 "error": log.error,
             }
             for log in logs
-        ]
+        ],
     }
     results.put(("done", index, record))
 
@@ -408,6 +410,7 @@ def summarize(
                 "batches_per_s": batches / config.duration,
                 "mb_per_s": raw / config.duration / 1e6,
                 "time_to_first_batch_s": min(firsts) if firsts else None,
+                "cpu_seconds": record["cpu_seconds"],
                 "errors": [s["error"] for s in record["streams"] if s["error"]],
             }
         )

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from batchwire.server._fastpath import reuse_freed_memory
 from batchwire.server.batches import BatchBuildError, collate, load_samples, write_batch
 from batchwire.server.config import Config, ConfigError
 from batchwire.server.pipeline import Pipeline, build_pipeline
@@ -31,6 +32,7 @@ def run(config: Config, conn: Connection) -> None:
     """Worker main loop; returns when the pool says stop or the pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle
     torch.set_num_threads(1)  # one process per core already; threads would oversubscribe
+    reuse_freed_memory()  # batch-sized blocks are reused, not faulted in anew (see _fastpath)
     for folder in config.server.python_path:
         if folder not in sys.path:
             sys.path.insert(0, folder)

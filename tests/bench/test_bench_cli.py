@@ -28,7 +28,15 @@ TOP_KEYS = {
     "errors": list,
 }
 STAT_KEYS = {"count", "min", "mean", "p50", "p90", "p99", "max"}
-CLIENT_KEYS = {"client", "batches", "batches_per_s", "mb_per_s", "time_to_first_batch_s", "errors"}
+CLIENT_KEYS = {
+    "client",
+    "batches",
+    "batches_per_s",
+    "mb_per_s",
+    "time_to_first_batch_s",
+    "cpu_seconds",
+    "errors",
+}
 
 
 def bench(target: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
