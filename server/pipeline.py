@@ -35,7 +35,8 @@ from batchwire.server.collate import CollateFn, build_collate, describe_collate
 from batchwire.server.config import DatasetConfig, Table
 from batchwire.server.samplers import KINDS, balanced_weights
 from batchwire.server.sources import MapDataset, build_dataset
-from batchwire.server.transforms import ItemTransforms, build_item_transforms, sample_generator
+from batchwire.server.transform_config import ItemTransforms, build_item_transforms
+from batchwire.server.transforms import sample_generator
 
 
 @dataclass(frozen=True, eq=False)  # compared by identity: plans are cached per config

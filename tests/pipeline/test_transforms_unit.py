@@ -11,6 +11,7 @@ from PIL import Image
 
 from batchwire.server import transforms as T
 from batchwire.server.config import ConfigError, Table
+from batchwire.server.transform_config import build_item_transforms, build_transform_list
 
 
 def rgb(height: int = 6, width: int = 8, seed: int = 0) -> Image.Image:
@@ -120,7 +121,7 @@ def table(data) -> Table:
 
 
 def test_transform_lists_accept_names_tables_and_import_paths():
-    built = T.build_transform_list(
+    built = build_transform_list(
         table(
             {
                 "t": [
@@ -186,25 +187,25 @@ BAD = {
 def test_bad_transform_entries_name_the_key_and_reason(case):
     entry, key, reason = BAD[case]
     with pytest.raises(ConfigError) as info:
-        T.build_transform_list(table({"t": [entry]}), "t")
+        build_transform_list(table({"t": [entry]}), "t")
     assert info.value.key == key and reason in info.value.reason
     assert "/cfg/x.toml" in str(info.value)
 
 
 def test_per_field_transforms_check_the_source_field_names():
     with pytest.raises(ConfigError, match=r"transforms.imgae: unknown field; .* image, label"):
-        T.build_item_transforms(
+        build_item_transforms(
             table({"transforms": {"imgae": ["ToTensor"]}}), "transforms", ("image", "label")
         )
-    item_transforms = T.build_item_transforms(
+    item_transforms = build_item_transforms(
         table({"transforms": {"label": [{"name": "torch:neg"}]}}), "transforms", ("image", "label")
     )
     assert item_transforms((7, torch.tensor(3)), gen()) == (7, torch.tensor(-3))
-    by_position = T.build_item_transforms(
+    by_position = build_item_transforms(
         table({"transforms": {"1": [{"name": "torch:neg"}]}}), "transforms"
     )
     assert by_position([1, torch.tensor(2)], gen())[1].item() == -2
-    on_dict = T.build_item_transforms(
+    on_dict = build_item_transforms(
         table({"transforms": {"x": [{"name": "torch:neg"}]}}), "transforms"
     )
     assert on_dict({"x": torch.tensor(1), "y": 2}, gen()) == {"x": torch.tensor(-1), "y": 2}
