@@ -95,14 +95,17 @@ class LocalCompose:
         )
 
 
-def test_compose_services_run_as_local_processes(compose: dict) -> None:
+def test_compose_services_run_as_local_processes(compose: dict, tmp_path: Path) -> None:
     services = compose["services"]
     local = LocalCompose()
+    # A file, not a pipe: nobody reads a pipe until the end, and a full pipe
+    # would block the server's log writes (as a real container's stdout does not).
+    log = (tmp_path / "server.log").open("w+")
     server = subprocess.Popen(
         local.command(services["server"]["command"]),
         env=local.env(services["server"]),
         cwd=ROOT,
-        stdout=subprocess.PIPE,
+        stdout=log,
         stderr=subprocess.STDOUT,
         text=True,
     )
@@ -123,7 +126,10 @@ def test_compose_services_run_as_local_processes(compose: dict) -> None:
         assert "batches/s" in loadtest.stdout
     finally:
         server.send_signal(signal.SIGTERM)
-        output, _ = server.communicate(timeout=60)
+        server.wait(timeout=60)
+        log.seek(0)
+        output = log.read()
+        log.close()
     assert server.returncode == 0, output
     assert "stream start" in output  # the INFO level from the compose environment
 
