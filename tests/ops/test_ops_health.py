@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 from ops_support import wait_for_health
 
-from batchwire.client import BatchClient, RemoteDataset, ServerError
+from batchwire.client import BatchClient, RemoteDataset, RetryPolicy, ServerError
 
 TESTS_DIR = Path(__file__).resolve().parent.parent
 
@@ -136,3 +136,31 @@ def test_sigterm_drains_then_exits_zero_and_a_client_resumes_on_a_new_server(
         assert received == expected
     finally:
         server.stop()
+
+
+def test_remote_dataset_rides_through_a_graceful_restart(tmp_path: Path) -> None:
+    """SIGTERM mid-epoch, a new server on the same port: the iterating client notices nothing."""
+    port = free_port()
+    config = write_config(tmp_path, "grace_seconds = 0.5\nprefetch_batches = 1", item_seconds=0.05)
+    server = ServerProcess(config, port=port, workers=1).start()
+    replacement = ServerProcess(config, port=port, workers=1)
+    try:
+        dataset = RemoteDataset(
+            server.target,
+            "dict",
+            batch_size=2,
+            retry=RetryPolicy(attempts=60, deadline=120, initial_backoff=0.1, max_backoff=0.5),
+        )
+        received: list[int] = []
+        for batch in dataset:
+            received += batch["index"].tolist()
+            if len(received) == 6:
+                server.process.send_signal(signal.SIGTERM)
+                assert server.process.wait(timeout=30) == 0
+                replacement.start()
+        assert received == list(range(64))
+        assert "status=UNAVAILABLE" in "".join(server.output)
+        assert "start=" in "".join(replacement.output)
+    finally:
+        server.stop()
+        replacement.stop()
