@@ -25,7 +25,7 @@ from batchwire.server.config import ServerConfig
 from batchwire.server.metrics import Metrics
 from batchwire.server.pool import BuiltBatch, PoolClosed, WorkerPool
 from batchwire.server.registry import DatasetEntry, DatasetRegistry, DescribeError
-from batchwire.server.requests import InvalidRequest, plan_stream
+from batchwire.server.requests import InvalidRequest, StreamPlan, plan_stream
 from batchwire.v1 import batchwire_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -132,16 +132,7 @@ class BatchService:
     def count_batches(
         self, request: pb.StreamBatchesRequest, context: grpc.ServicerContext
     ) -> pb.BatchCount:
-        entry = self._lookup(request.dataset, context)
-        try:
-            stream = plan_stream(
-                request,
-                length=entry.length,
-                max_batch_size=self._settings.max_batch_size,
-                sampler=entry.dataset.sampler,
-            )
-        except InvalidRequest as exc:
-            self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        _, stream = self._plan(request, context)
         return pb.BatchCount(
             num_batches=len(stream.plan),
             num_samples=len(stream.plan.indices),
@@ -151,16 +142,7 @@ class BatchService:
     def stream_batches(
         self, request: pb.StreamBatchesRequest, context: grpc.ServicerContext
     ) -> Iterator[bytes]:
-        entry = self._lookup(request.dataset, context)
-        try:
-            stream = plan_stream(
-                request,
-                length=entry.length,
-                max_batch_size=self._settings.max_batch_size,
-                sampler=entry.dataset.sampler,
-            )
-        except InvalidRequest as exc:
-            self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        entry, stream = self._plan(request, context)
         try:
             compression.check_codec(request.compression)
         except compression.CompressionError as exc:
@@ -302,6 +284,22 @@ class BatchService:
                 )
             except Exception as exc:
                 self._abort(context, grpc.StatusCode.INTERNAL, str(exc))
+
+    def _plan(
+        self, request: pb.StreamBatchesRequest, context: grpc.ServicerContext
+    ) -> tuple[DatasetEntry, StreamPlan]:
+        """The dataset and the batch positions a request asks for; aborts on a bad request."""
+        entry = self._lookup(request.dataset, context)
+        try:
+            stream = plan_stream(
+                request,
+                length=entry.length,
+                max_batch_size=self._settings.max_batch_size,
+                sampler=entry.dataset.sampler,
+            )
+        except InvalidRequest as exc:
+            self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return entry, stream
 
     def _lookup(self, name: str, context: grpc.ServicerContext) -> DatasetEntry:
         entry = self._registry.get(name)
