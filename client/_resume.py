@@ -57,12 +57,21 @@ def resuming_batches(
                         f"{what}: expected batch {owed} but the server sent batch {index}"
                     )
                 owed += stride
-                outage.reset()
+                if outage.attempts:
+                    log.warning(
+                        "%s: resumed at batch %d after %d reconnect attempt(s)",
+                        what,
+                        index,
+                        outage.attempts,
+                    )
+                    outage.reset()
                 yield index, batch
             return
         except ServerError as error:
             wait = outage.next_wait(error, f"{what} at batch {owed}")
-            log.warning(
+            # The first failure of an outage is a warning; the attempts after it are detail.
+            log.log(
+                logging.WARNING if outage.attempts == 1 else logging.INFO,
                 "%s: stream broke at batch %d (%s); reconnect attempt %d in %.2fs",
                 what,
                 owed,
