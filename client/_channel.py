@@ -65,6 +65,10 @@ class BatchClient:
             "DescribeDataset", pb.DescribeDatasetRequest(dataset=dataset), pb.DatasetInfo
         )
 
+    def count_batches(self, request: pb.StreamBatchesRequest) -> pb.BatchCount:
+        """Batches and samples of ``request``'s epoch (for every sampler kind)."""
+        return self._unary("CountBatches", request, pb.BatchCount)
+
     def stream(self, request: pb.StreamBatchesRequest) -> grpc.Call:
         """Opens a StreamBatches call; iterate it for ``wire.Chunk`` objects."""
         call = channel(self.target).unary_stream(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -15,6 +14,8 @@ from batchwire.client._parallel import merge_in_order
 from batchwire.client._resume import resuming_batches
 from batchwire.client._retry import RetryPolicy
 from batchwire.v1 import batchwire_pb2 as pb
+
+_COUNTS_KEPT = 8  # epochs whose batch count is remembered
 
 
 class RemoteDataset(IterableDataset):
@@ -106,6 +107,7 @@ class RemoteDataset(IterableDataset):
         self._resume_batch = 0  # first batch of the next pass (load_state_dict)
         self._position: tuple[int, int] | None = None  # (epoch, next batch) of the pass underway
         self._info: pb.DatasetInfo | None = None
+        self._counts: dict[int, int] = {}  # epoch -> batches of this rank's epoch
 
     @property
     def epoch(self) -> int:
@@ -130,11 +132,16 @@ class RemoteDataset(IterableDataset):
         return self._info
 
     def __len__(self) -> int:
-        """Batches per epoch for this rank."""
-        per_rank = math.ceil(self.describe().length / self.world_size)
-        return (
-            per_rank // self.batch_size if self.drop_last else math.ceil(per_rank / self.batch_size)
-        )
+        """Batches of this rank's epoch (the pass underway, else the next), as the server plans it."""
+        return self._num_batches(self._position[0] if self._position else self._next_epoch)
+
+    def _num_batches(self, epoch: int) -> int:
+        # Asked of the server (CountBatches): exact for every sampler, dynamic batching included.
+        if epoch not in self._counts:
+            if len(self._counts) >= _COUNTS_KEPT:
+                self._counts.clear()
+            self._counts[epoch] = self._client.count_batches(self.request(epoch)).num_batches
+        return self._counts[epoch]
 
     def request(
         self, epoch: int, start_batch: int = 0, *, batch_stride: int = 1
@@ -165,7 +172,7 @@ class RemoteDataset(IterableDataset):
         epoch, batch = self._position or (self._next_epoch, self._resume_batch)
         # No call to the server here (it may be down while a trainer checkpoints):
         # when the epoch's length is not known yet, the next pass rolls over instead.
-        if batch and self._info is not None and batch >= len(self):
+        if batch and batch >= self._counts.get(epoch, batch + 1):
             epoch, batch = epoch + 1, 0
         return {self.EPOCH_KEY: epoch, self.BATCH_KEY: batch, self.CONFIG_KEY: self._config()}
 
@@ -220,7 +227,7 @@ class RemoteDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[Any]:
         epoch, start = self._next_epoch, self._resume_batch
-        if start and start >= len(self):
+        if start and start >= self._num_batches(epoch):
             epoch, start = epoch + 1, 0  # saved at an epoch's end: the next epoch, not none
         self._next_epoch, self._resume_batch = epoch + 1, 0
         return self._pass(epoch, start)
@@ -248,7 +255,7 @@ class RemoteDataset(IterableDataset):
         what = f"dataset {self.dataset!r} epoch {epoch} rank {self.rank}/{self.world_size}"
         if self.streams == 1 and stride == 1:
             return self._share(epoch, start, stride, what)
-        total = len(self)
+        total = self._num_batches(epoch)
         # Split the share into `streams` interleaved ones; those that start past the
         # end are empty (and so are all after them), and the server refuses them.
         shares = [start + j * stride for j in range(self.streams)]

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from _serverproc import ServerProcess
 from torch.utils.data import DataLoader
 
 from batchwire.client import RemoteDataset, ServerError
+
+PIPELINE_TESTS = Path(__file__).resolve().parents[1] / "pipeline"  # pipeline_data.py
 
 
 def indices(batches) -> list[list[int]]:
@@ -86,3 +90,51 @@ def test_bad_parallel_settings_are_refused(core_server: ServerProcess):
         RemoteDataset(core_server.target, "dict", batch_size=4, streams=0)
     with pytest.raises(ValueError, match="buffer=-1"):
         RemoteDataset(core_server.target, "dict", batch_size=4, buffer=-1)
+
+
+# -- a sampler whose batch count only the server knows ---------------------------------
+
+DYNAMIC_CONFIG = f"""
+[server]
+python_path = ["{PIPELINE_TESTS}"]
+
+[datasets.seqs]
+source = "python"
+factory = "pipeline_data:variable_sequences"
+kwargs = {{ length = 97 }}
+collate = {{ kind = "pad", fields = ["tokens"], padding_value = -1 }}
+sampler = {{ kind = "dynamic", length_field = "tokens", max_tokens = 40 }}
+"""
+
+
+@pytest.fixture(scope="module")
+def dynamic_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    path = tmp_path_factory.mktemp("dynamic") / "dynamic.toml"
+    path.write_text(DYNAMIC_CONFIG)
+    with ServerProcess(path, workers=2) as server:
+        yield server
+
+
+def labels(batches) -> list[list[int]]:
+    return [batch["label"].tolist() for batch in batches]
+
+
+def test_shares_of_dynamic_batches_follow_the_servers_plan(dynamic_server: ServerProcess):
+    def dataset(**kwargs) -> RemoteDataset:
+        return RemoteDataset(
+            dynamic_server.target, "seqs", batch_size=1, shuffle=True, seed=2, **kwargs
+        )
+
+    expected = labels(dataset())
+    assert sorted(i for batch in expected for i in batch) == list(range(97))
+    assert len(dataset()) == len(expected)  # the server's count, not length / batch_size
+    assert labels(dataset(streams=3)) == expected
+    assert labels(DataLoader(dataset(), batch_size=None, num_workers=3)) == expected
+    resumed = dataset(streams=2)
+    resumed.load_state_dict({**resumed.state_dict(), "batch": len(expected) - 1})
+    assert labels(resumed) == expected[-1:]
+    at_end = dataset()
+    at_end.load_state_dict({**at_end.state_dict(), "batch": len(expected)})
+    next_epoch = dataset()
+    next_epoch.set_epoch(1)
+    assert labels(at_end) == labels(next_epoch)
