@@ -146,6 +146,7 @@ class RemoteDataset(IterableDataset):
     def request(
         self, epoch: int, start_batch: int = 0, *, batch_stride: int = 1
     ) -> pb.StreamBatchesRequest:
+        """The request for batches ``start_batch, start_batch + batch_stride, ...`` of ``epoch``."""
         return pb.StreamBatchesRequest(
             dataset=self.dataset,
             batch_size=self.batch_size,
