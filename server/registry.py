@@ -6,8 +6,6 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch.utils.data import default_collate
-
 from batchwire import wire
 from batchwire.server.config import Config
 from batchwire.server.pipeline import Pipeline, build_pipeline
@@ -27,12 +25,12 @@ class DatasetEntry:
     _info: pb.DatasetInfo | None = field(default=None, repr=False)
 
     def info(self) -> pb.DatasetInfo:
-        """Length and per-sample fields, read off item 0 as ``default_collate`` makes it."""
+        """Length and per-sample fields, read off item 0 as the dataset's collate function makes it."""
         if self._info is None:
             fields: list[pb.FieldInfo] = []
             if self.length:
                 try:
-                    batch: Any = default_collate([self.dataset[0]])
+                    batch: Any = self.dataset.collate_fn([self.dataset[0]])
                     tensors, structure = wire.flatten(batch)
                 except Exception as exc:
                     raise DescribeError(

@@ -15,7 +15,7 @@ import torch
 from _serverproc import ServerProcess
 from pipeline_data import VariableSequences, batches, count, stream
 
-from batchwire.client import RemoteDataset, ServerError
+from batchwire.client import BatchClient, RemoteDataset, ServerError
 
 HERE = Path(__file__).resolve().parent
 LENGTH = 97
@@ -107,6 +107,14 @@ def test_item_budget_and_resume(server):
     assert [i for i, _ in tail] == list(range(4, len(full)))
     for (_, a), (_, b) in zip(full[4:], tail, strict=True):
         assert torch.equal(a["tokens"], b["tokens"])
+
+
+def test_describe_shows_the_padded_fields(server):
+    info = BatchClient(server.target).describe("seqs")
+    fields = {f.name: list(f.shape) for f in info.fields}
+    assert fields == {"tokens": [1], "tokens_lengths": [], "label": []}
+    assert info.sampler.kind == "dynamic" and info.sampler.max_tokens == 40
+    assert "collate: pad(fields=['tokens'], padding_value=-1.0)" in list(info.transforms)
 
 
 def test_a_sample_over_the_budget_is_invalid_argument(server):
