@@ -128,7 +128,10 @@ def test_remote_dataset_streams_dynamic_batches(server):
     remote = RemoteDataset(
         server.target, "seqs", batch_size=64, sampler={"kind": "dynamic", "max_tokens": 30}
     )
-    labels = [i for batch in remote for i in check_padded(batch)]
+    expected_batches = len(remote)  # CountBatches: exact for dynamic batching too
+    got = list(remote)
+    assert len(got) == expected_batches
+    labels = [i for batch in got for i in check_padded(batch)]
     assert sorted(labels) == list(range(LENGTH))
 
 
