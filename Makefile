@@ -32,5 +32,11 @@ format: setup
 protos: setup
 	$(PY) scripts/gen_protos.py
 
+# make bench: every benchmark in benchmarks/ with its baselines (about 15 minutes);
+# results in benchmarks/results/*.json, figures in benchmarks/RESULTS.md.
+BENCHMARKS := wire_throughput mnist_rate chunking fairness memory compression_pays pipeline_vs_dataloader
+bench: setup
+	@for b in $(BENCHMARKS); do echo "== $$b"; $(PY) benchmarks/$$b.py || exit 1; done
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -25,19 +25,33 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _KEEP_BYTES = 1 << 30
 
+IDLE_SECONDS = 1.0
+"""A worker with no task for this long returns its kept memory (``release_freed_memory``)."""
+
 
 def reuse_freed_memory() -> None:
     """Makes glibc's malloc keep large freed blocks instead of returning them to the kernel.
 
     A worker allocates and frees a batch-sized block per batch; served from
     fresh ``mmap`` each time, every page faults in again. The cost is a worker's
-    resident memory staying at its high-water mark (a few batches), which is
-    bounded. A no-op where malloc is not glibc's.
+    resident memory staying at its high-water mark (a few batches) while it is
+    busy; an idle worker gives it back (``release_freed_memory``). A no-op where
+    malloc is not glibc's.
     """
     with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = _libc()
         libc.mallopt(_M_MMAP_THRESHOLD, _KEEP_BYTES)
         libc.mallopt(_M_TRIM_THRESHOLD, 2 * _KEEP_BYTES)
+
+
+def release_freed_memory() -> None:
+    """Returns free heap memory to the kernel (``malloc_trim``), for when a worker goes idle."""
+    with contextlib.suppress(OSError, AttributeError):
+        _libc().malloc_trim(0)
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
 
 
 def write_payload_file(

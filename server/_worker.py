@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from batchwire.server._fastpath import reuse_freed_memory
+from batchwire.server._fastpath import IDLE_SECONDS, release_freed_memory, reuse_freed_memory
 from batchwire.server.batches import BatchBuildError, collate, load_samples, write_batch
 from batchwire.server.config import Config, ConfigError
 from batchwire.server.pipeline import Pipeline, build_pipeline
@@ -39,6 +39,8 @@ def run(config: Config, conn: Connection) -> None:
     datasets: dict[str, Pipeline] = {}
     while True:
         try:
+            if not conn.poll(IDLE_SECONDS):
+                release_freed_memory()  # idle: give kept batch memory back (see _fastpath)
             task = conn.recv()
         except (EOFError, OSError):
             return  # the server is gone

@@ -1,0 +1,396 @@
+"""Shared pieces of the benchmark scripts: a real server, the baselines, the measurements.
+
+Every script starts its own ``batchwire serve`` process on a free loopback
+port, measures batchwire with the load-test code of ``batchwire bench``
+(clients in their own processes), runs its baselines in the same run, and
+prints a table and writes JSON. CPU time is read from /proc for the server's
+process tree and from ``getrusage`` for the (finished) client processes, so a
+result also says where the cycles went.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import multiprocessing as mp
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+_LISTENING = re.compile(r"batchwire: serving .* on [^ ]+:(\d+) ")
+_TICK = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+# The issue's shapes: name -> (batch size, image shape, image dtype); every item also has
+# an int64 label.
+SHAPES: dict[str, tuple[int, list[int], str]] = {
+    "mnist": (64, [784], "float32"),
+    "cifar": (256, [3, 32, 32], "float32"),
+    "imagenet": (64, [3, 224, 224], "uint8"),
+    "big": (256, [3, 224, 224], "uint8"),
+}
+
+
+def arguments(description: str, **defaults: Any) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and durations (smoke)")
+    parser.add_argument("--duration", type=float, default=defaults.get("duration", 8.0))
+    parser.add_argument("--warmup", type=float, default=defaults.get("warmup", 2.0))
+    parser.add_argument("--repeats", type=int, default=defaults.get("repeats", 1))
+    parser.add_argument("--json", help="where to write results (default benchmarks/results/)")
+    return parser
+
+
+def timing(args: argparse.Namespace) -> tuple[float, float, int]:
+    """(duration, warmup, repeats), shrunk under ``--quick``."""
+    if args.quick:
+        return min(args.duration, 0.5), min(args.warmup, 0.2), 1
+    return args.duration, args.warmup, args.repeats
+
+
+# -- configs ----------------------------------------------------------------------
+
+
+def dataset_toml(
+    name: str,
+    shape: list[int],
+    dtype: str,
+    *,
+    source: str,
+    length: int,
+    pattern: str = "noise",
+    distinct: int = 16,
+) -> str:
+    """A dataset of ``{"image": shape/dtype, "label": int64}`` items.
+
+    ``source="python"``: ``_datasets:repeating``, whose workers do no work beyond
+    collating (the equivalent of the tf.data-service figures); ``"synthetic"``:
+    the built-in source, which draws every sample from a seeded RNG.
+    """
+    if source == "python":
+        return (
+            f'[datasets.{name}]\nsource = "python"\nfactory = "_datasets:repeating"\n'
+            f'kwargs = {{ length = {length}, shape = {shape}, dtype = "{dtype}", '
+            f'pattern = "{pattern}", distinct = {distinct} }}\n'
+        )
+    return (
+        f'[datasets.{name}]\nsource = "synthetic"\nlength = {length}\n'
+        f'fields.image = {{ shape = {shape}, dtype = "{dtype}" }}\n'
+        'fields.label = { shape = [], dtype = "int64", high = 10 }\n'
+    )
+
+
+def server_toml(datasets: Sequence[str], **settings: Any) -> str:
+    lines = ["[server]", f'python_path = ["{HERE}"]', "max_batch_size = 4096"]
+    lines += [f"{key} = {json.dumps(value)}" for key, value in settings.items()]
+    return "\n".join(lines) + "\n\n" + "\n".join(datasets)
+
+
+# -- the server -------------------------------------------------------------------
+
+
+class Server:
+    """``batchwire serve`` in its own process; ``target`` once started."""
+
+    def __init__(self, config_text: str, *, workers: int = 2) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="batchwire-bench-"))
+        self.config = self.folder / "bench.toml"
+        self.config.write_text(config_text)
+        self.workers = workers
+        self.process: subprocess.Popen[str] | None = None
+        self.port = 0
+        self.output: list[str] = []
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def __enter__(self) -> Server:
+        command = [
+            sys.executable,
+            "-m",
+            "batchwire.cli",
+            "--log-level",
+            "WARNING",
+            "serve",
+            "--config",
+            str(self.config),
+            "--port",
+            "0",
+            "--host",
+            "127.0.0.1",
+            "--workers",
+            str(self.workers),
+        ]
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        ready = threading.Event()
+
+        def pump() -> None:
+            assert self.process is not None and self.process.stdout is not None
+            for line in self.process.stdout:
+                self.output.append(line)
+                match = _LISTENING.search(line)
+                if match:
+                    self.port = int(match[1])
+                    ready.set()
+
+        threading.Thread(target=pump, daemon=True).start()
+        deadline = time.monotonic() + 120
+        while not ready.wait(0.1):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.__exit__()
+                raise RuntimeError("batchwire serve did not start:\n" + "".join(self.output))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=30)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def tree(self) -> list[int]:
+        """The server's pid and its descendants' (forkserver, workers)."""
+        assert self.process is not None
+        return process_tree(self.process.pid)
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds so far: the gRPC process, and everything below it (the workers)."""
+        assert self.process is not None
+        pids = self.tree()
+        grpc_process = _cpu(self.process.pid)
+        return {"server": grpc_process, "workers": sum(_cpu(p) for p in pids[1:])}
+
+    def rss_bytes(self) -> dict[str, int]:
+        """Resident memory: the gRPC process, and the whole tree."""
+        assert self.process is not None
+        pids = self.tree()
+        by_pid = {pid: _rss(pid) for pid in pids}
+        return {"server": by_pid[self.process.pid], "tree": sum(by_pid.values()), "by_pid": by_pid}
+
+
+def process_tree(root: int) -> list[int]:
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                ppid = int(stat.rsplit(")", 1)[1].split()[1])
+                parents.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo += parents.get(pid, [])
+    return found
+
+
+def _cpu(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICK  # utime + stime
+
+
+def _rss(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * _PAGE
+    except OSError:
+        return 0
+
+
+# -- measurements -----------------------------------------------------------------
+
+
+def bench(server: Server, dataset: str, batch_size: int, **options: Any) -> dict[str, Any]:
+    """One ``batchwire bench`` run; adds the CPU seconds each side spent per GB."""
+    from batchwire.client import bench as load_test
+
+    config = load_test.BenchConfig(server.target, dataset, batch_size, **options)
+    server_before = server.cpu_seconds()
+    report = load_test.run(config, progress=None)
+    server_after = server.cpu_seconds()
+    gigabytes = max(report["bytes"], 1) / 1e9
+    # CPU over the whole run (warm-up included) per GB measured: a profile by process.
+    spent = {
+        "server": server_after["server"] - server_before["server"],
+        "workers": server_after["workers"] - server_before["workers"],
+        "clients": sum(c["cpu_seconds"] for c in report["clients"]),  # from start to end
+    }
+    span = config.warmup + config.duration
+    report["cpu_seconds_per_gb"] = {
+        key: value / gigabytes * config.duration / span for key, value in spent.items()
+    }
+    if report["errors"]:
+        raise RuntimeError(f"bench of {dataset} failed: {report['errors'][:3]}")
+    return report
+
+
+def best(runs: list[dict[str, Any]], key: str = "mb_per_s") -> dict[str, Any]:
+    """The run with the median ``key`` (the machine is shared: repeats and a median)."""
+    ordered = sorted(runs, key=lambda r: r[key])
+    return ordered[len(ordered) // 2]
+
+
+def iperf3(seconds: float) -> float | None:
+    """Loopback TCP bytes/s by iperf3 (Debian's), or None when it is not installed."""
+    if shutil.which("iperf3") is None:
+        return None
+    port = free_port()
+    server = subprocess.Popen(
+        ["iperf3", "-s", "-1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        time.sleep(0.3)
+        out = subprocess.run(
+            ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(max(1, round(seconds))), "-J"],
+            capture_output=True,
+            text=True,
+            timeout=seconds + 30,
+        )
+        return json.loads(out.stdout)["end"]["sum_received"]["bits_per_second"] / 8
+    finally:
+        server.kill()
+        server.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# A bare grpcio stream of pre-built bytes: the ceiling of grpcio itself.
+_BARE_SERVICE = "bare.Bytes"
+
+
+def _bare_server(port_queue: Any, chunk_bytes: int, options: list[tuple[str, Any]]) -> None:
+    from concurrent import futures
+
+    import grpc
+
+    payload = os.urandom(chunk_bytes)
+
+    def stream(request: bytes, context: Any) -> Iterator[bytes]:
+        for _ in range(int.from_bytes(request, "little")):
+            yield payload
+
+    handler = grpc.method_handlers_generic_handler(
+        _BARE_SERVICE, {"Stream": grpc.unary_stream_rpc_method_handler(stream)}
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(4), options=options)
+    server.add_generic_rpc_handlers((handler,))
+    port_queue.put(server.add_insecure_port("127.0.0.1:0"))
+    server.start()
+    server.wait_for_termination()
+
+
+def bare_grpc(chunk_bytes: int, seconds: float, *, tuned: bool) -> float:
+    """Bytes/s of one grpcio stream of ``chunk_bytes`` messages (server in another process).
+
+    ``tuned``: batchwire's channel options on both sides; else grpcio's defaults
+    (message size limits lifted only).
+    """
+    import grpc
+
+    from batchwire.client._channel import _OPTIONS
+
+    options = list(_OPTIONS) if tuned else []
+    options += [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+    ctx = mp.get_context("spawn")
+    port_queue = ctx.Queue()
+    process = ctx.Process(target=_bare_server, args=(port_queue, chunk_bytes, options), daemon=True)
+    process.start()
+    try:
+        port = port_queue.get(timeout=60)
+        with grpc.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
+            call = channel.unary_stream(f"/{_BARE_SERVICE}/Stream")
+            for _ in call((8).to_bytes(8, "little")):  # connect and warm up
+                pass
+            received, started = 0, time.perf_counter()
+            stream = call((1 << 40).to_bytes(8, "little"))
+            for message in stream:
+                received += len(message)
+                if time.perf_counter() - started >= seconds:
+                    break
+            elapsed = time.perf_counter() - started
+            stream.cancel()
+        return received / elapsed
+    finally:
+        process.kill()
+        process.join()
+
+
+# -- output -----------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    import grpc
+    import torch
+
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "grpcio": grpc.__version__,
+        "torch": torch.__version__,
+        "load_average": os.getloadavg(),
+        "time_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+    }
+
+
+def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    lines = [title, "  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 10 else f"{value:,.0f}"
+    return str(value)
+
+
+def write_json(name: str, args: argparse.Namespace, data: dict[str, Any]) -> Path:
+    path = (
+        Path(args.json) if args.json else RESULTS / f"{name}{'-quick' if args.quick else ''}.json"
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {"benchmark": name, "machine": machine(), "quick": args.quick, **data}
+    path.write_text(json.dumps(data, indent=2))
+    print(f"\nwrote {path}")
+    return path

@@ -1,0 +1,44 @@
+"""A quick smoke run of each benchmark script (tiny durations): it runs, prints a table, writes JSON.
+
+The figures themselves are not checked here (benchmarks are not pass/fail;
+see benchmarks/RESULTS.md); only that every script still works end to end
+against a real server with its baselines.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+SCRIPTS = {
+    "wire_throughput": ["results", "baselines_bytes_per_s"],
+    "mnist_rate": ["results", "bare_grpc_messages_per_s"],
+    "chunking": ["results"],
+    "fairness": ["aggregate_ratio", "fairness", "per_client"],
+    "memory": ["results", "samples"],
+    "compression_pays": ["results"],
+    "pipeline_vs_dataloader": ["ratio", "local_samples_per_s", "batchwire_samples_per_s"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_script_runs_quick(name: str, tmp_path: Path) -> None:
+    out = tmp_path / f"{name}.json"
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / f"{name}.py"), "--quick", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "---" in result.stdout  # the table's rule
+    data = json.loads(out.read_text())
+    assert data["benchmark"] == name and data["quick"] is True
+    assert data["machine"]["cores"] >= 1
+    for key in SCRIPTS[name]:
+        assert data[key], f"{name}: {key} is empty"
