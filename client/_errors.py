@@ -1,8 +1,10 @@
 """The client's exceptions.
 
 BatchwireError            anything batchwire raises
-└── ServerError           the server ended a call with a gRPC status
-    (.code: grpc.StatusCode, .details: the server's message)
+├── ServerError           the server ended a call with a gRPC status
+│   (.code: grpc.StatusCode, .details: the server's message)
+├── RetryError            reconnecting gave up (.attempts, .elapsed, .last_error)
+└── CredentialsError      a BATCHWIRE_TLS_* / BATCHWIRE_TOKEN_FILE setting is unusable
 """
 
 from __future__ import annotations
