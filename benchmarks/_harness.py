@@ -317,8 +317,9 @@ def bare_grpc(chunk_bytes: int, seconds: float, *, tuned: bool) -> float:
 
     from batchwire.client._channel import _OPTIONS
 
-    options = list(_OPTIONS) if tuned else []
-    options += [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+    # Message limits lifted first: with a key given twice, grpcio takes the first.
+    options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+    options += [o for o in _OPTIONS if not o[0].endswith("message_length")] if tuned else []
     ctx = mp.get_context("spawn")
     port_queue = ctx.Queue()
     process = ctx.Process(target=_bare_server, args=(port_queue, chunk_bytes, options), daemon=True)

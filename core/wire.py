@@ -17,7 +17,9 @@ batch that spans several chunks, none otherwise).
 
 from __future__ import annotations
 
+import contextlib
 import math
+import mmap
 import sys
 import warnings
 from collections.abc import Iterator, Mapping
@@ -299,6 +301,24 @@ def decode_tensors(header: pb.BatchHeader, payload: Any) -> list[torch.Tensor]:
     return tensors
 
 
+HUGE_PAGE_MIN_BYTES = 4 << 20
+
+
+def batch_buffer(size: int) -> bytearray | mmap.mmap:
+    """A writable buffer to reassemble a multi-chunk batch into (its tensors' memory).
+
+    Large ones are anonymous maps asking for transparent huge pages: filling a
+    fresh ``bytearray`` of 38.5 MB faults in ~9,400 small pages and ran at 1.4 GB/s
+    on the benchmark machine, the same map with huge pages at 4.7 GB/s.
+    """
+    if size < HUGE_PAGE_MIN_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return bytearray(size)
+    buffer = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    with contextlib.suppress(OSError):  # THP off: plain pages, still correct
+        buffer.madvise(mmap.MADV_HUGEPAGE)
+    return buffer
+
+
 class BatchAssembler:
     """Joins the chunks of a stream into decoded batches.
 
@@ -309,7 +329,7 @@ class BatchAssembler:
     def __init__(self, decompress: Any = None) -> None:
         self._decompress = decompress
         self._header: pb.BatchHeader | None = None
-        self._buffer: bytearray | None = None
+        self._buffer: bytearray | mmap.mmap | None = None
         self._filled = 0
 
     def add(self, chunk: Chunk) -> tuple[int, Any] | None:
@@ -329,7 +349,7 @@ class BatchAssembler:
             raise WireError("stream sent payload bytes before a batch header")
         if len(chunk.data):
             if self._buffer is None:
-                self._buffer = bytearray(header.payload_size)
+                self._buffer = batch_buffer(header.payload_size)
             end = self._filled + len(chunk.data)
             if end > header.payload_size:
                 raise WireError(
