@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,6 +56,14 @@ class DatasetEntry:
                 ),
             )
         return self._info
+
+    def sample_bytes(self) -> int | None:
+        """Payload bytes of one sample, from item 0 (None when it cannot be read)."""
+        try:
+            fields = self.info().fields
+        except DescribeError:
+            return None
+        return sum(math.prod(info.shape) * wire.torch_dtype(info.dtype).itemsize for info in fields)
 
 
 class DatasetRegistry:

@@ -215,9 +215,15 @@ def _dynamic_plan(
     return BatchPlan(plan.indices, plan.offsets, request.seed, request.epoch)
 
 
+MAX_NUM_SAMPLES = 1 << 27
+"""Most samples one weighted/random epoch may draw: the plan lives in server memory (8 B each)."""
+
+
 def _num_samples(value: int) -> int:
-    if value < 0:
-        raise InvalidRequest(f"sampler.num_samples should be non-negative, but got {value}")
+    if not 0 <= value <= MAX_NUM_SAMPLES:
+        raise InvalidRequest(
+            f"sampler.num_samples should be in [0, {MAX_NUM_SAMPLES}], but got {value}"
+        )
     return value
 
 

@@ -39,9 +39,9 @@ def shard(order: np.ndarray, rank: int, world_size: int) -> np.ndarray:
     if length == 0:
         return order
     total = math.ceil(length / world_size) * world_size
-    if total > length:
-        order = np.concatenate([order, np.resize(order, total - length)])
-    return order[rank:total:world_size]
+    # Position i of the padded order is order[i % length]; index it directly so that
+    # a huge world_size costs this rank's share, not a padded copy of the epoch.
+    return order[np.arange(rank, total, world_size) % length]
 
 
 def distributed_order(

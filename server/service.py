@@ -299,7 +299,29 @@ class BatchService:
             )
         except InvalidRequest as exc:
             self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except Exception as exc:  # a planning bug or a MemoryError: this call fails, not the server
+            log.exception("planning %s failed", request.dataset)
+            self._abort(context, grpc.StatusCode.INTERNAL, f"cannot plan the request: {exc!r}")
+        self._check_batch_bytes(entry, stream, context)
         return entry, stream
+
+    def _check_batch_bytes(
+        self, entry: DatasetEntry, stream: StreamPlan, context: grpc.ServicerContext
+    ) -> None:
+        # Refuse before any worker builds (and /dev/shm holds) a batch that will be
+        # refused anyway; the check after building still catches variable-size items.
+        sample_bytes = entry.sample_bytes()
+        if not sample_bytes or not stream.positions:
+            return
+        samples = len(stream.plan[stream.positions[0]])
+        if sample_bytes * samples > self._settings.max_batch_bytes:
+            self._abort(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"a batch of {samples} samples of dataset {entry.name!r} would have about "
+                f"{sample_bytes * samples} bytes ({sample_bytes} per sample), over the server's "
+                f"max_batch_bytes={self._settings.max_batch_bytes}; ask for a smaller batch_size",
+            )
 
     def _lookup(self, name: str, context: grpc.ServicerContext) -> DatasetEntry:
         entry = self._registry.get(name)

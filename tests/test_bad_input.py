@@ -40,12 +40,23 @@ def assert_still_serves(target: str) -> None:
         ({"epoch": -1}, "epoch=-1"),
         ({"start_batch": 14}, "start_batch=14"),  # 103 samples / 8 = 13 batches
         ({"start_batch": -1}, "start_batch=-1"),
+        ({"sampler": pb.SamplerSpec(kind="random", num_samples=1 << 40)}, "num_samples"),
+        ({"sampler": pb.SamplerSpec(kind="shuffled")}, "'shuffled'"),
     ],
 )
 def test_out_of_range_parameters_are_invalid_argument(core_server, overrides, says):
     error = stream_error(core_server.target, good_request(**overrides))
     assert error.code == grpc.StatusCode.INVALID_ARGUMENT
     assert says in error.details
+    assert_still_serves(core_server.target)
+
+
+def test_a_huge_world_size_costs_only_this_ranks_share(core_server):
+    # DistributedSampler pads the epoch to a multiple of world_size; the server
+    # must not build that padded epoch in memory.
+    request = good_request(world_size=1 << 62, rank=(1 << 62) - 1, batch_size=4)
+    [(index, batch)] = list(BatchClient(core_server.target).batches(request))
+    assert index == 0 and batch["index"].tolist() == [((1 << 62) - 1) % 103]
     assert_still_serves(core_server.target)
 
 

@@ -140,6 +140,7 @@ def test_batch_byte_limit(tmp_path: Path) -> None:
             )
         assert too_big.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "max_batch_bytes=1024" in too_big.value.details
+        assert "would have about" in too_big.value.details  # refused before any worker built it
         assert len(list(RemoteDataset(server.target, "dict", batch_size=4))) == 16
 
 
