@@ -46,7 +46,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    server.start()
+    try:
+        server.start()
+    except OSError as exc:  # e.g. the metrics port is taken
+        print(f"batchwire serve: cannot start: {exc}", file=sys.stderr)
+        server.stop(grace=0)
+        return 1
     names = ", ".join(server.registry.names())
     # Tests and scripts read the bound port from this line (with --port 0).
     print(

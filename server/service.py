@@ -190,7 +190,12 @@ class BatchService:
             raise
         except BaseException:
             code = context.code()
-            status = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+            if isinstance(code, grpc.StatusCode):
+                status = code.name  # set by _abort, which counted it
+            else:
+                status = "UNKNOWN"  # an unexpected exception; grpc answers UNKNOWN
+                self._metrics.errors.labels(status).inc()
+                log.exception("stream %s failed", stream_id)
             raise
         finally:
             self._stream_slots.release()
@@ -235,36 +240,42 @@ class BatchService:
                 )
                 pending.append((position, task))
 
-        refill()
-        while pending:
-            position, future = pending.popleft()
-            self._check_drain(context, position)
-            built = self._await(future, context, position)
-            if built is None:
-                return  # the client went away
+        try:
             refill()
-            depth.set(sum(f.done() for _, f in pending))
-            header = built.header
-            header.batch_index = position
-            metrics.build_seconds.labels(entry.name).observe(built.build_seconds)
-            metrics.worker_busy.inc(built.build_seconds)
-            if header.payload_size > self._settings.max_batch_bytes:
-                self._abort(
-                    context,
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"batch {position} of dataset {entry.name!r} has {header.payload_size} bytes, "
-                    f"over the server's max_batch_bytes={self._settings.max_batch_bytes}; "
-                    "ask for a smaller batch_size",
-                )
-            # Compressed here, in the stream's thread: lz4/zstd release the GIL, and
-            # this keeps the worker protocol codec-free (measured: benchmarks/RESULTS.md).
-            payload = compression.compress_batch(header, built.payload, codec)
-            yield from wire.frames(header, payload, self._settings.chunk_bytes)
-            sent["batches"] += 1
-            sent["bytes"] += header.payload_size
-            metrics.batches_sent.labels(entry.name).inc()
-            metrics.bytes_sent.labels(entry.name).inc(header.payload_size)
-            del built  # drop the shared-memory mapping before waiting on the next batch
+            while pending:
+                position, future = pending.popleft()
+                self._check_drain(context, position)
+                built = self._await(future, context, position)
+                if built is None:
+                    return  # the client went away
+                refill()
+                depth.set(sum(f.done() for _, f in pending))
+                header = built.header
+                header.batch_index = position
+                metrics.build_seconds.labels(entry.name).observe(built.build_seconds)
+                metrics.worker_busy.inc(built.build_seconds)
+                if header.payload_size > self._settings.max_batch_bytes:
+                    self._abort(
+                        context,
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"batch {position} of dataset {entry.name!r} has {header.payload_size} bytes, "
+                        f"over the server's max_batch_bytes={self._settings.max_batch_bytes}; "
+                        "ask for a smaller batch_size",
+                    )
+                # Compressed here, in the stream's thread: lz4/zstd release the GIL, and
+                # this keeps the worker protocol codec-free (measured: benchmarks/RESULTS.md).
+                payload = compression.compress_batch(header, built.payload, codec)
+                yield from wire.frames(header, payload, self._settings.chunk_bytes)
+                sent["batches"] += 1
+                sent["bytes"] += header.payload_size
+                metrics.batches_sent.labels(entry.name).inc()
+                metrics.bytes_sent.labels(entry.name).inc(header.payload_size)
+                del built  # drop the shared-memory mapping before waiting on the next batch
+        finally:
+            # The stream is over (finished, cancelled, aborted): batches not yet handed
+            # to a worker are dropped instead of built for nobody.
+            for _, future in pending:
+                future.cancel()
 
     def _await(
         self, future: Future[BuiltBatch], context: grpc.ServicerContext, position: int

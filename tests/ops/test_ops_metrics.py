@@ -41,3 +41,33 @@ def test_metrics_move_after_a_stream(tmp_path: Path) -> None:
         assert after[("batchwire_workers_replaced_total", ())] == 0
         # A finished stream leaves no per-stream series behind.
         assert not [key for key in after if key[0] == "batchwire_stream_queue_depth"]
+
+
+def test_a_taken_metrics_port_stops_serve_with_a_message(tmp_path: Path) -> None:
+    import socket
+    import subprocess
+
+    from _serverproc import batchwire_command
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [
+                *batchwire_command(),
+                "serve",
+                "--config",
+                str(write_config(tmp_path)),
+                "--port",
+                "0",
+                "--metrics-port",
+                str(port),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert result.returncode == 1
+    assert "cannot start" in result.stderr and "Address already in use" in result.stderr
+    assert "Traceback" not in result.stderr
