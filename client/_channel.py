@@ -44,14 +44,14 @@ class BatchClient:
         self.target = target
         self.timeout = timeout
 
-    def _unary(self, method: str, request, response_type):
+    def _unary(self, method: str, request, response_type, *, wait_for_ready: bool = True):
         call = channel(self.target).unary_unary(
             _SERVICE + method,
             request_serializer=type(request).SerializeToString,
             response_deserializer=response_type.FromString,
         )
         try:
-            return call(request, timeout=self.timeout, wait_for_ready=True)
+            return call(request, timeout=self.timeout, wait_for_ready=wait_for_ready)
         except grpc.RpcError as error:
             raise ServerError.from_rpc(error, self.target) from None
 
@@ -66,8 +66,12 @@ class BatchClient:
         )
 
     def count_batches(self, request: pb.StreamBatchesRequest) -> pb.BatchCount:
-        """Batches and samples of ``request``'s epoch (for every sampler kind)."""
-        return self._unary("CountBatches", request, pb.BatchCount)
+        """Batches and samples of ``request``'s epoch (for every sampler kind).
+
+        Fails fast (UNAVAILABLE) while the server is down, as a stream does, so
+        that the caller's ``RetryPolicy`` rather than ``timeout`` bounds the wait.
+        """
+        return self._unary("CountBatches", request, pb.BatchCount, wait_for_ready=False)
 
     def stream(self, request: pb.StreamBatchesRequest) -> grpc.Call:
         """Opens a StreamBatches call; iterate it for ``wire.Chunk`` objects."""

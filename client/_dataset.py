@@ -12,7 +12,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from batchwire.client._channel import BatchClient
 from batchwire.client._parallel import merge_in_order
 from batchwire.client._resume import resuming_batches
-from batchwire.client._retry import RetryPolicy
+from batchwire.client._retry import RetryPolicy, call_with_retry
 from batchwire.v1 import batchwire_pb2 as pb
 
 _COUNTS_KEPT = 8  # epochs whose batch count is remembered
@@ -140,7 +140,12 @@ class RemoteDataset(IterableDataset):
         if epoch not in self._counts:
             if len(self._counts) >= _COUNTS_KEPT:
                 self._counts.clear()
-            self._counts[epoch] = self._client.count_batches(self.request(epoch)).num_batches
+            # Under the streams' retry policy: a restart between epochs is an outage to sit out.
+            self._counts[epoch] = call_with_retry(
+                lambda: self._client.count_batches(self.request(epoch)).num_batches,
+                policy=self.retry,
+                what=f"counting the batches of {self._what(epoch)}",
+            )
         return self._counts[epoch]
 
     def request(
@@ -253,7 +258,7 @@ class RemoteDataset(IterableDataset):
         worker = get_worker_info()
         if worker is not None:  # this DataLoader worker's share: w, w + k, ...
             start, stride = start + worker.id, worker.num_workers
-        what = f"dataset {self.dataset!r} epoch {epoch} rank {self.rank}/{self.world_size}"
+        what = self._what(epoch)
         if self.streams == 1 and stride == 1:
             return self._share(epoch, start, stride, what)
         total = self._num_batches(epoch)
@@ -269,6 +274,9 @@ class RemoteDataset(IterableDataset):
             buffer=self.buffer,
             name="stream",
         )
+
+    def _what(self, epoch: int) -> str:
+        return f"dataset {self.dataset!r} epoch {epoch} rank {self.rank}/{self.world_size}"
 
     def _share(
         self,

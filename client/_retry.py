@@ -8,12 +8,19 @@ one that does not come back.
 
 from __future__ import annotations
 
+import logging
 import random
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import grpc
 
 from batchwire.client._errors import BatchwireError, ServerError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # A server that is restarting, draining or unreachable, or a reset connection.
 # NOT_FOUND, INVALID_ARGUMENT, INTERNAL, UNAUTHENTICATED, ... are raised at once:
@@ -125,3 +132,36 @@ class Outage:
                 policy=policy,
             ) from error
         return wait
+
+
+def call_with_retry(
+    call: Callable[[], T],
+    *,
+    policy: RetryPolicy,
+    what: str,
+    sleep: Callable[[float], object] = time.sleep,
+) -> T:
+    """``call()``, repeated under ``policy`` while it raises a retryable ``ServerError``.
+
+    For the unary calls a pass depends on (``CountBatches``): a server restart
+    that falls between epochs is one outage, as it is for a stream.
+    """
+    outage = Outage(policy, time.monotonic)
+    while True:
+        try:
+            result = call()
+        except ServerError as error:
+            wait = outage.next_wait(error, what)
+            log.log(
+                logging.WARNING if outage.attempts == 1 else logging.INFO,
+                "%s failed (%s); retry attempt %d in %.2fs",
+                what,
+                error,
+                outage.attempts,
+                wait,
+            )
+            sleep(wait)
+            continue
+        if outage.attempts:
+            log.warning("%s succeeded after %d retry attempt(s)", what, outage.attempts)
+        return result

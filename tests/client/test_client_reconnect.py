@@ -138,6 +138,9 @@ def test_retry_deadline_bounds_the_outage():
     [
         ({"dataset": "nope"}, "NOT_FOUND"),
         ({"dataset": "dict", "batch_size": 10**6}, "INVALID_ARGUMENT"),
+        # streams > 1 asks CountBatches first, under the same policy
+        ({"dataset": "nope", "streams": 2}, "NOT_FOUND"),
+        ({"dataset": "dict", "batch_size": 10**6, "streams": 2}, "INVALID_ARGUMENT"),
     ],
 )
 def test_non_retryable_errors_are_raised_at_once(core_server: ServerProcess, kwargs, code):
@@ -149,3 +152,37 @@ def test_non_retryable_errors_are_raised_at_once(core_server: ServerProcess, kwa
             pass
     assert caught.value.code.name == code
     assert time.monotonic() - started < 4  # no 5 s backoff was waited
+
+
+@pytest.mark.parametrize("streams", [1, 2])
+def test_a_restart_between_epochs_does_not_end_training(
+    killable_server: ServerProcess, streams: int, caplog: pytest.LogCaptureFixture
+):
+    # The next epoch starts while the server is down for longer than `timeout`: its
+    # CountBatches (len(), streams > 1) and its stream both wait out the outage under
+    # the retry policy, as a stream does, instead of failing at the call's timeout.
+    reference = RemoteDataset(killable_server.target, "slow", batch_size=2, shuffle=True, seed=3)
+    reference.set_epoch(1)
+    expected = [i for batch in reference for i in batch["index"].tolist()]
+    ds = RemoteDataset(
+        killable_server.target,
+        "slow",
+        batch_size=2,
+        shuffle=True,
+        seed=3,
+        streams=streams,
+        retry=FAST_RETRY,
+        timeout=1.0,
+    )
+    assert sum(1 for _ in ds) == 120  # epoch 0 (not list(ds): it would ask len() of epoch 1)
+    killable_server.stop()
+    restart = threading.Thread(
+        target=lambda: (time.sleep(2.5), killable_server.start()), daemon=True
+    )
+    restart.start()
+    with caplog.at_level(logging.WARNING, logger="batchwire.client"):
+        assert len(ds) == 120  # epoch 1, counted while the server is down
+        received = [i for batch in ds for i in batch["index"].tolist()]
+    restart.join(timeout=60)
+    assert received == expected
+    assert any("counting the batches" in record.getMessage() for record in caplog.records)
