@@ -201,6 +201,9 @@ class WorkerPool:
             task = worker.tasks.pop(task_id, None)
         if task is None:
             return
+        if not task.future.set_running_or_notify_cancel():
+            _remove(self._path(task_id))  # its stream ended and cancelled it: nobody maps this
+            return
         if status == "ok":
             header_bytes, size, busy = reply[2], reply[3], reply[4]
             self.busy_seconds += busy
