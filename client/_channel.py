@@ -83,7 +83,11 @@ class BatchClient:
         return call(request)
 
     def batches(self, request: pb.StreamBatchesRequest) -> Iterator[tuple[int, object]]:
-        """Yields ``(batch_index, batch)`` for one stream; raises ``ServerError`` if it fails."""
+        """Yields ``(batch_index, batch)`` for one stream; raises ``ServerError`` if it fails.
+
+        The call is cancelled only once the stream is over or its consumer went
+        away, so a CANCELLED status raised here is never the client's own doing.
+        """
         call = self.stream(request)
         assembler = wire.BatchAssembler(compression.decompress)
         try:

@@ -23,9 +23,14 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # A server that is restarting, draining or unreachable, or a reset connection.
-# NOT_FOUND, INVALID_ARGUMENT, INTERNAL, UNAUTHENTICATED, ... are raised at once:
-# asking again would get the same answer.
-DEFAULT_RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED})
+# CANCELLED too: the client never cancels a call before it ends on its own (only
+# once its consumer is gone), so a CANCELLED status comes from the other side: a
+# draining grpc server cancelling a stream stuck in flow control, or a proxy
+# resetting it. NOT_FOUND, INVALID_ARGUMENT, INTERNAL, UNAUTHENTICATED, ... are
+# raised at once: asking again would get the same answer.
+DEFAULT_RETRYABLE = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED}
+)
 
 
 @dataclass(frozen=True)
