@@ -6,10 +6,21 @@ time (the slow first batch of a fresh DataLoader). Workers come from a
 forkserver started before any gRPC thread exists, so a replacement is forked
 from a clean, pre-imported parent in milliseconds.
 
-Why one pipe per worker (rather than one shared queue): the pool knows which
-tasks each worker holds, so when a worker dies (segfault, OOM kill,
-``os._exit``) its tasks are given to its replacement, and a worker that dies
-mid-write cannot leave a shared lock held.
+Why one shared queue, and at most ``AHEAD`` tasks in each worker's pipe: a
+task that has not reached a worker can still be dropped. A stream that ends
+(cancelled, aborted, drained) cancels its futures, and the pool skips a
+cancelled task instead of sending it, so a client that opens and cancels
+streams cannot fill the workers with batches nobody wants. One task waiting
+in the pipe behind the one being built keeps a worker from idling between
+batches.
+
+Why one pipe and one feeder thread per worker: the pool knows which tasks
+each worker holds, so when a worker dies (segfault, OOM kill, ``os._exit``)
+its tasks go back to the front of the queue for its replacement, and a worker
+that dies mid-write cannot leave a shared lock held. A task's index list can
+exceed the pipe buffer, so a send may block until the worker finishes its
+current batch; only that worker's feeder waits. The collector thread (replies
+and deaths) never sends a task, so it keeps collecting from every worker.
 
 Finished payloads travel as files in /dev/shm: the worker writes the batch
 once, the gRPC process maps the file and frames chunks straight from it.
@@ -25,8 +36,9 @@ import multiprocessing as mp
 import os
 import tempfile
 import threading
+from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
@@ -39,7 +51,10 @@ from batchwire.v1 import batchwire_pb2 as pb
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3
-"""A task whose worker dies this many times fails instead of killing a fourth."""
+"""A task whose worker dies this many times while building it fails instead of killing a fourth."""
+
+AHEAD = 2
+"""Tasks sent to one worker at a time: the one it builds and the next, waiting in its pipe."""
 
 
 class WorkerCrashed(RuntimeError):
@@ -48,6 +63,10 @@ class WorkerCrashed(RuntimeError):
 
 class PoolClosed(RuntimeError):
     """The pool was shut down before the batch was built."""
+
+
+class BatchFailed(RuntimeError):
+    """The worker reported an error building the batch (message says which sample)."""
 
 
 @dataclass
@@ -76,7 +95,9 @@ class _Worker:
     process: Any
     conn: Connection
     tasks: dict[int, _Task] = field(default_factory=dict)
+    """Sent and not answered yet, oldest (the one being built) first; at most ``AHEAD``."""
     send_lock: threading.Lock = field(default_factory=threading.Lock)
+    """Held while sending on, or closing, ``conn``."""
 
 
 def default_shm_dir() -> str:
@@ -84,7 +105,10 @@ def default_shm_dir() -> str:
 
 
 class WorkerPool:
-    """Builds batches in ``num_workers`` processes; ``submit`` returns a Future."""
+    """Builds batches in ``num_workers`` processes; ``submit`` returns a Future.
+
+    Cancelling the future before a worker starts the batch drops the task.
+    """
 
     def __init__(self, config: Config, num_workers: int, *, shm_dir: str = "") -> None:
         if num_workers <= 0:
@@ -98,11 +122,17 @@ class WorkerPool:
         self._context = mp.get_context("forkserver")
         self._context.set_forkserver_preload(["batchwire.server._worker"])
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # queue or a worker's load changed
+        self._queue: deque[_Task] = deque()
         self._workers: list[_Worker] = []
         self._task_ids = itertools.count()
         self._closed = False
         self._wake_reader, self._wake_writer = mp.Pipe(duplex=False)
         self._collector = threading.Thread(target=self._collect, name="batchwire-pool", daemon=True)
+        self._feeders = [
+            threading.Thread(target=self._feed, args=(slot,), name=f"batchwire-feed-{slot}")
+            for slot in range(num_workers)
+        ]
         self.replaced = 0
         """Workers replaced after dying (for metrics and tests)."""
         self.busy_seconds = 0.0
@@ -112,6 +142,9 @@ class WorkerPool:
         with self._lock:
             self._workers = [self._spawn(slot) for slot in range(self._num_workers)]
         self._collector.start()
+        for feeder in self._feeders:
+            feeder.daemon = True
+            feeder.start()
 
     @property
     def pids(self) -> list[int]:
@@ -123,6 +156,12 @@ class WorkerPool:
         with self._lock:
             return sum(worker.process.is_alive() for worker in self._workers)
 
+    @property
+    def queued(self) -> int:
+        """Tasks waiting for a worker (cancelled ones included until a feeder skips them)."""
+        with self._lock:
+            return len(self._queue)
+
     def submit(
         self, dataset: str, indices: Sequence[int], *, seed: int = 0, epoch: int = 0
     ) -> Future[BuiltBatch]:
@@ -131,30 +170,13 @@ class WorkerPool:
         ``seed`` and ``epoch`` seed the random transforms of each sample (with its index).
         """
         task = _Task(next(self._task_ids), dataset, indices, Future(), seed, epoch)
-        self._dispatch(task)
-        return task.future
-
-    def _dispatch(self, task: _Task) -> None:
         with self._lock:
             if self._closed:
                 task.future.set_exception(PoolClosed("the server is shutting down"))
-                return
-            worker = min(self._workers, key=lambda w: len(w.tasks))
-            worker.tasks[task.task_id] = task
-        try:
-            with worker.send_lock:
-                worker.conn.send(
-                    (
-                        task.task_id,
-                        task.dataset,
-                        task.indices,
-                        self._path(task.task_id),
-                        task.seed,
-                        task.epoch,
-                    )
-                )
-        except (BrokenPipeError, OSError):
-            pass  # the worker died; the collector hands its tasks to the replacement
+            else:
+                self._queue.append(task)
+                self._changed.notify_all()
+        return task.future
 
     def _path(self, task_id: int) -> str:
         return os.path.join(self._shm_dir, f"{self._prefix}{task_id}")
@@ -170,6 +192,50 @@ class WorkerPool:
         process.start()
         theirs.close()
         return _Worker(slot, process, ours)
+
+    # -- the feeder threads (one per worker slot) --------------------------------
+
+    def _feed(self, slot: int) -> None:
+        while True:
+            with self._changed:
+                while True:
+                    if self._closed:
+                        return
+                    worker = self._workers[slot]
+                    task = self._next_task() if self._has_room(worker) else None
+                    if task is not None:
+                        break
+                    self._changed.wait()
+                worker.tasks[task.task_id] = task
+                self._changed.notify_all()  # other feeders may now send ahead
+            message = (
+                task.task_id,
+                task.dataset,
+                task.indices,
+                self._path(task.task_id),
+                task.seed,
+                task.epoch,
+            )
+            try:
+                with worker.send_lock:  # may block until the worker finishes its current batch
+                    worker.conn.send(message)
+            except (BrokenPipeError, OSError):
+                pass  # the worker died (or was replaced): the collector re-queues its tasks
+
+    def _has_room(self, worker: _Worker) -> bool:
+        # An idle worker takes a task; a busy one takes a second only when no worker is
+        # idle, so that a few tasks spread over the workers instead of queueing on one.
+        if not worker.tasks:
+            return True
+        return len(worker.tasks) < AHEAD and all(other.tasks for other in self._workers)
+
+    def _next_task(self) -> _Task | None:
+        """The oldest queued task whose future is not cancelled (holding ``_lock``)."""
+        while self._queue:
+            task = self._queue.popleft()
+            if not task.future.cancelled():
+                return task
+        return None
 
     # -- the collector thread -------------------------------------------------
 
@@ -197,41 +263,54 @@ class WorkerPool:
 
     def _resolve(self, worker: _Worker, reply: tuple[Any, ...]) -> None:
         status, task_id = reply[0], reply[1]
-        with self._lock:
+        with self._changed:
             task = worker.tasks.pop(task_id, None)
+            self._changed.notify_all()  # the worker has room for another task
         if task is None:
             return
-        if not task.future.set_running_or_notify_cancel():
-            _remove(self._path(task_id))  # its stream ended and cancelled it: nobody maps this
+        if status != "ok":
+            _settle(task.future, exception=BatchFailed(reply[2]))
             return
-        if status == "ok":
-            header_bytes, size, busy = reply[2], reply[3], reply[4]
-            self.busy_seconds += busy
-            try:
-                payload = open_payload(self._path(task_id), size)
-            except OSError as exc:
-                task.future.set_exception(
-                    RuntimeError(f"lost batch payload of dataset {task.dataset!r}: {exc}")
-                )
-                return
-            task.future.set_result(
-                BuiltBatch(pb.BatchHeader.FromString(header_bytes), payload, busy)
+        header_bytes, size, busy = reply[2], reply[3], reply[4]
+        self.busy_seconds += busy
+        if task.future.cancelled():  # its stream ended while the worker built it
+            _remove(self._path(task_id))
+            return
+        try:
+            payload = open_payload(self._path(task_id), size)
+        except OSError as exc:
+            _settle(
+                task.future,
+                exception=RuntimeError(f"lost batch payload of dataset {task.dataset!r}: {exc}"),
             )
-        else:
-            task.future.set_exception(BatchFailed(reply[2]))
+            return
+        _settle(task.future, BuiltBatch(pb.BatchHeader.FromString(header_bytes), payload, busy))
 
     def _replace(self, dead: _Worker) -> None:
         self._receive(dead)  # results it sent before dying still count
         dead.process.join(timeout=1.0)
         exitcode = dead.process.exitcode
-        dead.conn.close()
-        with self._lock:
+        # A feeder sending to the dead worker fails at once (its pipe has no reader
+        # left), so this lock is free within a send's failure, never a worker's batch.
+        with dead.send_lock:
+            dead.conn.close()
+        with self._changed:
             if self._closed:
                 return
             replacement = self._spawn(dead.slot)
             self._workers[self._workers.index(dead)] = replacement
             orphans = list(dead.tasks.values())
+            dead.tasks.clear()
+            failed = []
+            if orphans:  # only the oldest was being built; the others waited in the pipe
+                orphans[0].attempts += 1
+                if orphans[0].attempts >= MAX_ATTEMPTS:
+                    failed.append(orphans.pop(0))
+            for task in [*failed, *orphans]:
+                _remove(self._path(task.task_id))  # a partial payload; the rebuild recreates it
+            self._queue.extendleft(reversed(orphans))  # first in line: their streams wait on them
             self.replaced += 1
+            self._changed.notify_all()
         log.warning(
             "worker %s (pid %s) died with exit code %s; replaced it, rebuilding %d batch(es)",
             dead.slot,
@@ -239,29 +318,28 @@ class WorkerPool:
             exitcode,
             len(orphans),
         )
-        for task in orphans:
-            _remove(self._path(task.task_id))
-            task.attempts += 1
-            if task.attempts >= MAX_ATTEMPTS:
-                task.future.set_exception(
-                    WorkerCrashed(
-                        f"dataset {task.dataset!r}: worker processes died {task.attempts} times while "
-                        f"building the batch of sample indices {list(task.indices)[:8]}... "
-                        f"(last exit code {exitcode})"
-                    )
-                )
-            else:
-                self._dispatch(task)
+        for task in failed:
+            _settle(
+                task.future,
+                exception=WorkerCrashed(
+                    f"dataset {task.dataset!r}: worker processes died {task.attempts} times while "
+                    f"building the batch of sample indices {list(task.indices)[:8]}... "
+                    f"(last exit code {exitcode})"
+                ),
+            )
 
     # -- shutdown ---------------------------------------------------------------
 
     def close(self, timeout: float = 5.0) -> None:
         """Stops the workers; pending futures fail with ``PoolClosed``."""
-        with self._lock:
+        with self._changed:
             if self._closed:
                 return
             self._closed = True
             workers = list(self._workers)
+            unsent = list(self._queue)
+            self._queue.clear()
+            self._changed.notify_all()
         self._wake_writer.send(None)
         for worker in workers:
             try:
@@ -274,18 +352,27 @@ class WorkerPool:
             if worker.process.is_alive():
                 worker.process.kill()
                 worker.process.join(timeout=timeout)
-            for task in worker.tasks.values():
-                if not task.future.done():
-                    task.future.set_exception(PoolClosed("the server is shutting down"))
             worker.conn.close()
         if self._collector.is_alive():
             self._collector.join(timeout=timeout)
+        for task in [*unsent, *(task for worker in workers for task in worker.tasks.values())]:
+            _settle(task.future, exception=PoolClosed("the server is shutting down"))
         for path in glob.glob(os.path.join(self._shm_dir, f"{self._prefix}*")):
             _remove(path)
 
 
-class BatchFailed(RuntimeError):
-    """The worker reported an error building the batch (message says which sample)."""
+def _settle(
+    future: Future[BuiltBatch],
+    result: BuiltBatch | None = None,
+    *,
+    exception: BaseException | None = None,
+) -> None:
+    """Resolves ``future`` unless it is already done (cancelled by its stream, or failed)."""
+    with contextlib.suppress(InvalidStateError):
+        if exception is not None:
+            future.set_exception(exception)
+        else:
+            future.set_result(result)
 
 
 def _remove(path: str) -> None:

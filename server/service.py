@@ -247,6 +247,7 @@ class BatchService:
                 self._check_drain(context, position)
                 built = self._await(future, context, position)
                 if built is None:
+                    future.cancel()
                     return  # the client went away
                 refill()
                 depth.set(sum(f.done() for _, f in pending))

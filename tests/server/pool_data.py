@@ -1,0 +1,38 @@
+"""Datasets for the pool hardening tests, imported by the server's workers (``python`` source)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+from torch.utils.data import Dataset
+
+
+class CountedSlowRange(Dataset):
+    """Item i is ``tensor([i])`` after ``delay`` seconds; each load appends a line to ``counter``.
+
+    The counter file counts the items the workers really built, whatever the
+    streams received.
+    """
+
+    def __init__(self, length: int, delay: float, counter: str) -> None:
+        self.length = length
+        self.delay = delay
+        self.counter = counter
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        time.sleep(self.delay)
+        fd = os.open(self.counter, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            os.write(fd, f"{index}\n".encode())
+        finally:
+            os.close(fd)
+        return torch.tensor([index])
+
+
+def counted_slow_range(length: int, delay: float, counter: str) -> CountedSlowRange:
+    return CountedSlowRange(length, delay, counter)

@@ -1,0 +1,92 @@
+"""The worker pool under abuse (real server): cancelled streams, failed writes, hung items."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from _serverproc import ServerProcess
+
+from batchwire.client import BatchClient
+from batchwire.v1 import batchwire_pb2 as pb
+from batchwire.v1 import batchwire_pb2_grpc
+
+HERE = Path(__file__).resolve().parent
+WORKERS = 2
+BATCH = 2  # samples per batch
+AHEAD = 2  # tasks a worker holds at most (server/pool.py)
+
+
+def request(dataset: str, **fields) -> pb.StreamBatchesRequest:
+    return pb.StreamBatchesRequest(dataset=dataset, batch_size=BATCH, world_size=1, **fields)
+
+
+def wait_until(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def built(counter: Path) -> int:
+    """Items the workers have loaded so far (one line each)."""
+    return len(counter.read_text().splitlines()) if counter.exists() else 0
+
+
+# -- 1. cancelled streams leave no work behind --------------------------------
+
+
+@pytest.fixture(scope="module")
+def slow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, Path]]:
+    root = tmp_path_factory.mktemp("cancel")
+    counter = root / "built.txt"
+    config = root / "cancel.toml"
+    config.write_text(
+        f"""
+[server]
+python_path = ["{HERE}"]
+prefetch_batches = 4
+
+[datasets.slow]
+source = "python"
+factory = "pool_data:counted_slow_range"
+kwargs = {{ length = 400, delay = 0.1, counter = "{counter}" }}
+"""
+    )
+    with ServerProcess(config, workers=WORKERS) as server:
+        yield server, counter
+
+
+def test_cancelled_streams_do_not_keep_workers_busy(slow_server):
+    server, counter = slow_server
+    streams = 12  # x prefetch 4 = 48 batches queued: ~5 s of work for 2 workers
+    with grpc.insecure_channel(server.target) as channel:
+        stub = batchwire_pb2_grpc.BatchServiceStub(channel)
+        calls = [stub.StreamBatches(request("slow", seed=i, shuffle=True)) for i in range(streams)]
+        wait_until(
+            lambda: sum("stream start" in line for line in server.output) >= streams,
+            10,
+            "the streams to start",
+        )
+        for call in calls:
+            call.cancel()
+    wait_until(
+        lambda: sum("status=CANCELLED" in line for line in server.output) >= streams,
+        10,
+        "the server to end the cancelled streams",
+    )
+    before = built(counter)
+    started = time.monotonic()
+    received = list(BatchClient(server.target).batches(request("slow", end_batch=4)))
+    seconds = time.monotonic() - started
+    assert [position for position, _ in received] == [0, 1, 2, 3]
+    time.sleep(1.0)  # anything still queued would be built now
+    leftover = built(counter) - before - 4 * BATCH
+    # Once the streams ended, only the batches already in the workers' pipes get built.
+    assert leftover <= WORKERS * AHEAD * BATCH, f"{leftover} items built for cancelled streams"
+    # 4 batches of 0.2 s on 2 workers, behind at most one batch each: well under a second.
+    assert seconds < 3.0, f"a fresh stream took {seconds:.1f}s behind cancelled ones"
