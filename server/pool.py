@@ -23,7 +23,11 @@ current batch; only that worker's feeder waits. The collector thread (replies
 and deaths) never sends a task, so it keeps collecting from every worker.
 
 Finished payloads travel as files in /dev/shm: the worker writes the batch
-once, the gRPC process maps the file and frames chunks straight from it.
+once, the gRPC process maps the file and frames chunks straight from it. The
+pool removes a task's file whenever the batch will not be mapped (the worker
+reported an error, died, or its stream ended first), all of its files at
+close, and at start the files of servers that died without closing (a pid in
+the name that is no longer running).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import itertools
 import logging
 import multiprocessing as mp
 import os
+import re
 import tempfile
 import threading
 from collections import deque
@@ -139,6 +144,7 @@ class WorkerPool:
         """Total time workers spent building batches."""
 
     def start(self) -> None:
+        _remove_leftovers(self._shm_dir)
         with self._lock:
             self._workers = [self._spawn(slot) for slot in range(self._num_workers)]
         self._collector.start()
@@ -269,6 +275,7 @@ class WorkerPool:
         if task is None:
             return
         if status != "ok":
+            _remove(self._path(task_id))  # what it wrote before failing (ENOSPC partway)
             _settle(task.future, exception=BatchFailed(reply[2]))
             return
         header_bytes, size, busy = reply[2], reply[3], reply[4]
@@ -373,6 +380,32 @@ def _settle(
             future.set_exception(exception)
         else:
             future.set_result(result)
+
+
+_PAYLOAD_NAME = re.compile(r"batchwire-(\d+)-[0-9a-f]+-\d+")
+"""Payload files are ``batchwire-{server pid}-{pool id}-{task id}`` (``WorkerPool._path``)."""
+
+
+def _remove_leftovers(shm_dir: str) -> None:
+    """Removes payload files of servers that are gone (SIGKILLed before they could clean up)."""
+    removed = 0
+    for path in glob.glob(os.path.join(shm_dir, "batchwire-*")):
+        match = _PAYLOAD_NAME.fullmatch(os.path.basename(path))
+        if match and not _alive(int(match[1])):
+            _remove(path)
+            removed += 1
+    if removed:
+        log.info("removed %d payload file(s) of stopped servers from %s", removed, shm_dir)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def _remove(path: str) -> None:

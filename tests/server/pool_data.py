@@ -36,3 +36,33 @@ class CountedSlowRange(Dataset):
 
 def counted_slow_range(length: int, delay: float, counter: str) -> CountedSlowRange:
     return CountedSlowRange(length, delay, counter)
+
+
+class FileSizeLimited(Dataset):
+    """Item i is 4096 float32s; in a worker, files stop growing at 4 KiB (writes fail with EFBIG).
+
+    Stands in for a full /dev/shm: the worker writes part of the payload, then
+    reports an error. The limit is set only in worker processes (not in the
+    gRPC process, which also opens the dataset).
+    """
+
+    def __init__(self, length: int) -> None:
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        import multiprocessing
+        import resource
+        import signal
+
+        if multiprocessing.parent_process() is not None:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of being killed
+            _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+        return torch.full((4096,), float(index))
+
+
+def file_size_limited(length: int) -> FileSizeLimited:
+    return FileSizeLimited(length)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,7 +12,7 @@ import grpc
 import pytest
 from _serverproc import ServerProcess
 
-from batchwire.client import BatchClient
+from batchwire.client import BatchClient, ServerError
 from batchwire.v1 import batchwire_pb2 as pb
 from batchwire.v1 import batchwire_pb2_grpc
 
@@ -21,7 +23,8 @@ AHEAD = 2  # tasks a worker holds at most (server/pool.py)
 
 
 def request(dataset: str, **fields) -> pb.StreamBatchesRequest:
-    return pb.StreamBatchesRequest(dataset=dataset, batch_size=BATCH, world_size=1, **fields)
+    fields.setdefault("batch_size", BATCH)
+    return pb.StreamBatchesRequest(dataset=dataset, world_size=1, **fields)
 
 
 def wait_until(condition, timeout: float, what: str) -> None:
@@ -90,3 +93,44 @@ def test_cancelled_streams_do_not_keep_workers_busy(slow_server):
     assert leftover <= WORKERS * AHEAD * BATCH, f"{leftover} items built for cancelled streams"
     # 4 batches of 0.2 s on 2 workers, behind at most one batch each: well under a second.
     assert seconds < 3.0, f"a fresh stream took {seconds:.1f}s behind cancelled ones"
+
+
+# -- 2. no payload file outlives its batch -------------------------------------
+
+
+def payload_files(shm: Path, pid: int) -> list[str]:
+    return sorted(path.name for path in shm.glob(f"batchwire-{pid}-*"))
+
+
+def test_payload_files_of_dead_servers_and_failed_writes_are_removed(tmp_path: Path):
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    gone = subprocess.Popen(["true"])  # a pid that no longer runs: a SIGKILLed server's
+    gone.wait()
+    leftovers = [shm / f"batchwire-{gone.pid}-7f00aa-{i}" for i in range(3)]
+    alive = shm / f"batchwire-{os.getpid()}-7f00bb-0"  # a running server's batch: kept
+    other = shm / "someone-elses-file"
+    for path in [*leftovers, alive, other]:
+        path.write_bytes(b"x" * 100)
+    config = tmp_path / "shm.toml"
+    config.write_text(
+        f"""
+[server]
+python_path = ["{HERE}"]
+shm_dir = "{shm}"
+
+[datasets.partial]
+source = "python"
+factory = "pool_data:file_size_limited"
+kwargs = {{ length = 40 }}
+"""
+    )
+    with ServerProcess(config, workers=WORKERS) as server:
+        assert not any(path.exists() for path in leftovers), sorted(p.name for p in shm.iterdir())
+        assert alive.exists() and other.exists()
+        with pytest.raises(ServerError) as info:
+            list(BatchClient(server.target).batches(request("partial", batch_size=4)))
+        assert info.value.code == grpc.StatusCode.INTERNAL, info.value
+        assert "'partial'" in str(info.value)
+        # The stream's other batches may still be in the workers; each fails the same way.
+        wait_until(lambda: not payload_files(shm, server.pid()), 10, "partial payloads removed")
