@@ -11,6 +11,7 @@ import grpc
 from batchwire import compression, wire
 from batchwire.client import _credentials
 from batchwire.client._errors import ServerError
+from batchwire.client._retry import StreamCutShort
 from batchwire.v1 import batchwire_pb2 as pb
 
 _SERVICE = "/batchwire.v1.BatchService/"
@@ -95,6 +96,10 @@ class BatchClient:
                 done = assembler.add(chunk)
                 if done is not None:
                     yield done
+            if assembler.pending:
+                raise StreamCutShort(
+                    "the stream ended without an error in the middle of a batch", target=self.target
+                )
         except grpc.RpcError as error:
             raise ServerError.from_rpc(error, self.target) from None
         finally:

@@ -296,6 +296,7 @@ class RemoteDataset(IterableDataset):
             policy=self.retry,
             what=f"{what} batches {start}::{stride}",
             stop=stop,
+            end=lambda: self._num_batches(epoch),
         )
 
 

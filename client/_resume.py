@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from batchwire.client._errors import BatchwireError, ServerError
-from batchwire.client._retry import Outage, RetryPolicy
+from batchwire.client._retry import Outage, RetryPolicy, StreamCutShort
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,7 @@ def resuming_batches(
     policy: RetryPolicy,
     what: str,
     stop: threading.Event | None = None,
+    end: Callable[[], int] | None = None,
 ) -> Iterator[tuple[int, Any]]:
     """Yields ``(batch_index, batch)`` of the share ``start, start + stride, ...``.
 
@@ -40,6 +41,8 @@ def resuming_batches(
         policy: when to reconnect and when to give up.
         what: names the share in logs and errors ("dataset 'x' epoch 3 ...").
         stop: set by the consumer to cut a backoff wait short.
+        end: the epoch's number of batches, asked when a stream ends without an
+            error: one that ends before the share does is resumed, not trusted.
 
     Raises:
         ServerError: a status the policy does not retry.
@@ -66,7 +69,13 @@ def resuming_batches(
                     )
                     outage.reset()
                 yield index, batch
-            return
+            total = end() if end is not None else owed
+            if owed >= total:
+                return
+            raise StreamCutShort(
+                f"the stream ended without an error before batch {owed}, "
+                f"but the epoch has {total} batches"
+            )
         except ServerError as error:
             wait = outage.next_wait(error, f"{what} at batch {owed}")
             # The first failure of an outage is a warning; the attempts after it are detail.

@@ -76,6 +76,15 @@ class RetryPolicy:
         return ceiling * (1 - self.jitter * (rng or random).random())
 
 
+class StreamCutShort(ServerError):
+    """A stream ended without an error status before its share did: a batch half
+    sent, or batches missing at the end. Resumed at the owed batch like a broken
+    stream (whatever ``RetryPolicy.retryable`` says), never taken as complete."""
+
+    def __init__(self, details: str, *, target: str = "") -> None:
+        super().__init__(grpc.StatusCode.DATA_LOSS, details, target=target)
+
+
 class RetryError(BatchwireError):
     """A stream kept failing until the retry budget was spent.
 
@@ -120,7 +129,7 @@ class Outage:
     def next_wait(self, error: ServerError, what: str) -> float:
         """Seconds to wait before the next attempt; raises ``error`` or ``RetryError`` instead."""
         policy = self._policy
-        if error.code not in policy.retryable:
+        if error.code not in policy.retryable and not isinstance(error, StreamCutShort):
             raise error
         now = self._clock()
         if self._started is None:
