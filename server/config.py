@@ -161,6 +161,8 @@ class ServerConfig:
     """A ping unanswered this long closes the connection."""
     grace_seconds: float = 10.0
     """On SIGTERM, open streams get this long before they end with UNAVAILABLE."""
+    task_timeout_seconds: float = 300.0
+    """A worker building one batch longer than this is killed and replaced; the batch fails."""
     metrics_port: int | None = None
     """Port of the Prometheus endpoint (0: a free one); none when unset."""
     metrics_host: str = ""
@@ -269,6 +271,9 @@ def _server_config(table: Table) -> ServerConfig:
         ),
         grace_seconds=_positive_number(
             table, "grace_seconds", defaults.grace_seconds, allow_zero=True
+        ),
+        task_timeout_seconds=_positive_number(
+            table, "task_timeout_seconds", defaults.task_timeout_seconds
         ),
         metrics_port=_port(table, None, "metrics_port"),
         metrics_host=table.get("metrics_host", str, defaults.metrics_host),

@@ -41,6 +41,7 @@ import os
 import re
 import tempfile
 import threading
+import time
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, InvalidStateError
@@ -74,6 +75,10 @@ class BatchFailed(RuntimeError):
     """The worker reported an error building the batch (message says which sample)."""
 
 
+class TaskTimedOut(RuntimeError):
+    """A worker spent more than ``task_timeout_seconds`` on one batch and was killed."""
+
+
 @dataclass
 class BuiltBatch:
     """A finished batch: its header and its payload, mapped from shared memory."""
@@ -103,6 +108,10 @@ class _Worker:
     """Sent and not answered yet, oldest (the one being built) first; at most ``AHEAD``."""
     send_lock: threading.Lock = field(default_factory=threading.Lock)
     """Held while sending on, or closing, ``conn``."""
+    busy_since: float = 0.0
+    """When it started building its oldest task (``time.monotonic``)."""
+    timed_out: bool = False
+    """Killed for holding a task past ``task_timeout_seconds``."""
 
 
 def default_shm_dir() -> str:
@@ -123,6 +132,7 @@ class WorkerPool:
         self._config = config
         self._num_workers = num_workers
         self._shm_dir = shm_dir or default_shm_dir()
+        self._task_timeout = config.server.task_timeout_seconds
         self._prefix = f"batchwire-{os.getpid()}-{id(self):x}-"
         self._context = mp.get_context("forkserver")
         self._context.set_forkserver_preload(["batchwire.server._worker"])
@@ -212,6 +222,8 @@ class WorkerPool:
                     if task is not None:
                         break
                     self._changed.wait()
+                if not worker.tasks:
+                    worker.busy_since = time.monotonic()
                 worker.tasks[task.task_id] = task
                 self._changed.notify_all()  # other feeders may now send ahead
             message = (
@@ -231,6 +243,8 @@ class WorkerPool:
     def _has_room(self, worker: _Worker) -> bool:
         # An idle worker takes a task; a busy one takes a second only when no worker is
         # idle, so that a few tasks spread over the workers instead of queueing on one.
+        if worker.timed_out:
+            return False  # killed; its replacement is on the way
         if not worker.tasks:
             return True
         return len(worker.tasks) < AHEAD and all(other.tasks for other in self._workers)
@@ -252,13 +266,46 @@ class WorkerPool:
                     return
                 by_conn = {worker.conn: worker for worker in self._workers}
                 by_sentinel = {worker.process.sentinel: worker for worker in self._workers}
-            ready = wait([*by_conn, *by_sentinel, self._wake_reader], timeout=1.0)
+                deadlines = [
+                    worker.busy_since + self._task_timeout
+                    for worker in self._workers
+                    if worker.tasks and not worker.timed_out
+                ]
+            timeout = min([1.0, *(deadline - time.monotonic() for deadline in deadlines)])
+            ready = wait([*by_conn, *by_sentinel, self._wake_reader], timeout=max(timeout, 0.0))
             for conn in ready:
                 if conn in by_conn:
                     self._receive(by_conn[conn])
             for sentinel in ready:
                 if sentinel in by_sentinel:
                     self._replace(by_sentinel[sentinel])
+            self._kill_stuck()
+
+    def _kill_stuck(self) -> None:
+        """Kills each worker stuck on one task past the timeout; fails that task, not its others.
+
+        The task is not retried: an item that hangs would hang the replacement too.
+        The sentinel of the killed worker then fires and ``_replace`` re-queues the rest.
+        """
+        now = time.monotonic()
+        stuck = []
+        with self._lock:
+            for worker in self._workers:
+                late = now - worker.busy_since >= self._task_timeout
+                if worker.tasks and late and not worker.timed_out:
+                    worker.timed_out = True
+                    stuck.append((worker, worker.tasks.pop(next(iter(worker.tasks)))))
+        for worker, task in stuck:
+            worker.process.kill()
+            _remove(self._path(task.task_id))
+            indices = list(task.indices)
+            message = (
+                f"dataset {task.dataset!r}: the batch starting at sample index {indices[0]} "
+                f"({len(indices)} samples) took longer than task_timeout_seconds="
+                f"{self._task_timeout:g}; its worker (pid {worker.process.pid}) was killed"
+            )
+            log.warning("%s", message)
+            _settle(task.future, exception=TaskTimedOut(message))
 
     def _receive(self, worker: _Worker) -> None:
         try:
@@ -271,8 +318,11 @@ class WorkerPool:
         status, task_id = reply[0], reply[1]
         with self._changed:
             task = worker.tasks.pop(task_id, None)
+            if worker.tasks:
+                worker.busy_since = time.monotonic()  # it starts on the next one now
             self._changed.notify_all()  # the worker has room for another task
-        if task is None:
+        if task is None:  # it timed out as the worker finished it: nobody maps this
+            _remove(self._path(task_id))
             return
         if status != "ok":
             _remove(self._path(task_id))  # what it wrote before failing (ENOSPC partway)
@@ -309,7 +359,9 @@ class WorkerPool:
             orphans = list(dead.tasks.values())
             dead.tasks.clear()
             failed = []
-            if orphans:  # only the oldest was being built; the others waited in the pipe
+            # Only the oldest was being built; the others waited in the pipe. (A timed-out
+            # worker's oldest task has already failed and left ``tasks``.)
+            if orphans and not dead.timed_out:
                 orphans[0].attempts += 1
                 if orphans[0].attempts >= MAX_ATTEMPTS:
                     failed.append(orphans.pop(0))

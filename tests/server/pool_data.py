@@ -66,3 +66,23 @@ class FileSizeLimited(Dataset):
 
 def file_size_limited(length: int) -> FileSizeLimited:
     return FileSizeLimited(length)
+
+
+class HangsAt(Dataset):
+    """Item i is ``tensor([i])``; item ``hang`` never returns (a stuck read, a deadlocked decoder)."""
+
+    def __init__(self, length: int, hang: int) -> None:
+        self.length = length
+        self.hang = hang
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        while index == self.hang:
+            time.sleep(3600)
+        return torch.tensor([index])
+
+
+def hangs_at(length: int, hang: int) -> HangsAt:
+    return HangsAt(length, hang)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,9 @@ from _serverproc import ServerProcess
 from batchwire.client import BatchClient, ServerError
 from batchwire.v1 import batchwire_pb2 as pb
 from batchwire.v1 import batchwire_pb2_grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipeline"))
+from pipeline_data import worker_pids  # the pipeline tests' helper, not a copy
 
 HERE = Path(__file__).resolve().parent
 WORKERS = 2
@@ -33,6 +37,13 @@ def wait_until(condition, timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.05)
+
+
+def wait_for_workers(server_pid: int, count: int, timeout: float = 20.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while len(pids := worker_pids(server_pid)) != count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return pids
 
 
 def built(counter: Path) -> int:
@@ -134,3 +145,48 @@ kwargs = {{ length = 40 }}
         assert "'partial'" in str(info.value)
         # The stream's other batches may still be in the workers; each fails the same way.
         wait_until(lambda: not payload_files(shm, server.pid()), 10, "partial payloads removed")
+
+
+# -- 4. a hung item costs one stream, not the server ---------------------------
+
+
+def test_a_hung_item_ends_its_stream_and_the_pool_recovers(tmp_path: Path):
+    config = tmp_path / "hang.toml"
+    config.write_text(
+        f"""
+[server]
+python_path = ["{HERE}"]
+task_timeout_seconds = 2
+
+[datasets.hang]
+source = "python"
+factory = "pool_data:hangs_at"
+kwargs = {{ length = 40, hang = 9 }}
+"""
+    )
+    with ServerProcess(config, workers=WORKERS) as server:
+        before = wait_for_workers(server.pid(), WORKERS)
+        others: list[list] = []
+        started = time.monotonic()
+        with pytest.raises(ServerError) as info:
+            for position, _ in BatchClient(server.target).batches(request("hang", batch_size=4)):
+                if position == 0:  # meanwhile, a stream that avoids the hung item goes on
+                    others.append(
+                        list(BatchClient(server.target).batches(request("hang", end_batch=4)))
+                    )
+        seconds = time.monotonic() - started
+        message = str(info.value)
+        assert info.value.code == grpc.StatusCode.INTERNAL, info.value
+        assert "'hang'" in message and "sample index 8" in message, message
+        assert "task_timeout_seconds=2" in message, message
+        assert seconds < 10, f"the stuck stream took {seconds:.1f}s to end"
+        assert [len(batches) for batches in others] == [4]
+
+        # The stuck worker was killed and replaced; the server serves on, at full size.
+        def replaced() -> bool:
+            pids = worker_pids(server.pid())
+            return len(pids) == WORKERS and set(pids) != set(before)
+
+        wait_until(replaced, 20, f"the killed worker of {before} to be replaced")
+        assert len(list(BatchClient(server.target).batches(request("hang", end_batch=4)))) == 4
+        assert any("took longer than task_timeout_seconds" in line for line in server.output)
