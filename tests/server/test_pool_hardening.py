@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import torch
 from _serverproc import ServerProcess
 
 from batchwire.client import BatchClient, ServerError
@@ -190,3 +193,41 @@ kwargs = {{ length = 40, hang = 9 }}
         wait_until(replaced, 20, f"the killed worker of {before} to be replaced")
         assert len(list(BatchClient(server.target).batches(request("hang", end_batch=4)))) == 4
         assert any("took longer than task_timeout_seconds" in line for line in server.output)
+
+
+# -- 3. re-dispatch after a death: tasks larger than a pipe's buffer ------------
+
+
+def test_tasks_larger_than_a_pipe_buffer_survive_a_killed_worker(tmp_path: Path):
+    # 10000 int64 indices: an 80 KB task, more than the 64 KB a pipe holds, so the
+    # send of a worker's second task blocks until it finishes its first (or dies).
+    config = tmp_path / "large.toml"
+    config.write_text(
+        f"""
+[server]
+python_path = ["{HERE}"]
+
+[datasets.range]
+source = "python"
+factory = "pool_data:hangs_at"
+kwargs = {{ length = 60000, hang = -1 }}
+"""
+    )
+    with ServerProcess(config, workers=WORKERS) as server:
+        before = wait_for_workers(server.pid(), WORKERS)
+        assert len(before) == WORKERS, before
+        received = []
+        for position, batch in BatchClient(server.target).batches(
+            request("range", batch_size=10000)
+        ):
+            received.append((position, batch))
+            if position == 0:
+                os.kill(before[0], signal.SIGKILL)  # it holds a batch and a blocked send
+        assert [position for position, _ in received] == list(range(6))
+        for position, batch in received:
+            expected = torch.arange(position * 10000, (position + 1) * 10000).unsqueeze(1)
+            assert torch.equal(batch, expected), position
+        deaths = [line for line in server.output if "died with exit code -9" in line]
+        assert deaths and re.search(r"rebuilding [1-9]\d* batch", deaths[0]), deaths
+        # Small streams go on beside the replacement.
+        assert len(list(BatchClient(server.target).batches(request("range", end_batch=3)))) == 3
