@@ -110,8 +110,8 @@ class _Worker:
     """Held while sending on, or closing, ``conn``."""
     busy_since: float = 0.0
     """When it started building its oldest task (``time.monotonic``)."""
-    timed_out: bool = False
-    """Killed for holding a task past ``task_timeout_seconds``."""
+    stuck: _Task | None = None
+    """The task it was killed for holding past ``task_timeout_seconds``."""
 
 
 def default_shm_dir() -> str:
@@ -243,7 +243,7 @@ class WorkerPool:
     def _has_room(self, worker: _Worker) -> bool:
         # An idle worker takes a task; a busy one takes a second only when no worker is
         # idle, so that a few tasks spread over the workers instead of queueing on one.
-        if worker.timed_out:
+        if worker.stuck is not None:
             return False  # killed; its replacement is on the way
         if not worker.tasks:
             return True
@@ -269,7 +269,7 @@ class WorkerPool:
                 deadlines = [
                     worker.busy_since + self._task_timeout
                     for worker in self._workers
-                    if worker.tasks and not worker.timed_out
+                    if worker.tasks and worker.stuck is None
                 ]
             timeout = min([1.0, *(deadline - time.monotonic() for deadline in deadlines)])
             ready = wait([*by_conn, *by_sentinel, self._wake_reader], timeout=max(timeout, 0.0))
@@ -292,12 +292,11 @@ class WorkerPool:
         with self._lock:
             for worker in self._workers:
                 late = now - worker.busy_since >= self._task_timeout
-                if worker.tasks and late and not worker.timed_out:
-                    worker.timed_out = True
-                    stuck.append((worker, worker.tasks.pop(next(iter(worker.tasks)))))
+                if worker.tasks and late and worker.stuck is None:
+                    worker.stuck = worker.tasks.pop(next(iter(worker.tasks)))
+                    stuck.append((worker, worker.stuck))
         for worker, task in stuck:
-            worker.process.kill()
-            _remove(self._path(task.task_id))
+            worker.process.kill()  # its partial payload goes once it is dead (``_replace``)
             indices = list(task.indices)
             message = (
                 f"dataset {task.dataset!r}: the batch starting at sample index {indices[0]} "
@@ -347,8 +346,9 @@ class WorkerPool:
         self._receive(dead)  # results it sent before dying still count
         dead.process.join(timeout=1.0)
         exitcode = dead.process.exitcode
-        # A feeder sending to the dead worker fails at once (its pipe has no reader
-        # left), so this lock is free within a send's failure, never a worker's batch.
+        # Closed under the send lock, so no feeder sends on a closed handle. A feeder
+        # sending to the dead worker fails at once (the pipe has no reader left), so
+        # the collector waits here for a failing send at most, never for a batch.
         with dead.send_lock:
             dead.conn.close()
         with self._changed:
@@ -361,12 +361,13 @@ class WorkerPool:
             failed = []
             # Only the oldest was being built; the others waited in the pipe. (A timed-out
             # worker's oldest task has already failed and left ``tasks``.)
-            if orphans and not dead.timed_out:
+            if orphans and dead.stuck is None:
                 orphans[0].attempts += 1
                 if orphans[0].attempts >= MAX_ATTEMPTS:
                     failed.append(orphans.pop(0))
-            for task in [*failed, *orphans]:
-                _remove(self._path(task.task_id))  # a partial payload; the rebuild recreates it
+            unfinished = [*failed, *orphans, *([dead.stuck] if dead.stuck is not None else [])]
+            for task in unfinished:
+                _remove(self._path(task.task_id))  # partial payloads; a rebuild recreates its file
             self._queue.extendleft(reversed(orphans))  # first in line: their streams wait on them
             self.replaced += 1
             self._changed.notify_all()
