@@ -22,19 +22,60 @@ _OPTIONS = [
     ("grpc.http2.lookahead_bytes", 16 << 20),
 ]
 
+# Keepalive pings find a server host that vanished without a TCP reset (partition,
+# power loss): without them a stream would wait for its next chunk forever. The
+# server accepts pings every 5 s or more (server/app.py), with or without data.
+KEEPALIVE_SECONDS_ENV = "BATCHWIRE_KEEPALIVE_SECONDS"
+KEEPALIVE_TIMEOUT_SECONDS_ENV = "BATCHWIRE_KEEPALIVE_TIMEOUT_SECONDS"
+KEEPALIVE_SECONDS = 20.0
+KEEPALIVE_TIMEOUT_SECONDS = 10.0
+
 _lock = threading.Lock()
-_channels: dict[tuple[int, str, tuple[str | None, ...]], grpc.Channel] = {}
+_channels: dict[tuple[object, ...], grpc.Channel] = {}
+
+
+def _seconds(variable: str, default: float) -> float:
+    raw = os.environ.get(variable, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise ValueError(f"{variable} should be a positive number of seconds, but got {raw!r}")
+    return value
+
+
+def keepalive_options() -> tuple[tuple[str, int], ...]:
+    """Ping the server after ``BATCHWIRE_KEEPALIVE_SECONDS`` (20) of silence; drop the
+    connection (a retryable UNAVAILABLE) when no answer comes within
+    ``BATCHWIRE_KEEPALIVE_TIMEOUT_SECONDS`` (10)."""
+    every = _seconds(KEEPALIVE_SECONDS_ENV, KEEPALIVE_SECONDS)
+    timeout = _seconds(KEEPALIVE_TIMEOUT_SECONDS_ENV, KEEPALIVE_TIMEOUT_SECONDS)
+    return (
+        ("grpc.keepalive_time_ms", int(every * 1000)),
+        ("grpc.keepalive_timeout_ms", int(timeout * 1000)),
+        # grpc core (1.85) times a keepalive ping out by this one, not by the
+        # keepalive timeout (grpc/grpc#39239); its default is a minute.
+        ("grpc.http2.ping_timeout_ms", int(timeout * 1000)),
+        # A stream's client sends no data after its request; without this, grpc
+        # stops pinging after two pings and a long stall goes unnoticed again.
+        ("grpc.http2.max_pings_without_data", 0),
+    )
 
 
 def channel(target: str) -> grpc.Channel:
     """The shared channel to ``target`` for this process (a forked child makes its own).
 
-    TLS and token settings come from the environment (see ``_credentials``).
+    TLS and token settings come from the environment (see ``_credentials``), and so
+    do the keepalive settings (see ``keepalive_options``).
     """
-    key = (os.getpid(), target, _credentials.environment())
+    keepalive = keepalive_options()
+    key = (os.getpid(), target, _credentials.environment(), keepalive)
     with _lock:
         if key not in _channels:
-            _channels[key] = _credentials.open_channel(target, _OPTIONS)
+            _channels[key] = _credentials.open_channel(target, [*_OPTIONS, *keepalive])
         return _channels[key]
 
 
