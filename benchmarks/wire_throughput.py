@@ -22,7 +22,7 @@ CHUNK_BYTES = 4 << 20
 
 
 def main() -> None:
-    args = h.arguments(__doc__.splitlines()[0], duration=6.0, repeats=3).parse_args()
+    args = h.arguments(__doc__.splitlines()[0], duration=6.0, repeats=2).parse_args()
     duration, warmup, repeats = h.timing(args)
     shapes = SHAPES[:1] if args.quick else SHAPES
     datasets = []
