@@ -95,3 +95,13 @@ def test_a_frozen_server_is_noticed_within_keepalive_time_and_timeout(
     # for the batches already received and a loaded test machine.
     assert noticed_after[0] < 2 * KEEPALIVE + 4.0
     assert received == expected  # and it resumed exactly once the server answered again
+
+
+@pytest.mark.parametrize("value", ["soon", "0", "-1"])
+def test_a_bad_keepalive_setting_is_refused_by_name(value: str, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("BATCHWIRE_KEEPALIVE_TIMEOUT_SECONDS", value)
+    ds = RemoteDataset(f"127.0.0.1:{free_port()}", "slow", batch_size=2)
+    with pytest.raises(
+        ValueError, match="BATCHWIRE_KEEPALIVE_TIMEOUT_SECONDS should be a positive"
+    ):
+        next(iter(ds))
