@@ -22,6 +22,12 @@ exceed the pipe buffer, so a send may block until the worker finishes its
 current batch; only that worker's feeder waits. The collector thread (replies
 and deaths) never sends a task, so it keeps collecting from every worker.
 
+A worker that holds one batch longer than ``task_timeout_seconds`` (an item
+that hangs) is SIGKILLed: Python cannot interrupt the item's code any other
+way. That batch fails, naming the dataset and its first sample, and is not
+retried (it would hang the replacement too); the worker's other task is
+re-queued.
+
 Finished payloads travel as files in /dev/shm: the worker writes the batch
 once, the gRPC process maps the file and frames chunks straight from it. The
 pool removes a task's file whenever the batch will not be mapped (the worker
