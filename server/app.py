@@ -2,16 +2,18 @@
 
 NOTE [ Graceful shutdown ]
 grpcio's own ``server.stop(grace)`` refuses every new call at once (health
-checks included) and then *cancels* open calls, which a client sees as
-CANCELLED, indistinguishable from its own cancellation. batchwire drains in
-two steps instead:
+checks included) and then cancels open calls without saying where to resume
+(grpcio 1.85 reports UNAVAILABLE "Cancelling all calls"; proxies may report
+CANCELLED). batchwire drains in two steps instead:
 
 1. health turns NOT_SERVING (orchestrators stop routing to us) and the
    service refuses new streams with UNAVAILABLE; health checks still answer;
 2. open streams go on for ``grace_seconds``; a stream still open then ends
    with UNAVAILABLE naming the batch to resume at, which a client treats as
    "reconnect elsewhere". Only then is the gRPC server stopped and the worker
-   pool closed.
+   pool closed. A stream blocked in flow control (a trainer that stopped
+   reading) cannot see the deadline; grpcio's stop cancels it, and the
+   client resumes from its own position all the same.
 """
 
 from __future__ import annotations
