@@ -22,7 +22,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
     duration, warmup, _ = h.timing(args)
-    counts = [1, 2] if args.quick else [int(k) for k in args.streams.split(",")]
+    counts = [2] if args.quick else [int(k) for k in args.streams.split(",")]
     batch_size, shape, dtype = h.SHAPES["mnist"]
     datasets = [
         h.dataset_toml("mnist", shape, dtype, source="python", length=1 << 20),
