@@ -10,9 +10,9 @@ Why one shared queue, and at most ``AHEAD`` tasks in each worker's pipe: a
 task that has not reached a worker can still be dropped. A stream that ends
 (cancelled, aborted, drained) cancels its futures, and the pool skips a
 cancelled task instead of sending it, so a client that opens and cancels
-streams cannot fill the workers with batches nobody wants. One task waiting
-in the pipe behind the one being built keeps a worker from idling between
-batches.
+streams cannot fill the workers with batches nobody wants. A few tasks
+waiting in the pipe behind the one being built keep a worker from idling
+between batches.
 
 Why one pipe and one feeder thread per worker: the pool knows which tasks
 each worker holds, so when a worker dies (segfault, OOM kill, ``os._exit``)
@@ -25,7 +25,7 @@ and deaths) never sends a task, so it keeps collecting from every worker.
 A worker that holds one batch longer than ``task_timeout_seconds`` (an item
 that hangs) is SIGKILLed: Python cannot interrupt the item's code any other
 way. That batch fails, naming the dataset and its first sample, and is not
-retried (it would hang the replacement too); the worker's other task is
+retried (it would hang the replacement too); the worker's other tasks are
 re-queued.
 
 Finished payloads travel as files in /dev/shm: the worker writes the batch
@@ -65,8 +65,13 @@ log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 3
 """A task whose worker dies this many times while building it fails instead of killing a fourth."""
 
-AHEAD = 2
-"""Tasks sent to one worker at a time: the one it builds and the next, waiting in its pipe."""
+AHEAD = 4
+"""Tasks sent to one worker at a time: the one it builds and the next ones, in its pipe.
+
+Each reply wakes the collector, then a feeder, before the next send: with only 2
+ahead, small batches (``batchwire bench``, digits, batch 64, 2 workers) streamed
+at 260 batches/s per client instead of 630; with 4, 580.
+"""
 
 
 class WorkerCrashed(RuntimeError):

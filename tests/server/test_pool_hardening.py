@@ -17,6 +17,7 @@ import torch
 from _serverproc import ServerProcess
 
 from batchwire.client import BatchClient, ServerError
+from batchwire.server.pool import AHEAD
 from batchwire.v1 import batchwire_pb2 as pb
 from batchwire.v1 import batchwire_pb2_grpc
 
@@ -26,7 +27,6 @@ from pipeline_data import worker_pids  # the pipeline tests' helper, not a copy
 HERE = Path(__file__).resolve().parent
 WORKERS = 2
 BATCH = 2  # samples per batch
-AHEAD = 2  # tasks a worker holds at most (server/pool.py)
 
 
 def request(dataset: str, **fields) -> pb.StreamBatchesRequest:
@@ -105,7 +105,7 @@ def test_cancelled_streams_do_not_keep_workers_busy(slow_server):
     leftover = built(counter) - before - 4 * BATCH
     # Once the streams ended, only the batches already in the workers' pipes get built.
     assert leftover <= WORKERS * AHEAD * BATCH, f"{leftover} items built for cancelled streams"
-    # 4 batches of 0.2 s on 2 workers, behind at most one batch each: well under a second.
+    # 4 batches of 0.2 s on 2 workers, behind at most AHEAD batches each: about a second.
     assert seconds < 3.0, f"a fresh stream took {seconds:.1f}s behind cancelled ones"
 
 
