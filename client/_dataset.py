@@ -13,6 +13,7 @@ from batchwire.client._channel import BatchClient
 from batchwire.client._parallel import merge_in_order
 from batchwire.client._resume import resuming_batches
 from batchwire.client._retry import RetryPolicy, call_with_retry
+from batchwire.compression import codec as compression_codec
 from batchwire.v1 import batchwire_pb2 as pb
 
 _COUNTS_KEPT = 8  # epochs whose batch count is remembered
@@ -50,6 +51,9 @@ class RemoteDataset(IterableDataset):
         buffer: batches each of the ``streams`` may read ahead (``streams > 1`` only).
         retry: when to reconnect a broken stream and when to give up
             (``RetryPolicy(attempts=0)``: never).
+        compression: ``"none"``, ``"lz4"`` or ``"zstd"``: payload compression,
+            worth it for compressible data (uint8 images) on a slow link only
+            (see benchmarks/RESULTS.md).
     """
 
     # Keys of state_dict(); CONFIG_KEY holds what must match for a resume to be exact.
@@ -73,6 +77,7 @@ class RemoteDataset(IterableDataset):
         streams: int = 1,
         buffer: int = 2,
         retry: RetryPolicy | None = None,
+        compression: str = "none",
     ) -> None:
         super().__init__()
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
@@ -99,6 +104,7 @@ class RemoteDataset(IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.sampler = _sampler_spec(sampler)
+        self.compression = compression_codec(compression)
         self.streams = streams
         self.buffer = buffer
         self.retry = retry or RetryPolicy()
@@ -164,6 +170,7 @@ class RemoteDataset(IterableDataset):
             start_batch=start_batch,
             batch_stride=batch_stride,
             sampler=self.sampler,
+            compression=self.compression,
         )
 
     # -- position ---------------------------------------------------------------

@@ -33,12 +33,13 @@ import grpc
 from batchwire import wire
 from batchwire.client._channel import BatchClient
 from batchwire.client._errors import BatchwireError, ServerError
+from batchwire.compression import NAMES as compression_names
+from batchwire.compression import codec
 from batchwire.v1 import batchwire_pb2 as pb
 
 JSON_SCHEMA_VERSION = 1
 _START_DELAY = 0.3  # seconds between "all clients ready" and the common start
 _READY_TIMEOUT = 120.0  # seconds a spawned client may take to import torch and connect
-_COMPRESSIONS = {"none": pb.NONE, "lz4": pb.LZ4, "zstd": pb.ZSTD}
 
 
 class BenchError(BatchwireError):
@@ -68,9 +69,9 @@ class BenchConfig:
             raise ValueError(f"duration should be positive seconds, but got {self.duration!r}")
         if not self.warmup >= 0:
             raise ValueError(f"warmup should be >= 0 seconds, but got {self.warmup!r}")
-        if self.compression not in _COMPRESSIONS:
+        if self.compression not in compression_names:
             raise ValueError(
-                f"compression should be one of {sorted(_COMPRESSIONS)}, got {self.compression!r}"
+                f"compression should be one of {', '.join(compression_names)}, got {self.compression!r}"
             )
 
 
@@ -98,7 +99,7 @@ def _request(config: BenchConfig, epoch: int, stream: int) -> pb.StreamBatchesRe
         world_size=1,
         start_batch=stream,
         batch_stride=config.streams,
-        compression=_COMPRESSIONS[config.compression],
+        compression=codec(config.compression),
     )
 
 

@@ -24,8 +24,18 @@ class CompressionError(ValueError):
     """A payload that does not decompress to the size its header says."""
 
 
+NAMES = ("none", "lz4", "zstd")
+
+
 def name(codec: int) -> str:
     return pb.Compression.Name(codec).lower()
+
+
+def codec(codec_name: str) -> int:
+    """The ``Compression`` value of ``"none"``, ``"lz4"`` or ``"zstd"``."""
+    if codec_name not in NAMES:
+        raise ValueError(f"compression should be one of {', '.join(NAMES)}, got {codec_name!r}")
+    return pb.Compression.Value(codec_name.upper())
 
 
 def compress(codec: int, payload: Any) -> bytes:

@@ -64,3 +64,15 @@ def test_unknown_codec_is_invalid_argument(core_server: ServerProcess) -> None:
         _batches(core_server, 7, "dict", 4)
     assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert "compression" in caught.value.details and "7" in caught.value.details
+
+
+def test_remote_dataset_asks_for_compression(core_server: ServerProcess) -> None:
+    from batchwire.client import RemoteDataset
+
+    plain = list(RemoteDataset(core_server.target, "dict", batch_size=16))
+    squeezed = RemoteDataset(core_server.target, "dict", batch_size=16, compression="zstd")
+    assert squeezed.request(0).compression == pb.ZSTD
+    for i, (got, want) in enumerate(zip(list(squeezed), plain, strict=True)):
+        assert_same_batch(got, want, f"batch {i}")
+    with pytest.raises(ValueError, match="one of none, lz4, zstd"):
+        RemoteDataset(core_server.target, "dict", batch_size=16, compression="gzip")
