@@ -16,22 +16,19 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import re
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from batchwire.server.launch import ServeProcess
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-_LISTENING = re.compile(r"batchwire: serving .* on [^ ]+:(\d+) ")
 _TICK = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -103,69 +100,25 @@ def server_toml(datasets: Sequence[str], **settings: Any) -> str:
 # -- the server -------------------------------------------------------------------
 
 
-class Server:
-    """``batchwire serve`` in its own process; ``target`` once started."""
+class Server(ServeProcess):
+    """``batchwire serve`` of ``config_text`` in its own process; ``target`` once started."""
 
     def __init__(self, config_text: str, *, workers: int = 2) -> None:
         self.folder = Path(tempfile.mkdtemp(prefix="batchwire-bench-"))
-        self.config = self.folder / "bench.toml"
-        self.config.write_text(config_text)
-        self.workers = workers
-        self.process: subprocess.Popen[str] | None = None
-        self.port = 0
-        self.output: list[str] = []
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        config = self.folder / "bench.toml"
+        config.write_text(config_text)
+        super().__init__(config, workers=workers, log_level="WARNING")
 
     def __enter__(self) -> Server:
-        command = [
-            sys.executable,
-            "-m",
-            "batchwire.cli",
-            "--log-level",
-            "WARNING",
-            "serve",
-            "--config",
-            str(self.config),
-            "--port",
-            "0",
-            "--host",
-            "127.0.0.1",
-            "--workers",
-            str(self.workers),
-        ]
-        self.process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        ready = threading.Event()
-
-        def pump() -> None:
-            assert self.process is not None and self.process.stdout is not None
-            for line in self.process.stdout:
-                self.output.append(line)
-                match = _LISTENING.search(line)
-                if match:
-                    self.port = int(match[1])
-                    ready.set()
-
-        threading.Thread(target=pump, daemon=True).start()
-        deadline = time.monotonic() + 120
-        while not ready.wait(0.1):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.__exit__()
-                raise RuntimeError("batchwire serve did not start:\n" + "".join(self.output))
+        try:
+            self.start()
+        except BaseException:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=30)
+        self.stop()
         shutil.rmtree(self.folder, ignore_errors=True)
 
     def tree(self) -> list[int]:

@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import re
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -24,6 +22,7 @@ import torch
 from torch import nn
 
 from batchwire.client import RemoteDataset
+from batchwire.server.launch import ServeProcess
 
 HERE = Path(__file__).resolve().parent
 
@@ -31,36 +30,9 @@ HERE = Path(__file__).resolve().parent
 @contextlib.contextmanager
 def local_server(config: Path, workers: int) -> Iterator[str]:
     """Runs `batchwire serve` on a free loopback port; yields its target."""
-    command = [
-        sys.executable,
-        "-m",
-        "batchwire.cli",
-        "--log-level",
-        "WARNING",
-        "serve",
-        "--config",
-        str(config),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--workers",
-        str(workers),
-    ]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-    try:
-        assert process.stdout is not None
-        for line in process.stdout:
-            match = re.search(r" on ([^ ]+:\d+) ", line)
-            if match:
-                print(line.strip(), flush=True)
-                yield match.group(1)
-                break
-        else:
-            raise SystemExit(f"batchwire serve exited with {process.wait()} before serving")
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    with ServeProcess(config, workers=workers, log_level="WARNING") as server:
+        print(next(line for line in server.output if "serving" in line).strip(), flush=True)
+        yield server.target
 
 
 def make_model() -> nn.Module:
