@@ -161,8 +161,6 @@ class WorkerPool:
         ]
         self.replaced = 0
         """Workers replaced after dying (for metrics and tests)."""
-        self.busy_seconds = 0.0
-        """Total time workers spent building batches."""
 
     def start(self) -> None:
         _remove_leftovers(self._shm_dir)
@@ -339,7 +337,6 @@ class WorkerPool:
             _settle(task.future, exception=BatchFailed(reply[2]))
             return
         header_bytes, size, busy = reply[2], reply[3], reply[4]
-        self.busy_seconds += busy
         if task.future.cancelled():  # its stream ended while the worker built it
             _remove(self._path(task_id))
             return

@@ -229,6 +229,10 @@ class BatchService:
         pending: deque[tuple[int, Future[BuiltBatch]]] = deque()
         metrics = self._metrics
         depth = metrics.queue_depth.labels(stream_id)
+        # Labelled children looked up once per stream, not per batch.
+        build_seconds = metrics.build_seconds.labels(entry.name)
+        batches_sent = metrics.batches_sent.labels(entry.name)
+        bytes_sent = metrics.bytes_sent.labels(entry.name)
 
         def refill() -> None:
             while len(pending) < self._settings.prefetch_batches:
@@ -253,7 +257,7 @@ class BatchService:
                 depth.set(sum(f.done() for _, f in pending))
                 header = built.header
                 header.batch_index = position
-                metrics.build_seconds.labels(entry.name).observe(built.build_seconds)
+                build_seconds.observe(built.build_seconds)
                 metrics.worker_busy.inc(built.build_seconds)
                 if header.payload_size > self._settings.max_batch_bytes:
                     self._abort(
@@ -269,9 +273,11 @@ class BatchService:
                 yield from wire.frames(header, payload, self._settings.chunk_bytes)
                 sent["batches"] += 1
                 sent["bytes"] += header.payload_size
-                metrics.batches_sent.labels(entry.name).inc()
-                metrics.bytes_sent.labels(entry.name).inc(header.payload_size)
-                del built  # drop the shared-memory mapping before waiting on the next batch
+                batches_sent.inc()
+                bytes_sent.inc(header.payload_size)
+                # Drop the shared-memory mapping (payload may be that very view) before
+                # waiting on the next batch.
+                del built, payload
         finally:
             # The stream is over (finished, cancelled, aborted): batches not yet handed
             # to a worker are dropped instead of built for nobody.

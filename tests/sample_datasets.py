@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 from torch.utils.data import Dataset
@@ -44,6 +45,19 @@ class IndexedTuple(Dataset):
             index % 7,
             {"id": torch.tensor([index, -index])},
         )
+
+
+class SlowIndexed(IndexedDict):
+    """``IndexedDict`` taking ``delay`` seconds per item: a stream that cannot run ahead
+    of its reader, so a test can kill or drain a server while an epoch is surely underway."""
+
+    def __init__(self, length: int, delay: float) -> None:
+        super().__init__(length)
+        self.delay = delay
+
+    def __getitem__(self, index: int):
+        time.sleep(self.delay)
+        return super().__getitem__(index)
 
 
 class Failing(Dataset):

@@ -16,19 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
-from sample_datasets import IndexedDict
-
-
-class SlowItems(IndexedDict):
-    """Each item takes ``item_seconds`` to load: a stream that cannot run ahead of its reader."""
-
-    def __init__(self, length: int, item_seconds: float) -> None:
-        super().__init__(length)
-        self.item_seconds = item_seconds
-
-    def __getitem__(self, index: int):
-        time.sleep(self.item_seconds)
-        return super().__getitem__(index)
+from sample_datasets import IndexedDict, SlowIndexed
 
 
 def slow_in_workers(length: int, seconds: float, item_seconds: float = 0.0) -> IndexedDict:
@@ -36,7 +24,7 @@ def slow_in_workers(length: int, seconds: float, item_seconds: float = 0.0) -> I
     if multiprocessing.current_process().name.startswith("batchwire-worker"):
         time.sleep(seconds)
         if item_seconds:
-            return SlowItems(length, item_seconds)
+            return SlowIndexed(length, item_seconds)
     return IndexedDict(length)
 
 
