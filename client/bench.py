@@ -210,7 +210,7 @@ def _preflight(config: BenchConfig) -> tuple[pb.DatasetInfo, int]:
         finally:
             call.cancel()
     except grpc.RpcError as error:
-        raise BenchError(f"batchwire bench: {ServerError.from_rpc(error, config.target)}") from None
+        raise BenchError(str(ServerError.from_rpc(error, config.target))) from None
     except ServerError as exc:
         if exc.code.name in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
             raise BenchError(
