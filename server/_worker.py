@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from batchwire.server._fastpath import IDLE_SECONDS, release_freed_memory, reuse_freed_memory
-from batchwire.server.batches import BatchBuildError, collate, load_samples, write_batch
+from batchwire.server.batches import BatchBuildError, build_batch, write_batch
 from batchwire.server.config import Config, ConfigError
 from batchwire.server.pipeline import Pipeline, build_pipeline
 
@@ -53,9 +53,8 @@ def run(config: Config, conn: Connection) -> None:
                 datasets[name] = build_pipeline(
                     config.datasets[name], config.file, for_sampling=False
                 )
-            pipeline = datasets[name]
-            samples = load_samples(pipeline, name, indices, seed=seed, epoch=epoch)
-            header, size = write_batch(collate(samples, name, pipeline.collate_fn), name, path)
+            batch = build_batch(datasets[name], name, indices, seed=seed, epoch=epoch)
+            header, size = write_batch(batch, name, path)
             reply: tuple[Any, ...] = (
                 "ok",
                 task_id,

@@ -46,6 +46,26 @@ def load_samples(
     return samples
 
 
+def build_batch(
+    pipeline: Any, name: str, indices: Sequence[int], *, seed: int = 0, epoch: int = 0
+) -> Any:
+    """The collated batch of ``indices``: in one call where the pipeline can, else per sample.
+
+    If the one-call path fails, the per-sample path runs instead, so that the
+    error names the sample that broke.
+    """
+    batched = getattr(pipeline, "load_batch", None)
+    if batched is not None:
+        try:
+            batch = batched(indices)
+        except Exception:
+            batch = None
+        if batch is not None:
+            return batch
+    samples = load_samples(pipeline, name, indices, seed=seed, epoch=epoch)
+    return collate(samples, name, getattr(pipeline, "collate_fn", default_collate))
+
+
 def collate(
     samples: list[Any], name: str, collate_fn: Callable[[list[Any]], Any] = default_collate
 ) -> Any:

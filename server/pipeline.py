@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import default_collate
 
 from batchwire.server.collate import CollateFn, build_collate, describe_collate
 from batchwire.server.config import DatasetConfig, Table
@@ -79,6 +80,19 @@ class Pipeline:
         if self.transforms is None:
             return item
         return self.transforms(item, sample_generator(seed, epoch, index))
+
+    def load_batch(self, indices: Sequence[int]) -> Any | None:
+        """The collated batch of ``indices`` in one call, where the source can build it so.
+
+        A source with ``load_batch`` (synthetic, arrays) gathers a whole batch with
+        one array operation instead of a ``__getitem__`` per sample and a
+        ``default_collate``; only without transforms and with the default collate,
+        where the result is the same. ``None``: load sample by sample.
+        """
+        batched = getattr(self.source, "load_batch", None)
+        if batched is None or self.transforms is not None or self.collate_fn is not default_collate:
+            return None
+        return batched(indices)
 
     def __getitem__(self, index: int) -> Any:
         return self.load(index)

@@ -69,3 +69,57 @@ def test_arrays_served_end_to_end(tmp_path):
         batches = list(RemoteDataset(server.target, "a", batch_size=4))
     assert [b["y"].tolist() for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
     assert batches[0]["x"].dtype == torch.uint8 and batches[0]["y"].dtype == torch.int32
+
+
+def _assert_same_batch(got, want):
+    assert type(got) is type(want)
+    if isinstance(want, dict):
+        assert list(got) == list(want)
+        got, want = list(got.values()), list(want.values())
+    assert len(got) == len(want)
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+        a.add_(1) if a.dtype is not torch.bool else a.logical_not_()  # owns writable memory
+
+
+@pytest.mark.parametrize("item", ["dict", "tuple"])
+def test_synthetic_load_batch_equals_default_collate(tmp_path, item):
+    fields = {
+        "x": {"shape": [3, 5], "dtype": "float32"},
+        "h": {"shape": [4], "dtype": "bfloat16"},
+        "m": {"shape": [2], "dtype": "bool"},
+        "e": {"shape": [0, 2], "dtype": "float16"},
+        "y": {"shape": [], "dtype": "int64", "low": 2, "high": 7},
+        "u": {"shape": [2, 2], "dtype": "uint8"},
+    }
+    dataset = build(tmp_path, "synthetic", length=100, seed=9, fields=fields, item=item)
+    indices = [5, 99, 0, 5, 42]
+    want = torch.utils.data.default_collate([dataset[i] for i in indices])
+    _assert_same_batch(dataset.load_batch(indices), want)
+    with pytest.raises(IndexError):
+        dataset.load_batch([1, 100])
+    with pytest.raises(IndexError):
+        dataset.load_batch([-1])
+
+
+def test_synthetic_samples_differ_and_cover_the_range(tmp_path):
+    fields = {"y": {"shape": [], "dtype": "int64", "low": 0, "high": 10}, "x": {"shape": [8]}}
+    dataset = build(tmp_path, "synthetic", length=5000, seed=1, fields=fields)
+    batch = dataset.load_batch(range(5000))
+    assert set(batch["y"].tolist()) == set(range(10))
+    distinct = {tuple(row) for row in batch["x"].tolist()}
+    assert len(distinct) == 5000  # windows at distinct offsets for any SPAN consecutive items
+    other = build(tmp_path, "synthetic", length=5000, seed=2, fields=fields)
+    assert not torch.equal(other.load_batch(range(50))["x"], batch["x"][:50])
+
+
+@pytest.mark.parametrize("item", ["dict", "tuple"])
+def test_arrays_load_batch_equals_default_collate(tmp_path, item):
+    np.save(tmp_path / "x.npy", np.arange(60, dtype=np.float32).reshape(20, 3))
+    np.save(tmp_path / "y.npy", np.arange(20, dtype=np.int64))
+    dataset = build(tmp_path, "arrays", files={"x": "x.npy", "y": "y.npy"}, item=item)
+    indices = [7, 0, 19, 7]
+    want = torch.utils.data.default_collate([dataset[i] for i in indices])
+    _assert_same_batch(dataset.load_batch(indices), want)
+    with pytest.raises(IndexError):
+        dataset.load_batch([20])
