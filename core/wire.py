@@ -177,7 +177,8 @@ def field_infos(structure: pb.Node, tensors: list[torch.Tensor]) -> list[pb.Fiel
 # -- encoding (server) --------------------------------------------------------
 
 
-def _aligned(offset: int) -> int:
+def aligned(offset: int) -> int:
+    """``offset`` rounded up to the payload alignment (64 bytes)."""
     return (offset + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
 
 
@@ -186,7 +187,7 @@ def layout(tensors: list[torch.Tensor]) -> tuple[list[pb.TensorMeta], int]:
     metas = []
     offset = 0
     for tensor in tensors:
-        offset = _aligned(offset)
+        offset = aligned(offset)
         nbytes = tensor.numel() * tensor.element_size()
         metas.append(
             pb.TensorMeta(

@@ -54,20 +54,51 @@ def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
 
 
+class PayloadFile:
+    """A payload file in shared memory, written with ``pwrite`` at given offsets.
+
+    Created on the first non-empty write (a batch of empty tensors leaves no
+    file); ``close(size)`` sets its length (trailing empty tensors and
+    alignment still count).
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def write(
+        self, tensors: Sequence[torch.Tensor], metas: Sequence[pb.TensorMeta], base: int = 0
+    ) -> None:
+        """Writes each tensor's bytes at ``base + meta.offset`` (gaps read as zeros)."""
+        for tensor, meta in zip(tensors, metas, strict=True):
+            if not meta.nbytes:
+                continue
+            if self._fd is None:
+                # Often a recycled file (see _payloads): its pages are written over, not
+                # allocated anew; close() cuts it to this payload's size.
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+            raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+            view, offset = memoryview(raw), base + meta.offset
+            while len(view):
+                written = os.pwrite(self._fd, view, offset)
+                view, offset = view[written:], offset + written
+
+    def close(self, size: int) -> None:
+        if self._fd is None:
+            return
+        try:
+            os.ftruncate(self._fd, size)
+        finally:
+            os.close(self._fd)
+            self._fd = None
+
+
 def write_payload_file(
     path: str, tensors: Sequence[torch.Tensor], metas: Sequence[pb.TensorMeta], size: int
 ) -> None:
     """Creates ``path`` holding each tensor's bytes at its offset (gaps read as zeros)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    out = PayloadFile(path)
     try:
-        for tensor, meta in zip(tensors, metas, strict=True):
-            if not meta.nbytes:
-                continue
-            raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-            view, offset = memoryview(raw), meta.offset
-            while len(view):
-                written = os.pwrite(fd, view, offset)
-                view, offset = view[written:], offset + written
-        os.ftruncate(fd, size)  # trailing empty tensors and alignment still count
+        out.write(tensors, metas)
     finally:
-        os.close(fd)
+        out.close(size)

@@ -6,9 +6,13 @@ the first time a task names it, and keeps it. A task carries the stream's seed
 and epoch: random transforms draw from an RNG seeded by (seed, epoch, index),
 so a batch is the same whichever worker builds it. It never talks gRPC. Protocol, all over one duplex pipe:
 
-    pool -> worker: (task_id, dataset, indices, path, seed, epoch) | None (stop)
-    worker -> pool: ("ok", task_id, header_bytes, payload_size, busy_seconds)
-                    ("error", task_id, message)
+    pool -> worker: (task_id, dataset, batches, path, seed, epoch) | None (stop)
+    worker -> pool: (task_id, headers, offsets, size, error, busy_seconds)
+
+A task is one batch, or a few small consecutive ones of a stream (``batches`` is
+a list of index lists), built in order into one payload file at ``path``:
+``headers[k]`` (serialised ``BatchHeader``) at ``offsets[k]``. ``error`` (or
+None) says why the batch after the last header failed.
 """
 
 from __future__ import annotations
@@ -18,12 +22,11 @@ import sys
 import time
 import traceback
 from multiprocessing.connection import Connection
-from typing import Any
 
 import torch
 
 from batchwire.server._fastpath import IDLE_SECONDS, release_freed_memory, reuse_freed_memory
-from batchwire.server.batches import BatchBuildError, build_batch, write_batch
+from batchwire.server.batches import WrittenBatches, build_and_write
 from batchwire.server.config import Config, ConfigError
 from batchwire.server.pipeline import Pipeline, build_pipeline
 
@@ -46,27 +49,27 @@ def run(config: Config, conn: Connection) -> None:
             return  # the server is gone
         if task is None:
             return
-        task_id, name, indices, path, seed, epoch = task
+        task_id, name, batches, path, seed, epoch = task
         started = time.perf_counter()
         try:
             if name not in datasets:
                 datasets[name] = build_pipeline(
                     config.datasets[name], config.file, for_sampling=False
                 )
-            batch = build_batch(datasets[name], name, indices, seed=seed, epoch=epoch)
-            header, size = write_batch(batch, name, path)
-            reply: tuple[Any, ...] = (
-                "ok",
-                task_id,
-                header.SerializeToString(),
-                size,
-                time.perf_counter() - started,
-            )
-        except (BatchBuildError, ConfigError) as exc:
-            reply = ("error", task_id, str(exc))
-        except Exception as exc:
+            written = build_and_write(datasets[name], name, batches, path, seed=seed, epoch=epoch)
+        except ConfigError as exc:
+            written = WrittenBatches(error=str(exc))
+        except Exception as exc:  # the payload file itself (ENOSPC): the pool removes it
             where = traceback.format_exception_only(exc)[-1].strip()
-            reply = ("error", task_id, f"dataset {name!r}: worker failed: {where}")
+            written = WrittenBatches(error=f"dataset {name!r}: worker failed: {where}")
+        reply = (
+            task_id,
+            written.headers,
+            written.offsets,
+            written.size,
+            written.error,
+            time.perf_counter() - started,
+        )
         try:
             conn.send(reply)
         except (BrokenPipeError, OSError):

@@ -130,7 +130,7 @@ class BatchwireServer:
         # and opens its datasets now, not on some trainer's first batch.
         workers = len(self.pool.pids)
         pending = [
-            (name, self.pool.submit(name, [0]))
+            (name, self.pool.submit(name, [[0]]))
             for name, entry in self.registry.entries.items()
             if entry.length
             for _ in range(workers)

@@ -1,4 +1,4 @@
-"""Builds one batch: load each sample, collate, and write the payload to a file in shared memory.
+"""Builds batches: load each sample, collate, and write the payloads to a file in shared memory.
 
 Runs inside a worker process; plain Python with no gRPC. Errors name the
 dataset and the sample index, so that the stream can end with a message that
@@ -7,15 +7,16 @@ tells the user which sample of which dataset broke.
 
 from __future__ import annotations
 
-import mmap
-import os
+import traceback
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch.utils.data import default_collate
 
 from batchwire import wire
-from batchwire.server._fastpath import write_payload_file
+from batchwire.server._fastpath import PayloadFile, write_payload_file
 from batchwire.v1 import batchwire_pb2 as pb
 
 
@@ -77,8 +78,8 @@ def collate(
         ) from exc
 
 
-def write_batch(batch: Any, name: str, path: str) -> tuple[pb.BatchHeader, int]:
-    """Encodes ``batch`` into ``path`` (created here); returns its header and payload size."""
+def encode_batch(batch: Any, name: str) -> tuple[pb.BatchHeader, list[torch.Tensor]]:
+    """The batch's header (tensor layout, nesting) and its tensors in payload order."""
     try:
         tensors, structure = wire.flatten(batch)
     except wire.WireError as exc:
@@ -91,25 +92,68 @@ def write_batch(batch: Any, name: str, path: str) -> tuple[pb.BatchHeader, int]:
         structure=structure,
         num_samples=_num_samples(tensors),
     )
-    if size:
-        write_payload_file(path, tensors, metas, size)  # pwrite: see _fastpath
-    return header, size
+    return header, tensors
+
+
+def write_batch(batch: Any, name: str, path: str) -> tuple[pb.BatchHeader, int]:
+    """Encodes ``batch`` into ``path`` (created here); returns its header and payload size."""
+    header, tensors = encode_batch(batch, name)
+    if header.payload_size:
+        write_payload_file(path, tensors, header.tensors, header.payload_size)  # see _fastpath
+    return header, header.payload_size
+
+
+@dataclass
+class WrittenBatches:
+    """What a worker built into one payload file: each batch's header and offset, in order.
+
+    ``error`` says why the batch after the last one failed; the ones before it
+    are still good and are sent before the stream ends with the error.
+    """
+
+    headers: list[bytes] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
+    size: int = 0
+    error: str | None = None
+
+
+def build_and_write(
+    pipeline: Any,
+    name: str,
+    batches: Sequence[Sequence[int]],
+    path: str,
+    *,
+    seed: int = 0,
+    epoch: int = 0,
+) -> WrittenBatches:
+    """Builds ``batches`` in order into one payload file, each at an aligned offset.
+
+    Several small batches share a file (one create, one map) instead of a file each.
+    Stops at the first batch that fails, keeping those before it.
+    """
+    out = PayloadFile(path)
+    written = WrittenBatches()
+    try:
+        for indices in batches:
+            try:
+                batch = build_batch(pipeline, name, indices, seed=seed, epoch=epoch)
+                header, tensors = encode_batch(batch, name)
+                base = wire.aligned(written.size)
+                out.write(tensors, header.tensors, base)
+            except BatchBuildError as exc:
+                written.error = str(exc)
+                break
+            except Exception as exc:
+                where = traceback.format_exception_only(exc)[-1].strip()
+                written.error = f"dataset {name!r}: worker failed: {where}"
+                break
+            written.headers.append(header.SerializeToString())
+            written.offsets.append(base)
+            written.size = base + header.payload_size
+    finally:
+        out.close(written.size)
+    return written
 
 
 def _num_samples(tensors: list[Any]) -> int:
     return int(tensors[0].shape[0]) if tensors and tensors[0].dim() else 0
-
-
-def open_payload(path: str, size: int) -> memoryview:
-    """Maps a finished payload read-only and removes its name; memory lives while the view does."""
-    if size == 0:
-        return memoryview(b"")
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        # MAP_POPULATE maps every page now, in one call, instead of one fault per page.
-        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-        mapped = mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ)
-    finally:
-        os.close(fd)
-        os.unlink(path)
-    return memoryview(mapped)

@@ -29,23 +29,20 @@ retried (it would hang the replacement too); the worker's other tasks are
 re-queued.
 
 Finished payloads travel as files in /dev/shm: the worker writes the batch
-once, the gRPC process maps the file and frames chunks straight from it. The
-pool removes a task's file whenever the batch will not be mapped (the worker
-reported an error, died, or its stream ended first), all of its files at
-close, and at start the files of servers that died without closing (a pid in
-the name that is no longer running).
+once, the gRPC process maps the file and frames chunks straight from it, and
+the file is reused for a later task once unmapped (``_payloads``). The pool
+removes a task's file whenever the batch will not be mapped (the worker
+reported an error, died, or its stream ended first), its free files when idle,
+all of its files at close, and at start the files of servers that died without
+closing (a pid in the name that is no longer running).
 """
 
 from __future__ import annotations
 
 import contextlib
-import glob
 import itertools
 import logging
 import multiprocessing as mp
-import os
-import re
-import tempfile
 import threading
 import time
 from collections import deque
@@ -56,7 +53,8 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from batchwire.server import _worker
-from batchwire.server.batches import open_payload
+from batchwire.server._fastpath import IDLE_SECONDS
+from batchwire.server._payloads import PayloadFiles, default_shm_dir
 from batchwire.server.config import Config
 from batchwire.v1 import batchwire_pb2 as pb
 
@@ -83,7 +81,14 @@ class PoolClosed(RuntimeError):
 
 
 class BatchFailed(RuntimeError):
-    """The worker reported an error building the batch (message says which sample)."""
+    """The worker reported an error building a batch (message says which sample).
+
+    ``built`` holds the task's batches before the one that failed: still good.
+    """
+
+    def __init__(self, message: str, built: Sequence[BuiltBatch] = ()) -> None:
+        super().__init__(message)
+        self.built = list(built)
 
 
 class TaskTimedOut(RuntimeError):
@@ -103,11 +108,13 @@ class BuiltBatch:
 class _Task:
     task_id: int
     dataset: str
-    indices: Sequence[int]
-    future: Future[BuiltBatch]
+    batches: Sequence[Sequence[int]]
+    future: Future[list[BuiltBatch]]
     seed: int = 0
     epoch: int = 0
     attempts: int = 0
+    path: str = ""
+    """The payload file its worker writes (chosen when it is sent)."""
 
 
 @dataclass
@@ -125,10 +132,6 @@ class _Worker:
     """The task it was killed for holding past ``task_timeout_seconds``."""
 
 
-def default_shm_dir() -> str:
-    return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
-
-
 class WorkerPool:
     """Builds batches in ``num_workers`` processes; ``submit`` returns a Future.
 
@@ -142,9 +145,8 @@ class WorkerPool:
             )
         self._config = config
         self._num_workers = num_workers
-        self._shm_dir = shm_dir or default_shm_dir()
+        self._files = PayloadFiles(shm_dir or default_shm_dir(), self)
         self._task_timeout = config.server.task_timeout_seconds
-        self._prefix = f"batchwire-{os.getpid()}-{id(self):x}-"
         self._context = mp.get_context("forkserver")
         self._context.set_forkserver_preload(["batchwire.server._worker"])
         self._lock = threading.Lock()
@@ -159,11 +161,12 @@ class WorkerPool:
             threading.Thread(target=self._feed, args=(slot,), name=f"batchwire-feed-{slot}")
             for slot in range(num_workers)
         ]
+        self._idle_since: float | None = None  # when the last task finished (collector only)
         self.replaced = 0
         """Workers replaced after dying (for metrics and tests)."""
 
     def start(self) -> None:
-        _remove_leftovers(self._shm_dir)
+        self._files.remove_leftovers()
         with self._lock:
             self._workers = [self._spawn(slot) for slot in range(self._num_workers)]
         self._collector.start()
@@ -188,13 +191,24 @@ class WorkerPool:
             return len(self._queue)
 
     def submit(
-        self, dataset: str, indices: Sequence[int], *, seed: int = 0, epoch: int = 0
-    ) -> Future[BuiltBatch]:
-        """Queues one batch; the future resolves to a ``BuiltBatch`` or raises why not.
+        self,
+        dataset: str,
+        batches: Sequence[Sequence[int]],
+        *,
+        seed: int = 0,
+        epoch: int = 0,
+    ) -> Future[list[BuiltBatch]]:
+        """Queues one task: ``batches`` (index lists), built in order by one worker.
 
-        ``seed`` and ``epoch`` seed the random transforms of each sample (with its index).
+        The future resolves to one ``BuiltBatch`` per batch, or raises why not
+        (``BatchFailed`` keeps the batches before the one that failed). Several
+        small batches per task share the worker's per-task costs (pipe messages,
+        one payload file and mapping). ``seed`` and ``epoch`` seed the random
+        transforms of each sample (with its index).
         """
-        task = _Task(next(self._task_ids), dataset, indices, Future(), seed, epoch)
+        if not batches:
+            raise ValueError("a task needs at least one batch")
+        task = _Task(next(self._task_ids), dataset, batches, Future(), seed, epoch)
         with self._lock:
             if self._closed:
                 task.future.set_exception(PoolClosed("the server is shutting down"))
@@ -202,9 +216,6 @@ class WorkerPool:
                 self._queue.append(task)
                 self._changed.notify_all()
         return task.future
-
-    def _path(self, task_id: int) -> str:
-        return os.path.join(self._shm_dir, f"{self._prefix}{task_id}")
 
     def _spawn(self, slot: int) -> _Worker:
         ours, theirs = self._context.Pipe(duplex=True)
@@ -234,12 +245,13 @@ class WorkerPool:
                 if not worker.tasks:
                     worker.busy_since = time.monotonic()
                 worker.tasks[task.task_id] = task
+                task.path = self._files.take()
                 self._changed.notify_all()  # other feeders may now send ahead
             message = (
                 task.task_id,
                 task.dataset,
-                task.indices,
-                self._path(task.task_id),
+                task.batches,
+                task.path,
                 task.seed,
                 task.epoch,
             )
@@ -289,6 +301,17 @@ class WorkerPool:
                 if sentinel in by_sentinel:
                     self._replace(by_sentinel[sentinel])
             self._kill_stuck()
+            self._trim_when_idle()
+
+    def _trim_when_idle(self) -> None:
+        """Gives free payload files back once no task has been in flight for ``IDLE_SECONDS``."""
+        with self._lock:
+            busy = bool(self._queue) or any(worker.tasks for worker in self._workers)
+        now = time.monotonic()
+        if busy or self._idle_since is None:
+            self._idle_since = None if busy else now
+        elif now - self._idle_since >= IDLE_SECONDS:
+            self._files.trim()
 
     def _kill_stuck(self) -> None:
         """Kills each worker stuck on one task past the timeout; fails that task, not its others.
@@ -306,10 +329,11 @@ class WorkerPool:
                     stuck.append((worker, worker.stuck))
         for worker, task in stuck:
             worker.process.kill()  # its partial payload goes once it is dead (``_replace``)
-            indices = list(task.indices)
+            indices = list(task.batches[0])
             message = (
                 f"dataset {task.dataset!r}: the batch starting at sample index {indices[0]} "
-                f"({len(indices)} samples) took longer than task_timeout_seconds="
+                f"({len(indices)} samples, {len(task.batches)} batch(es) in the task) "
+                "took longer than task_timeout_seconds="
                 f"{self._task_timeout:g}; its worker (pid {worker.process.pid}) was killed"
             )
             log.warning("%s", message)
@@ -323,32 +347,38 @@ class WorkerPool:
             pass  # dead worker: its sentinel fires too
 
     def _resolve(self, worker: _Worker, reply: tuple[Any, ...]) -> None:
-        status, task_id = reply[0], reply[1]
+        task_id, headers, offsets, size, error, busy = reply
         with self._changed:
             task = worker.tasks.pop(task_id, None)
             if worker.tasks:
                 worker.busy_since = time.monotonic()  # it starts on the next one now
             self._changed.notify_all()  # the worker has room for another task
-        if task is None:  # it timed out as the worker finished it: nobody maps this
-            _remove(self._path(task_id))
-            return
-        if status != "ok":
-            _remove(self._path(task_id))  # what it wrote before failing (ENOSPC partway)
-            _settle(task.future, exception=BatchFailed(reply[2]))
-            return
-        header_bytes, size, busy = reply[2], reply[3], reply[4]
-        if task.future.cancelled():  # its stream ended while the worker built it
-            _remove(self._path(task_id))
+        if task is None:
+            return  # timed out as the worker finished it: its file went with the worker
+        if task.future.cancelled() or not headers:
+            # Its stream ended while it was built, or nothing good came of it.
+            self._files.discard(task.path)
+            if not headers:
+                _settle(task.future, exception=BatchFailed(error or "the worker built nothing"))
             return
         try:
-            payload = open_payload(self._path(task_id), size)
+            payload = self._files.open(task.path, size)
         except OSError as exc:
             _settle(
                 task.future,
                 exception=RuntimeError(f"lost batch payload of dataset {task.dataset!r}: {exc}"),
             )
             return
-        _settle(task.future, BuiltBatch(pb.BatchHeader.FromString(header_bytes), payload, busy))
+        built = []
+        for header_bytes, offset in zip(headers, offsets, strict=True):
+            header = pb.BatchHeader.FromString(header_bytes)
+            view = payload[offset : offset + header.payload_size]
+            built.append(BuiltBatch(header, view, busy / len(headers)))
+        del payload  # the slices keep the mapping alive, each as long as its batch
+        if error is not None:
+            _settle(task.future, exception=BatchFailed(error, built))
+        else:
+            _settle(task.future, built)
 
     def _replace(self, dead: _Worker) -> None:
         self._receive(dead)  # results it sent before dying still count
@@ -375,7 +405,7 @@ class WorkerPool:
                     failed.append(orphans.pop(0))
             unfinished = [*failed, *orphans, *([dead.stuck] if dead.stuck is not None else [])]
             for task in unfinished:
-                _remove(self._path(task.task_id))  # partial payloads; a rebuild recreates its file
+                self._files.discard(task.path)  # partial payloads; a rebuild gets a new file
             self._queue.extendleft(reversed(orphans))  # first in line: their streams wait on them
             self.replaced += 1
             self._changed.notify_all()
@@ -391,7 +421,7 @@ class WorkerPool:
                 task.future,
                 exception=WorkerCrashed(
                     f"dataset {task.dataset!r}: worker processes died {task.attempts} times while "
-                    f"building the batch of sample indices {list(task.indices)[:8]}... "
+                    f"building the batch of sample indices {list(task.batches[0])[:8]}... "
                     f"(last exit code {exitcode})"
                 ),
             )
@@ -425,13 +455,12 @@ class WorkerPool:
             self._collector.join(timeout=timeout)
         for task in [*unsent, *(task for worker in workers for task in worker.tasks.values())]:
             _settle(task.future, exception=PoolClosed("the server is shutting down"))
-        for path in glob.glob(os.path.join(self._shm_dir, f"{self._prefix}*")):
-            _remove(path)
+        self._files.close()
 
 
 def _settle(
-    future: Future[BuiltBatch],
-    result: BuiltBatch | None = None,
+    future: Future[list[BuiltBatch]],
+    result: list[BuiltBatch] | None = None,
     *,
     exception: BaseException | None = None,
 ) -> None:
@@ -441,34 +470,3 @@ def _settle(
             future.set_exception(exception)
         else:
             future.set_result(result)
-
-
-_PAYLOAD_NAME = re.compile(r"batchwire-(\d+)-[0-9a-f]+-\d+")
-"""Payload files are ``batchwire-{server pid}-{pool id}-{task id}`` (``WorkerPool._path``)."""
-
-
-def _remove_leftovers(shm_dir: str) -> None:
-    """Removes payload files of servers that are gone (SIGKILLed before they could clean up)."""
-    removed = 0
-    for path in glob.glob(os.path.join(shm_dir, "batchwire-*")):
-        match = _PAYLOAD_NAME.fullmatch(os.path.basename(path))
-        if match and not _alive(int(match[1])):
-            _remove(path)
-            removed += 1
-    if removed:
-        log.info("removed %d payload file(s) of stopped servers from %s", removed, shm_dir)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
-
-
-def _remove(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)

@@ -23,7 +23,7 @@ import grpc
 from batchwire import compression, wire
 from batchwire.server.config import ServerConfig
 from batchwire.server.metrics import Metrics
-from batchwire.server.pool import BuiltBatch, PoolClosed, WorkerPool
+from batchwire.server.pool import BatchFailed, BuiltBatch, PoolClosed, WorkerPool
 from batchwire.server.registry import DatasetEntry, DatasetRegistry, DescribeError
 from batchwire.server.requests import InvalidRequest, StreamPlan, plan_stream
 from batchwire.v1 import batchwire_pb2 as pb
@@ -32,6 +32,28 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = "batchwire.v1.BatchService"
 _POLL_SECONDS = 0.25  # how often a stream waiting on a worker checks that its client is still there
+
+TASK_BYTES = 1 << 20
+TASK_SECONDS = 0.005
+MAX_TASK_BATCHES = 16
+
+
+def _group_size(batch_bytes: int, build_seconds: float | None) -> int:
+    """Batches per worker task: one, or several small quick ones.
+
+    A task costs about half a millisecond of fixed CPU across the pool and the
+    worker (pipe messages, thread hand-offs, creating and mapping a payload
+    file): as much as building a 200 KB batch (benchmarks/RESULTS.md, mnist).
+    Batches that are small (``TASK_BYTES`` hold several) and quick to build
+    (``TASK_SECONDS`` hold several, by the last task's build time) share a task;
+    slow ones go one per task, so their first batch and their latency do not
+    wait on a group. Until a build time is known, one per task.
+    """
+    if batch_bytes <= 0 or build_seconds is None:
+        return 1
+    by_bytes = TASK_BYTES // batch_bytes
+    by_time = int(TASK_SECONDS / max(build_seconds, 1e-6))
+    return max(1, min(MAX_TASK_BATCHES, by_bytes, by_time))
 
 
 class BatchService:
@@ -223,10 +245,13 @@ class BatchService:
         stream_id: str,
         codec: int = pb.NONE,
     ) -> Iterator[bytes]:
-        # Keep at most `prefetch_batches` batches in the pool per stream: bounded memory
+        # Keep about `prefetch_batches` batches in the pool per stream: bounded memory
         # while the client is slow, and batches are sent in order whatever finishes first.
+        # Small batches go to the workers a few per task (see `_group_size`).
+        batch_bytes = self._batch_bytes(entry, plan, positions)
+        group = 1  # batches per task; grows for small quick batches once one is timed
         upcoming = iter(positions)
-        pending: deque[tuple[int, Future[BuiltBatch]]] = deque()
+        pending: deque[tuple[list[int], Future[list[BuiltBatch]]]] = deque()
         metrics = self._metrics
         depth = metrics.queue_depth.labels(stream_id)
         # Labelled children looked up once per stream, not per batch.
@@ -235,49 +260,64 @@ class BatchService:
         bytes_sent = metrics.bytes_sent.labels(entry.name)
 
         def refill() -> None:
-            while len(pending) < self._settings.prefetch_batches:
-                position = next(upcoming, None)
-                if position is None:
+            max_tasks = max(2, -(-self._settings.prefetch_batches // group))
+            while len(pending) < max_tasks:
+                task_positions = list(itertools.islice(upcoming, group))
+                if not task_positions:
                     return
                 task = self._pool.submit(
-                    entry.name, plan[position], seed=plan.seed, epoch=plan.epoch
+                    entry.name,
+                    [plan[position] for position in task_positions],
+                    seed=plan.seed,
+                    epoch=plan.epoch,
                 )
-                pending.append((position, task))
+                pending.append((task_positions, task))
 
         try:
             refill()
             while pending:
-                position, future = pending.popleft()
-                self._check_drain(context, position)
-                built = self._await(future, context, position)
-                if built is None:
+                task_positions, future = pending.popleft()
+                self._check_drain(context, task_positions[0])
+                outcome = self._await(future, context, task_positions[0])
+                if outcome is None:
                     future.cancel()
                     return  # the client went away
+                built_batches, failure = outcome
+                if built_batches:
+                    build_time = sum(b.build_seconds for b in built_batches) / len(built_batches)
+                    group = _group_size(batch_bytes, build_time)
                 refill()
-                depth.set(sum(f.done() for _, f in pending))
-                header = built.header
-                header.batch_index = position
-                build_seconds.observe(built.build_seconds)
-                metrics.worker_busy.inc(built.build_seconds)
-                if header.payload_size > self._settings.max_batch_bytes:
-                    self._abort(
-                        context,
-                        grpc.StatusCode.RESOURCE_EXHAUSTED,
-                        f"batch {position} of dataset {entry.name!r} has {header.payload_size} bytes, "
-                        f"over the server's max_batch_bytes={self._settings.max_batch_bytes}; "
-                        "ask for a smaller batch_size",
-                    )
-                # Compressed here, in the stream's thread: lz4/zstd release the GIL, and
-                # this keeps the worker protocol codec-free (measured: benchmarks/RESULTS.md).
-                payload = compression.compress_batch(header, built.payload, codec)
-                yield from wire.frames(header, payload, self._settings.chunk_bytes)
-                sent["batches"] += 1
-                sent["bytes"] += header.payload_size
-                batches_sent.inc()
-                bytes_sent.inc(header.payload_size)
-                # Drop the shared-memory mapping (payload may be that very view) before
-                # waiting on the next batch.
-                del built, payload
+                depth.set(sum(len(p) for p, f in pending if f.done()))
+                # Fewer built than asked when one failed: those before it still go out.
+                for position, built in zip(task_positions, built_batches, strict=False):
+                    self._check_drain(context, position)
+                    header = built.header
+                    header.batch_index = position
+                    build_seconds.observe(built.build_seconds)
+                    metrics.worker_busy.inc(built.build_seconds)
+                    if header.payload_size > self._settings.max_batch_bytes:
+                        self._abort(
+                            context,
+                            grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f"batch {position} of dataset {entry.name!r} has "
+                            f"{header.payload_size} bytes, over the server's "
+                            f"max_batch_bytes={self._settings.max_batch_bytes}; "
+                            "ask for a smaller batch_size",
+                        )
+                    # Compressed here, in the stream's thread: lz4/zstd release the GIL, and
+                    # this keeps the worker protocol codec-free (benchmarks/RESULTS.md).
+                    payload = compression.compress_batch(header, built.payload, codec)
+                    yield from wire.frames(header, payload, self._settings.chunk_bytes)
+                    sent["batches"] += 1
+                    sent["bytes"] += header.payload_size
+                    batches_sent.inc()
+                    bytes_sent.inc(header.payload_size)
+                    # Drop the shared-memory mapping (payload may be that very view) before
+                    # waiting on the next batch.
+                    del built, payload
+                del built_batches
+                if failure is not None:
+                    self._abort(context, grpc.StatusCode.INTERNAL, str(failure))
         finally:
             # The stream is over (finished, cancelled, aborted): batches not yet handed
             # to a worker are dropped instead of built for nobody.
@@ -285,15 +325,18 @@ class BatchService:
                 future.cancel()
 
     def _await(
-        self, future: Future[BuiltBatch], context: grpc.ServicerContext, position: int
-    ) -> BuiltBatch | None:
+        self, future: Future[list[BuiltBatch]], context: grpc.ServicerContext, position: int
+    ) -> tuple[list[BuiltBatch], BatchFailed | None] | None:
+        """The task's batches and, if one failed, why; None if the client went away."""
         while True:
             try:
-                return future.result(timeout=_POLL_SECONDS)
+                return future.result(timeout=_POLL_SECONDS), None
             except FutureTimeout:
                 if not context.is_active():
                     return None
                 self._check_drain(context, position)
+            except BatchFailed as exc:
+                return exc.built, exc
             except PoolClosed:
                 self._abort(
                     context,
@@ -302,6 +345,12 @@ class BatchService:
                 )
             except Exception as exc:
                 self._abort(context, grpc.StatusCode.INTERNAL, str(exc))
+
+    def _batch_bytes(self, entry: DatasetEntry, plan, positions: range) -> int:
+        """Estimated payload bytes of the stream's first batch (0: unknown)."""
+        if not positions:
+            return 0
+        return (entry.sample_bytes() or 0) * len(plan[positions[0]])
 
     def _plan(
         self, request: pb.StreamBatchesRequest, context: grpc.ServicerContext
@@ -328,16 +377,14 @@ class BatchService:
     ) -> None:
         # Refuse before any worker builds (and /dev/shm holds) a batch that will be
         # refused anyway; the check after building still catches variable-size items.
-        sample_bytes = entry.sample_bytes()
-        if not sample_bytes or not stream.positions:
-            return
-        samples = len(stream.plan[stream.positions[0]])
-        if sample_bytes * samples > self._settings.max_batch_bytes:
+        estimate = self._batch_bytes(entry, stream.plan, stream.positions)
+        if estimate > self._settings.max_batch_bytes:
+            samples = len(stream.plan[stream.positions[0]])
             self._abort(
                 context,
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"a batch of {samples} samples of dataset {entry.name!r} would have about "
-                f"{sample_bytes * samples} bytes ({sample_bytes} per sample), over the server's "
+                f"{estimate} bytes ({estimate // samples} per sample), over the server's "
                 f"max_batch_bytes={self._settings.max_batch_bytes}; ask for a smaller batch_size",
             )
 

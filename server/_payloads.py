@@ -1,0 +1,126 @@
+"""The pool's payload files in shared memory: named, mapped, and recycled for the next batch.
+
+A worker writes each task's batches into a file in /dev/shm; the gRPC process
+maps it and frames chunks straight from the mapping. Writing into a fresh
+file makes the kernel allocate and zero every page first: 1 MiB took 530 us,
+against 100 us into the pages of a file written before (38.5 MB: 1.7 vs 4.4
+GB/s), on the benchmark machine. So a file is not removed once its batches
+are sent: when its mapping is gone (the last view of its batches released),
+its name goes back on a free list and the next task writes over it.
+
+The free list is capped (``RECYCLE_BYTES``), and ``trim`` empties it, which
+the pool does when it has been idle for a while: idle servers hold no shared
+memory. Names are ``batchwire-{server pid}-{pool id}-{n}``, so the files of a
+server that died without cleaning up are found and removed at the next start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import itertools
+import logging
+import mmap
+import os
+import re
+import tempfile
+import threading
+import weakref
+
+log = logging.getLogger(__name__)
+
+RECYCLE_BYTES = 256 << 20
+"""Most shared memory kept in free files for reuse; beyond it, files are removed."""
+
+_NAME = re.compile(r"batchwire-(\d+)-[0-9a-f]+-\d+")
+
+
+def default_shm_dir() -> str:
+    return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+
+
+class PayloadFiles:
+    """Hands out payload file names, maps finished files, and recycles them once unmapped."""
+
+    def __init__(self, shm_dir: str, owner: object) -> None:
+        self.shm_dir = shm_dir
+        self._prefix = f"batchwire-{os.getpid()}-{id(owner):x}-"
+        self._names = itertools.count()
+        self._lock = threading.Lock()
+        self._free: dict[str, int] = {}  # path -> bytes it holds
+        self._closed = False
+
+    def take(self) -> str:
+        """A path for a worker to write a task's payload to: a free file, else a new name."""
+        with self._lock:
+            if self._free:
+                path = next(iter(self._free))
+                del self._free[path]
+                return path
+        return os.path.join(self.shm_dir, f"{self._prefix}{next(self._names)}")
+
+    def open(self, path: str, size: int) -> memoryview:
+        """Maps a finished payload read-only; the file is recycled once the mapping is gone.
+
+        The mapping lives as long as any view of it (slices included).
+        """
+        if size == 0:
+            self.discard(path)  # nothing to map (a file may hold a failed batch's bytes)
+            return memoryview(b"")
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            # MAP_POPULATE maps every page now, in one call, instead of one fault per page.
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            mapped = mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ)
+        finally:
+            os.close(fd)
+        weakref.finalize(mapped, self._recycle, path, size)
+        return memoryview(mapped)
+
+    def discard(self, path: str) -> None:
+        """Removes a file nobody will map (the batch failed, or its stream ended)."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+    def _recycle(self, path: str, size: int) -> None:
+        with self._lock:
+            if not self._closed and sum(self._free.values()) + size <= RECYCLE_BYTES:
+                self._free[path] = size
+                return
+        self.discard(path)
+
+    def trim(self) -> None:
+        """Removes every free file (the pool is idle: give the shared memory back)."""
+        with self._lock:
+            free, self._free = list(self._free), {}
+        for path in free:
+            self.discard(path)
+
+    def close(self) -> None:
+        """Removes all of this pool's files; later recycling removes instead of keeping."""
+        with self._lock:
+            self._closed = True
+            self._free.clear()
+        for path in glob.glob(os.path.join(self.shm_dir, f"{self._prefix}*")):
+            self.discard(path)
+
+    def remove_leftovers(self) -> None:
+        """Removes payload files of servers that are gone (SIGKILLed before they could clean up)."""
+        removed = 0
+        for path in glob.glob(os.path.join(self.shm_dir, "batchwire-*")):
+            match = _NAME.fullmatch(os.path.basename(path))
+            if match and not _alive(int(match[1])):
+                self.discard(path)
+                removed += 1
+        if removed:
+            log.info("removed %d payload file(s) of stopped servers from %s", removed, self.shm_dir)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
