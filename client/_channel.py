@@ -116,7 +116,16 @@ class BatchClient:
         return self._unary("CountBatches", request, pb.BatchCount, wait_for_ready=False)
 
     def stream(self, request: pb.StreamBatchesRequest) -> grpc.Call:
-        """Opens a StreamBatches call; iterate it for ``wire.Chunk`` objects."""
+        """Opens a StreamBatches call; iterate it for ``wire.Chunk`` objects.
+
+        Unless the request says otherwise, small batches may arrive packed several
+        to a message (``wire.BatchAssembler.feed`` unpacks them).
+        """
+        if not request.max_batches_per_message:
+            packed = pb.StreamBatchesRequest()
+            packed.CopyFrom(request)
+            packed.max_batches_per_message = wire.MAX_BATCHES_PER_MESSAGE
+            request = packed
         call = channel(self.target).unary_stream(
             _SERVICE + "StreamBatches",
             request_serializer=pb.StreamBatchesRequest.SerializeToString,
@@ -134,9 +143,8 @@ class BatchClient:
         assembler = wire.BatchAssembler(compression.decompress)
         try:
             for chunk in call:
-                done = assembler.add(chunk)
-                if done is not None:
-                    yield done
+                for header, batch in assembler.feed(chunk):
+                    yield header.batch_index, batch
             if assembler.pending:
                 raise StreamCutShort(
                     "the stream ended without an error in the middle of a batch", target=self.target

@@ -116,23 +116,19 @@ def _run_stream(
         while True:
             call = client.stream(_request(config, epoch, stream))
             assembler = wire.BatchAssembler(compression.decompress)
-            sizes = (0, 0)
             try:
                 for chunk in call:
-                    if chunk.header is not None:
-                        sizes = (chunk.header.raw_size, chunk.header.payload_size)
-                    if assembler.add(chunk) is None:
-                        continue
-                    now = time.monotonic()
-                    if log.first is None:
-                        log.first = now
-                    log.times.append(now)
-                    log.raw_bytes.append(sizes[0])
-                    log.wire_bytes.append(sizes[1])
-                    counters[slot] += 1
-                    counters[slot + 1] += sizes[0]
-                    if now >= end_at:
-                        return
+                    for header, _ in assembler.feed(chunk):
+                        now = time.monotonic()
+                        if log.first is None:
+                            log.first = now
+                        log.times.append(now)
+                        log.raw_bytes.append(header.raw_size)
+                        log.wire_bytes.append(header.payload_size)
+                        counters[slot] += 1
+                        counters[slot + 1] += header.raw_size
+                        if now >= end_at:
+                            return
             finally:
                 call.cancel()
             epoch += 1

@@ -22,7 +22,7 @@ import math
 import mmap
 import sys
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +60,10 @@ _WIRE_TO_TORCH = {wire: dtype for dtype, wire in _TORCH_TO_WIRE.items()}
 
 _HEADER_TAG = bytes([(1 << 3) | 2])  # BatchChunk.header, length-delimited
 _DATA_TAG = bytes([(2 << 3) | 2])  # BatchChunk.data, length-delimited
+_PACKED_TAG = bytes([(3 << 3) | 2])  # BatchChunk.packed, length-delimited
+
+MAX_BATCHES_PER_MESSAGE = 16
+"""What Python clients accept in one message (``StreamBatchesRequest.max_batches_per_message``)."""
 
 
 class WireError(ValueError):
@@ -224,22 +228,43 @@ def _varint(value: int) -> bytes:
             return bytes(out)
 
 
+def _batch_fields(header: pb.BatchHeader, piece: Any) -> list[Any]:
+    """The parts of a frame that starts a batch: its header, then ``piece`` of its payload."""
+    header_bytes = header.SerializeToString()
+    parts: list[Any] = [_HEADER_TAG, _varint(len(header_bytes)), header_bytes]
+    if len(piece):
+        parts += [_DATA_TAG, _varint(len(piece)), piece]
+    return parts
+
+
 def frames(header: pb.BatchHeader, payload: memoryview, chunk_bytes: int) -> Iterator[bytes]:
     """Yields the serialised ``BatchChunk`` messages of one batch.
 
     The first frame holds the header and the first slice of the payload; each
     frame carries at most ``chunk_bytes`` payload bytes.
     """
-    header_bytes = header.SerializeToString()
-    prefix = _HEADER_TAG + _varint(len(header_bytes)) + header_bytes
     size = len(payload)
     count = max(1, math.ceil(size / chunk_bytes))
     for i in range(count):
         piece = payload[i * chunk_bytes : (i + 1) * chunk_bytes]
-        parts = [prefix] if i == 0 else []
-        if len(piece):
-            parts += [_DATA_TAG, _varint(len(piece)), piece]
-        yield b"".join(parts)
+        if i == 0:
+            yield b"".join(_batch_fields(header, piece))
+        else:
+            yield b"".join([_DATA_TAG, _varint(len(piece)), piece])
+
+
+def packed_frame(batches: Sequence[tuple[pb.BatchHeader, Any]]) -> bytes:
+    """One ``BatchChunk`` message holding several whole batches.
+
+    The first batch fills the message's own fields, each next one is a
+    ``packed`` entry (field 3) holding its header and whole payload: still one
+    valid protobuf message, for clients that set ``max_batches_per_message``.
+    """
+    parts = _batch_fields(*batches[0])
+    for header, payload in batches[1:]:
+        fields = _batch_fields(header, payload)
+        parts += [_PACKED_TAG, _varint(sum(len(part) for part in fields)), *fields]
+    return b"".join(parts)
 
 
 # -- decoding (client) --------------------------------------------------------
@@ -260,17 +285,23 @@ def _read_varint(data: memoryview, pos: int) -> tuple[int, int]:
 
 @dataclass(frozen=True, slots=True)
 class Chunk:
-    """A parsed ``BatchChunk``: the header if this frame starts a batch, and its data."""
+    """A parsed ``BatchChunk``: the header if this frame starts a batch, its data, and the
+    whole batches packed after it."""
 
     header: pb.BatchHeader | None
     data: memoryview
+    packed: tuple[Chunk, ...] = ()
 
 
 def parse_chunk(frame: bytes) -> Chunk:
     """Parses a ``BatchChunk`` frame without copying its data (a gRPC deserializer)."""
-    view = memoryview(frame)
+    return _parse(memoryview(frame))
+
+
+def _parse(view: memoryview) -> Chunk:
     header: pb.BatchHeader | None = None
     data = view[0:0]
+    packed: list[Chunk] = []
     pos = 0
     while pos < len(view):
         tag, pos = _read_varint(view, pos)
@@ -283,8 +314,10 @@ def parse_chunk(frame: bytes) -> Chunk:
             header = pb.BatchHeader.FromString(body)
         elif tag >> 3 == 2:
             data = body
+        elif tag >> 3 == 3:
+            packed.append(_parse(body))
         # Unknown length-delimited fields are skipped, as protobuf does.
-    return Chunk(header, data)
+    return Chunk(header, data, tuple(packed))
 
 
 def decode_tensors(header: pb.BatchHeader, payload: Any) -> list[torch.Tensor]:
@@ -363,6 +396,16 @@ class BatchAssembler:
         if self._filled == header.payload_size:
             return self._finish(self._buffer if self._buffer is not None else b"")
         return None
+
+    def feed(self, chunk: Chunk) -> Iterator[tuple[pb.BatchHeader, Any]]:
+        """Adds a message and the batches packed in it; yields each batch it completes
+        with its header."""
+        for part in (chunk, *chunk.packed):
+            header = part.header or self._header
+            done = self.add(part)
+            if done is not None:
+                assert header is not None
+                yield header, done[1]
 
     @property
     def pending(self) -> bool:

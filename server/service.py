@@ -20,9 +20,10 @@ from concurrent.futures import TimeoutError as FutureTimeout
 
 import grpc
 
-from batchwire import compression, wire
+from batchwire import compression
 from batchwire.server.config import ServerConfig
 from batchwire.server.metrics import Metrics
+from batchwire.server.outbox import Outbox
 from batchwire.server.pool import BatchFailed, BuiltBatch, PoolClosed, WorkerPool
 from batchwire.server.registry import DatasetEntry, DatasetRegistry, DescribeError
 from batchwire.server.requests import InvalidRequest, StreamPlan, plan_stream
@@ -32,6 +33,9 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = "batchwire.v1.BatchService"
 _POLL_SECONDS = 0.25  # how often a stream waiting on a worker checks that its client is still there
+
+MAX_BATCHES_PER_MESSAGE = 64
+"""Most batches packed in one message, whatever a client accepts."""
 
 TASK_BYTES = 1 << 20
 TASK_SECONDS = 0.005
@@ -89,9 +93,12 @@ class BatchService:
         """
         self._drain_deadline = time.monotonic() + grace
 
-    def _check_drain(self, context: grpc.ServicerContext, position: int) -> None:
+    def _drain_due(self) -> bool:
         deadline = self._drain_deadline
-        if deadline is not None and time.monotonic() >= deadline:
+        return deadline is not None and time.monotonic() >= deadline
+
+    def _check_drain(self, context: grpc.ServicerContext, position: int) -> None:
+        if self._drain_due():
             self._abort(
                 context,
                 grpc.StatusCode.UNAVAILABLE,
@@ -203,7 +210,14 @@ class BatchService:
         status = "OK"
         try:
             yield from self._send(
-                entry, stream.plan, stream.positions, context, sent, stream_id, request.compression
+                entry,
+                stream.plan,
+                stream.positions,
+                context,
+                sent,
+                stream_id,
+                request.compression,
+                min(request.max_batches_per_message, MAX_BATCHES_PER_MESSAGE),
             )
             if not context.is_active():
                 status = "CANCELLED"
@@ -244,6 +258,7 @@ class BatchService:
         sent: dict[str, int],
         stream_id: str,
         codec: int = pb.NONE,
+        per_message: int = 1,
     ) -> Iterator[bytes]:
         # Keep about `prefetch_batches` batches in the pool per stream: bounded memory
         # while the client is slow, and batches are sent in order whatever finishes first.
@@ -258,6 +273,14 @@ class BatchService:
         build_seconds = metrics.build_seconds.labels(entry.name)
         batches_sent = metrics.batches_sent.labels(entry.name)
         bytes_sent = metrics.bytes_sent.labels(entry.name)
+
+        def on_sent(header: pb.BatchHeader) -> None:
+            sent["batches"] += 1
+            sent["bytes"] += header.payload_size
+            batches_sent.inc()
+            bytes_sent.inc(header.payload_size)
+
+        outbox = Outbox(self._settings.chunk_bytes, per_message, on_sent)
 
         def refill() -> None:
             max_tasks = max(2, -(-self._settings.prefetch_batches // group))
@@ -290,12 +313,15 @@ class BatchService:
                 depth.set(sum(len(p) for p, f in pending if f.done()))
                 # Fewer built than asked when one failed: those before it still go out.
                 for position, built in zip(task_positions, built_batches, strict=False):
-                    self._check_drain(context, position)
+                    if self._drain_due():
+                        yield from outbox.flush()  # what is packed goes out before the abort
+                        self._check_drain(context, position)
                     header = built.header
                     header.batch_index = position
                     build_seconds.observe(built.build_seconds)
                     metrics.worker_busy.inc(built.build_seconds)
                     if header.payload_size > self._settings.max_batch_bytes:
+                        yield from outbox.flush()
                         self._abort(
                             context,
                             grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -307,14 +333,11 @@ class BatchService:
                     # Compressed here, in the stream's thread: lz4/zstd release the GIL, and
                     # this keeps the worker protocol codec-free (benchmarks/RESULTS.md).
                     payload = compression.compress_batch(header, built.payload, codec)
-                    yield from wire.frames(header, payload, self._settings.chunk_bytes)
-                    sent["batches"] += 1
-                    sent["bytes"] += header.payload_size
-                    batches_sent.inc()
-                    bytes_sent.inc(header.payload_size)
+                    yield from outbox.add(header, payload)
                     # Drop the shared-memory mapping (payload may be that very view) before
                     # waiting on the next batch.
                     del built, payload
+                yield from outbox.flush()
                 del built_batches
                 if failure is not None:
                     self._abort(context, grpc.StatusCode.INTERNAL, str(failure))

@@ -127,3 +127,39 @@ def test_field_infos_name_leaves_by_path():
         for f in wire.field_infos(structure, tensors)
     ]
     assert names == [("x", "float32", [2, 3]), ("y.0", "float32", [2]), ("y.1", "uint8", [2])]
+
+
+def _encoded(batch, index: int) -> tuple[pb.BatchHeader, memoryview]:
+    tensors, structure = wire.flatten(batch)
+    metas, size = wire.layout(tensors)
+    payload = bytearray(size)
+    wire.write_payload(tensors, metas, memoryview(payload))
+    header = pb.BatchHeader(
+        batch_index=index, payload_size=size, raw_size=size, tensors=metas, structure=structure
+    )
+    return header, memoryview(bytes(payload))
+
+
+def test_packed_batches_are_one_valid_message_and_unpack_in_order():
+    batches = [{"x": torch.full((3,), i, dtype=torch.int16)} for i in range(4)]
+    batches.append({"x": torch.empty(0, dtype=torch.int16)})  # no data field at all
+    frame = wire.packed_frame([_encoded(b, 10 + i) for i, b in enumerate(batches)])
+    message = pb.BatchChunk.FromString(frame)  # what a client in any language sees
+    assert message.header.batch_index == 10 and len(message.packed) == 4
+    assert [p.header.batch_index for p in message.packed] == [11, 12, 13, 14]
+    assembler = wire.BatchAssembler()
+    got = list(assembler.feed(wire.parse_chunk(frame)))
+    assert [header.batch_index for header, _ in got] == [10, 11, 12, 13, 14]
+    for (_, decoded), batch in zip(got, batches, strict=True):
+        assert_same_batch(decoded, batch)
+    assert not assembler.pending
+
+
+def test_a_packed_batch_cannot_start_inside_an_unfinished_one():
+    big_header, big_payload = _encoded({"x": torch.arange(100)}, 0)
+    first = next(wire.frames(big_header, big_payload, 64))  # only part of batch 0
+    assembler = wire.BatchAssembler()
+    assert list(assembler.feed(wire.parse_chunk(first))) == []
+    small = wire.packed_frame([_encoded({"x": torch.arange(2)}, 1)])
+    with pytest.raises(wire.WireError, match="batch 0 ended after"):
+        list(assembler.feed(wire.parse_chunk(small)))
