@@ -66,6 +66,10 @@ class Relay:
     def _stream(self, request: pb.StreamBatchesRequest, context: grpc.ServicerContext):
         with self._lock:
             cut, self._cut = self._cut, None
+        if cut is not None:
+            # Frames of the stream to cut are counted one batch each (no packing);
+            # streams passed untouched keep what the client asked for.
+            request.max_batches_per_message = 1
         call = self._upstream.unary_stream(
             f"/{_SERVICE}/StreamBatches",
             request_serializer=pb.StreamBatchesRequest.SerializeToString,
