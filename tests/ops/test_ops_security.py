@@ -113,7 +113,11 @@ def test_tokens_from_an_environment_variable(
 
 
 def test_stream_limit(tmp_path: Path) -> None:
-    config = write_config(tmp_path, "max_concurrent_streams = 2\nprefetch_batches = 1")
+    # 20 ms an item: the two streams stay open (a fast stream of tiny batches may be
+    # wholly sent, and its slot freed, before the client reads its second batch).
+    config = write_config(
+        tmp_path, "max_concurrent_streams = 2\nprefetch_batches = 1", item_seconds=0.02
+    )
     with ServerProcess(config, workers=1) as server:
         client = BatchClient(server.target)
         dataset = RemoteDataset(server.target, "dict", batch_size=1)
