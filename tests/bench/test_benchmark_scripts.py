@@ -23,6 +23,7 @@ SCRIPTS = {
     "memory": ["results", "samples"],
     "compression_pays": ["results"],
     "pipeline_vs_dataloader": ["ratio", "local_samples_per_s", "batchwire_samples_per_s"],
+    "grpc_cost": ["results"],
 }
 
 
