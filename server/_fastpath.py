@@ -67,21 +67,47 @@ class PayloadFile:
         self._fd: int | None = None
 
     def write(
-        self, tensors: Sequence[torch.Tensor], metas: Sequence[pb.TensorMeta], base: int = 0
+        self,
+        tensors: Sequence[torch.Tensor],
+        metas: Sequence[pb.TensorMeta],
+        base: int = 0,
+        size: int | None = None,
     ) -> None:
-        """Writes each tensor's bytes at ``base + meta.offset`` (gaps read as zeros)."""
+        """Writes each tensor's bytes at ``base + meta.offset``, and zeros in the gaps.
+
+        ``size`` is the payload's size (alignment after the last tensor counts).
+        A recycled file still holds its last payload: gaps are written, not skipped,
+        so no byte of another batch goes out with this one.
+        """
+        end = base
         for tensor, meta in zip(tensors, metas, strict=True):
             if not meta.nbytes:
                 continue
-            if self._fd is None:
-                # Often a recycled file (see _payloads): its pages are written over, not
-                # allocated anew; close() cuts it to this payload's size.
-                self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+            self._zeros(end, base + meta.offset)
             raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
             view, offset = memoryview(raw), base + meta.offset
             while len(view):
-                written = os.pwrite(self._fd, view, offset)
+                written = os.pwrite(self._open(), view, offset)
                 view, offset = view[written:], offset + written
+            end = offset
+        if size is not None:
+            self._zeros(end, base + size)
+
+    def _zeros(self, start: int, stop: int) -> None:
+        if stop > start:
+            os.pwrite(self._open(), bytes(stop - start), start)  # < 64 bytes: alignment
+
+    def _open(self) -> int:
+        if self._fd is None:
+            # Often a recycled file (see _payloads): its pages are written over, not
+            # allocated anew; close() cuts it to this payload's size. A file that is not
+            # ours (someone else created the name first) is refused.
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+            if os.fstat(fd).st_uid != os.geteuid():
+                os.close(fd)
+                raise PermissionError(f"{self.path} belongs to another user")
+            self._fd = fd
+        return self._fd
 
     def close(self, size: int) -> None:
         if self._fd is None:
@@ -99,6 +125,6 @@ def write_payload_file(
     """Creates ``path`` holding each tensor's bytes at its offset (gaps read as zeros)."""
     out = PayloadFile(path)
     try:
-        out.write(tensors, metas)
+        out.write(tensors, metas, 0, size)
     finally:
         out.close(size)

@@ -22,6 +22,7 @@ import itertools
 import logging
 import mmap
 import os
+import queue
 import re
 import tempfile
 import threading
@@ -48,10 +49,14 @@ class PayloadFiles:
         self._names = itertools.count()
         self._lock = threading.Lock()
         self._free: dict[str, int] = {}  # path -> bytes it holds
+        # Unmapped files land here first: a finalizer may run inside the cyclic GC, in
+        # any thread, even one holding _lock; SimpleQueue.put takes no lock of ours.
+        self._unmapped: queue.SimpleQueue[tuple[str, int]] = queue.SimpleQueue()
         self._closed = False
 
     def take(self) -> str:
         """A path for a worker to write a task's payload to: a free file, else a new name."""
+        self._take_unmapped()
         with self._lock:
             if self._free:
                 path = next(iter(self._free))
@@ -74,7 +79,7 @@ class PayloadFiles:
             mapped = mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ)
         finally:
             os.close(fd)
-        weakref.finalize(mapped, self._recycle, path, size)
+        weakref.finalize(mapped, self._unmapped.put, (path, size))
         return memoryview(mapped)
 
     def discard(self, path: str) -> None:
@@ -82,15 +87,23 @@ class PayloadFiles:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
 
-    def _recycle(self, path: str, size: int) -> None:
-        with self._lock:
-            if not self._closed and sum(self._free.values()) + size <= RECYCLE_BYTES:
-                self._free[path] = size
+    def _take_unmapped(self) -> None:
+        """Moves unmapped files onto the free list (capped), or removes them."""
+        while True:
+            try:
+                path, size = self._unmapped.get_nowait()
+            except queue.Empty:
                 return
-        self.discard(path)
+            with self._lock:
+                keep = not self._closed and sum(self._free.values()) + size <= RECYCLE_BYTES
+                if keep:
+                    self._free[path] = size
+            if not keep:
+                self.discard(path)
 
     def trim(self) -> None:
         """Removes every free file (the pool is idle: give the shared memory back)."""
+        self._take_unmapped()
         with self._lock:
             free, self._free = list(self._free), {}
         for path in free:

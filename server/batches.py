@@ -139,7 +139,7 @@ def build_and_write(
                 batch = build_batch(pipeline, name, indices, seed=seed, epoch=epoch)
                 header, tensors = encode_batch(batch, name)
                 base = wire.aligned(written.size)
-                out.write(tensors, header.tensors, base)
+                out.write(tensors, header.tensors, base, header.payload_size)
             except BatchBuildError as exc:
                 written.error = str(exc)
                 break

@@ -364,6 +364,7 @@ class WorkerPool:
         try:
             payload = self._files.open(task.path, size)
         except OSError as exc:
+            self._files.discard(task.path)
             _settle(
                 task.future,
                 exception=RuntimeError(f"lost batch payload of dataset {task.dataset!r}: {exc}"),

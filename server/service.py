@@ -283,7 +283,8 @@ class BatchService:
         outbox = Outbox(self._settings.chunk_bytes, per_message, on_sent)
 
         def refill() -> None:
-            max_tasks = max(2, -(-self._settings.prefetch_batches // group))
+            # prefetch_batches bounds single batches; grouped small ones keep 2 tasks going
+            max_tasks = max(1 if group == 1 else 2, -(-self._settings.prefetch_batches // group))
             while len(pending) < max_tasks:
                 task_positions = list(itertools.islice(upcoming, group))
                 if not task_positions:
@@ -306,6 +307,7 @@ class BatchService:
                     future.cancel()
                     return  # the client went away
                 built_batches, failure = outcome
+                del outcome  # else it keeps this task's mapping alive through the next wait
                 if built_batches:
                     build_time = sum(b.build_seconds for b in built_batches) / len(built_batches)
                     group = _group_size(batch_bytes, build_time)

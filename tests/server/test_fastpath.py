@@ -118,11 +118,26 @@ def test_free_payload_files_are_trimmed_and_capped(tmp_path: Path, monkeypatch) 
     for path in paths:
         Path(path).write_bytes(b"b" * 100)
         files.open(path, 100)  # the view is dropped at once: recycled, or removed over the cap
+    assert files.take() == paths[0]  # the first fits the cap; the others were removed
     assert sorted(p.name for p in tmp_path.iterdir()) == [Path(paths[0]).name]
+    Path(paths[0]).write_bytes(b"b" * 100)
+    files.open(paths[0], 100)
     files.trim()
     assert list(tmp_path.iterdir()) == []
     files.close()
     unmapped = files.take()
     Path(unmapped).write_bytes(b"c" * 10)
     files.open(unmapped, 10)
+    assert files.take() != unmapped
     assert list(tmp_path.iterdir()) == []  # a closed pool removes instead of recycling
+
+
+def test_a_recycled_file_carries_no_bytes_of_its_last_payload(tmp_path: Path) -> None:
+    path = tmp_path / "recycled"
+    path.write_bytes(b"\xff" * 4096)  # what the file held before
+    tensors, _ = wire.flatten(_batch())  # 105-byte image: alignment gaps follow it
+    metas, size = wire.layout(tensors)
+    expected = bytearray(size)
+    wire.write_payload(tensors, metas, memoryview(expected))
+    write_payload_file(str(path), tensors, metas, size)
+    assert path.read_bytes() == bytes(expected)  # gaps are zeros, the old tail is cut
