@@ -50,13 +50,21 @@ class SyntheticField:
         self.shape = tuple(shape)
         self.dtype_name = table.choice("dtype", DTYPES, "float32")
         self.dtype = DTYPES[self.dtype_name]
-        default_high = (
-            2 if self.dtype is torch.bool else (256 if self.dtype is torch.uint8 else 1000)
-        )
+        default_high = 2 if self.dtype is torch.bool else 1000
+        if self.dtype_name in _INTS:  # values are drawn from [low, high): within the dtype
+            limits = torch.iinfo(self.dtype)
+            default_high = min(default_high, limits.max + 1)
         self.low = table.get("low", int, 0)
         self.high = table.get("high", int, default_high)
-        if self.dtype_name in _INTS and self.high <= self.low:
-            raise table.error("high", f"must be greater than low ({self.low}), got {self.high}")
+        if self.dtype_name in _INTS:
+            if self.high <= self.low:
+                raise table.error("high", f"must be greater than low ({self.low}), got {self.high}")
+            if self.low < limits.min or self.high > limits.max + 1:
+                raise table.error(
+                    "high",
+                    f"[low, high) = [{self.low}, {self.high}) does not fit {self.dtype_name} "
+                    f"([{limits.min}, {limits.max + 1}))",
+                )
         self.index = index
 
         self.numel = int(np.prod(self.shape, dtype=np.int64))
@@ -154,7 +162,14 @@ def build(table: Table) -> SyntheticDataset:
     }
     return SyntheticDataset(
         length=table.positive_int("length"),
-        seed=table.get("seed", int, 0),
+        seed=_seed(table),
         fields=fields,
         item=table.choice("item", ["dict", "tuple"], "dict"),
     )
+
+
+def _seed(table: Table) -> int:
+    seed = table.get("seed", int, 0)
+    if seed < 0:  # numpy seeds only with non-negative integers
+        raise table.error("seed", f"expected a non-negative integer, got {seed}")
+    return seed

@@ -123,3 +123,18 @@ def test_arrays_load_batch_equals_default_collate(tmp_path, item):
     _assert_same_batch(dataset.load_batch(indices), want)
     with pytest.raises(IndexError):
         dataset.load_batch([20])
+
+
+def test_synthetic_rejects_a_negative_seed_and_ranges_outside_the_dtype(tmp_path):
+    with pytest.raises(ConfigError, match="seed"):
+        build(tmp_path, "synthetic", length=4, seed=-1, fields={"x": {"shape": [2]}})
+    with pytest.raises(ConfigError, match="does not fit int8"):
+        build(
+            tmp_path,
+            "synthetic",
+            length=4,
+            fields={"x": {"shape": [2], "dtype": "int8", "high": 300}},
+        )
+    small = build(tmp_path, "synthetic", length=64, fields={"x": {"shape": [8], "dtype": "int8"}})
+    values = small.load_batch(range(64))["x"]  # default range [0, 128) fits int8
+    assert values.dtype == torch.int8 and int(values.min()) >= 0
