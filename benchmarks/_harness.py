@@ -266,9 +266,24 @@ def bare_grpc(chunk_bytes: int, seconds: float, *, tuned: bool) -> float:
     ``tuned``: batchwire's channel options on both sides; else grpcio's defaults
     (message size limits lifted only).
     """
+    return bare_grpc_run(chunk_bytes, seconds, tuned=tuned)["bytes_per_s"]
+
+
+def bare_grpc_run(chunk_bytes: int, seconds: float, *, tuned: bool) -> dict[str, float]:
+    """``bare_grpc``'s run, with its message count and each side's CPU seconds.
+
+    Server CPU from /proc; client CPU from ``getrusage`` of this process (which
+    only receives while it measures).
+    """
+    import resource
+
     import grpc
 
     from batchwire.client._channel import _OPTIONS
+
+    def client_cpu() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
 
     # Message limits lifted first: with a key given twice, grpcio takes the first.
     options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
@@ -283,18 +298,27 @@ def bare_grpc(chunk_bytes: int, seconds: float, *, tuned: bool) -> float:
             call = channel.unary_stream(f"/{_BARE_SERVICE}/Stream")
             for _ in call((8).to_bytes(8, "little")):  # connect and warm up
                 pass
-            received, started = 0, time.perf_counter()
+            server_before, client_before = _cpu(process.pid), client_cpu()
+            messages, started = 0, time.perf_counter()
             stream = call((1 << 40).to_bytes(8, "little"))
-            for message in stream:
-                received += len(message)
+            for _ in stream:
+                messages += 1
                 if time.perf_counter() - started >= seconds:
                     break
             elapsed = time.perf_counter() - started
             stream.cancel()
-        return received / elapsed
+            server_seconds = _cpu(process.pid) - server_before
+            client_seconds = client_cpu() - client_before
     finally:
         process.kill()
         process.join()
+    return {
+        "messages": messages,
+        "bytes_per_s": messages * chunk_bytes / elapsed,
+        "seconds": elapsed,
+        "server_cpu_seconds": server_seconds,
+        "client_cpu_seconds": client_seconds,
+    }
 
 
 # -- output -----------------------------------------------------------------------
