@@ -155,6 +155,10 @@ class ServerConfig:
     """A batch larger than this ends its stream with RESOURCE_EXHAUSTED."""
     max_message_bytes: int = 64 << 20
     """Largest gRPC message the server sends or accepts."""
+    plan_cache_bytes: int = 512 << 20
+    """Batch plans kept between requests, all datasets together (0: only those streams hold).
+
+    512 MiB: 64 epochs of a million samples (8 bytes each); see ``plan_cache``."""
     keepalive_seconds: float = 30.0
     """Ping an idle connection this often, to detect dead peers on long streams."""
     keepalive_timeout_seconds: float = 10.0
@@ -265,6 +269,7 @@ def _server_config(table: Table) -> ServerConfig:
         shm_dir=table.get("shm_dir", str, defaults.shm_dir),
         max_batch_bytes=table.positive_int("max_batch_bytes", defaults.max_batch_bytes),
         max_message_bytes=max_message_bytes,
+        plan_cache_bytes=_non_negative_int(table, "plan_cache_bytes", defaults.plan_cache_bytes),
         keepalive_seconds=_positive_number(table, "keepalive_seconds", defaults.keepalive_seconds),
         keepalive_timeout_seconds=_positive_number(
             table, "keepalive_timeout_seconds", defaults.keepalive_timeout_seconds
@@ -281,6 +286,13 @@ def _server_config(table: Table) -> ServerConfig:
         tls=_tls_config(table.table("tls")) if "tls" in table.data else None,
         auth=_auth_config(table.table("auth")) if "auth" in table.data else None,
     )
+
+
+def _non_negative_int(table: Table, name: str, default: int) -> int:
+    value = table.get(name, int, default)
+    if value < 0:
+        raise table.error(name, f"expected a non-negative integer, got {value}")
+    return value
 
 
 def _positive_number(table: Table, name: str, default: float, *, allow_zero: bool = False) -> float:

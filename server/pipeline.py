@@ -36,6 +36,7 @@ from batchwire.server.collate import CollateFn, build_collate, describe_collate
 from batchwire.server.config import DatasetConfig, Table
 from batchwire.server.samplers import KINDS, balanced_weights
 from batchwire.server.sources import MapDataset, build_dataset
+from batchwire.server.sources.arrays import map_npy
 from batchwire.server.transform_config import ItemTransforms, build_item_transforms
 from batchwire.server.transforms import sample_generator
 
@@ -180,7 +181,7 @@ def _array_file(table: Table, name: str) -> np.ndarray:
     path = table.path(name)
     try:
         if path.suffix == ".npy":
-            return np.load(path, mmap_mode="r")
+            return map_npy(path)
         return np.loadtxt(path, ndmin=1)
     except (ValueError, OSError) as exc:
         raise table.error(name, f"cannot read {path}: {exc}") from None

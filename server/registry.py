@@ -10,6 +10,7 @@ from typing import Any
 from batchwire import wire
 from batchwire.server.config import Config
 from batchwire.server.pipeline import Pipeline, build_pipeline
+from batchwire.server.requests import PLANS
 from batchwire.v1 import batchwire_pb2 as pb
 
 
@@ -71,6 +72,7 @@ class DatasetRegistry:
 
     def __init__(self, config: Config) -> None:
         add_python_path(config.server.python_path)
+        PLANS.resize(config.server.plan_cache_bytes)  # one budget for the server's plans
         self.entries: dict[str, DatasetEntry] = {}
         for name, dataset_config in config.datasets.items():
             dataset = build_pipeline(dataset_config, config.file)

@@ -6,15 +6,12 @@ take the dataset's configured defaults (``[datasets.NAME.sampler]``).
 
 from __future__ import annotations
 
-import threading
-import weakref
-from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
 from batchwire.server.pipeline import SamplerConfig
+from batchwire.server.plan_cache import PlanCache
 from batchwire.server.samplers import (
     KINDS,
     BatchPlan,
@@ -30,6 +27,21 @@ from batchwire.v1 import batchwire_pb2 as pb
 
 class InvalidRequest(ValueError):
     """A request parameter out of range; the message says which and why."""
+
+
+ECHO_CHARS = 64
+"""Most characters of a client's string that an error message repeats."""
+
+
+def echo(value: str) -> str:
+    """``repr(value)``, cut to ``ECHO_CHARS`` characters: for every message that echoes client input.
+
+    A status message travels as a trailer, which clients limit to 16 KiB: a 1 MB
+    dataset name echoed whole would turn NOT_FOUND into RESOURCE_EXHAUSTED.
+    """
+    if len(value) <= ECHO_CHARS:
+        return repr(value)
+    return f"{value[:ECHO_CHARS]!r}... ({len(value)} characters)"
 
 
 @dataclass(frozen=True)
@@ -51,9 +63,12 @@ def plan_stream(
     kind = request.sampler.kind or config.kind
     if kind not in KINDS:
         raise InvalidRequest(
-            f"sampler kind {request.sampler.kind!r} is not supported; supported: {', '.join(KINDS)}"
+            f"sampler kind {echo(request.sampler.kind)} is not supported; "
+            f"supported: {', '.join(KINDS)}"
         )
-    if kind != "dynamic" and not 0 < request.batch_size <= max_batch_size:
+    # Every kind, dynamic included: its batches hold at most batch_size items unless
+    # max_items says otherwise, and never more than max_batch_size.
+    if not 0 < request.batch_size <= max_batch_size:
         raise InvalidRequest(
             f"batch_size should be in [1, {max_batch_size}] (the server's max_batch_size), "
             f"but got batch_size={request.batch_size}"
@@ -88,11 +103,8 @@ def plan_stream(
     return StreamPlan(plan, range(request.start_batch, end, max(1, request.batch_stride)), kind)
 
 
-_PLANS_PER_CONFIG = 32
-_plans: weakref.WeakKeyDictionary[SamplerConfig, OrderedDict[tuple[Any, ...], BatchPlan]] = (
-    weakref.WeakKeyDictionary()
-)
-_plans_lock = threading.Lock()
+PLANS = PlanCache()
+"""The server's plans; ``DatasetRegistry`` sets its budget from ``[server] plan_cache_bytes``."""
 
 
 def _cached_plan(
@@ -102,14 +114,16 @@ def _cached_plan(
     length: int,
     max_batch_size: int,
 ) -> BatchPlan:
-    """``_plan``, remembered: the parallel streams and resumes of one epoch share a plan.
-
-    A weighted draw or a dynamic packing of a million samples takes about half
-    a second; every rank, stream and reconnect would otherwise pay it again.
-    """
+    """``_plan``, remembered (see ``plan_cache``): the streams and resumes of an epoch share it."""
+    spec = request.sampler
+    # Parsed values only: the serialized spec would carry a client's unknown fields.
     key = (
+        config,
         kind,
-        request.sampler.SerializeToString(deterministic=True),
+        spec.num_samples,
+        spec.without_replacement,
+        spec.max_tokens,
+        spec.max_items,
         request.batch_size,
         request.shuffle,
         request.seed,
@@ -120,18 +134,7 @@ def _cached_plan(
         length,
         max_batch_size,
     )
-    with _plans_lock:
-        plans = _plans.setdefault(config, OrderedDict())
-        plan = plans.get(key)
-        if plan is not None:
-            plans.move_to_end(key)
-            return plan
-    plan = _plan(kind, request, config, length, max_batch_size)
-    with _plans_lock:
-        plans[key] = plan
-        while len(plans) > _PLANS_PER_CONFIG:
-            plans.popitem(last=False)
-    return plan
+    return PLANS.get(key, lambda: _plan(kind, request, config, length, max_batch_size))
 
 
 def _plan(
@@ -186,17 +189,19 @@ def _dynamic_plan(
     shard: dict[str, int],
 ) -> BatchPlan:
     spec = request.sampler
-    if spec.max_tokens < 0 or spec.max_items < 0:
+    if spec.max_tokens < 0:
         raise InvalidRequest(
-            f"sampler.max_tokens and sampler.max_items should be non-negative, "
-            f"but got max_tokens={spec.max_tokens}, max_items={spec.max_items}"
+            f"sampler.max_tokens should be non-negative, but got max_tokens={spec.max_tokens}"
+        )
+    if not 0 <= spec.max_items <= max_batch_size:
+        raise InvalidRequest(
+            f"sampler.max_items should be in [0, {max_batch_size}] (the server's max_batch_size), "
+            f"but got max_items={spec.max_items}"
         )
     max_tokens = spec.max_tokens or config.max_tokens
     # Items per batch: the request's max_items, else the config's, else batch_size;
-    # never over the server's max_batch_size.
-    max_items = min(
-        spec.max_items or config.max_items or request.batch_size or max_batch_size, max_batch_size
-    )
+    # never over the server's max_batch_size (a config may say more).
+    max_items = min(spec.max_items or config.max_items or request.batch_size, max_batch_size)
     if max_tokens and config.lengths is None:
         raise _not_configured("dynamic", "lengths = FILE or length_field = FIELD")
     # An item budget alone needs no lengths: every sample counts as one token.

@@ -19,7 +19,7 @@ needs no state but b, and every server computes the same plan.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -34,14 +34,22 @@ def _generator(seed: int, epoch: int) -> torch.Generator:
 
 
 def shard(order: np.ndarray, rank: int, world_size: int) -> np.ndarray:
-    """Rank ``rank``'s share: pad by repeating from the start, then stride (DistributedSampler)."""
+    """Rank ``rank``'s share: pad by repeating from the start, then stride (DistributedSampler).
+
+    The share is a copy, so the epoch's full order can be freed once it is cut;
+    it costs this rank's samples only (a huge ``world_size`` costs one).
+    """
     length = len(order)
-    if length == 0:
+    if length == 0 or world_size == 1:
         return order
-    total = math.ceil(length / world_size) * world_size
-    # Position i of the padded order is order[i % length]; index it directly so that
-    # a huge world_size costs this rank's share, not a padded copy of the epoch.
-    return order[np.arange(rank, total, world_size) % length]
+    count = -(-length // world_size)  # ceil: every rank gets as many
+    mine = order[rank::world_size].copy()
+    if len(mine) == count:
+        return mine
+    # The padding (fewer than world_size positions past the end) gives this rank at
+    # most one sample: padded position p repeats order[p % length].
+    last = rank + (count - 1) * world_size
+    return np.append(mine, order[last % length])
 
 
 def distributed_order(
@@ -175,18 +183,24 @@ class BatchPlan:
     """The batches of one rank's epoch: ``plan[b]`` is batch b's sample indices.
 
     Batch b is ``indices[offsets[b]:offsets[b + 1]]``, so batches may differ in
-    size (dynamic batching). ``seed`` and ``epoch`` travel with the plan because
-    random transforms draw from an RNG seeded by ``(seed, epoch, sample index)``.
+    size (dynamic batching); a plan of fixed-size batches keeps no offsets but
+    ``batch_size`` (8 bytes per sample in all, not 24 for batches of one).
+    ``seed`` and ``epoch`` travel with the plan because random transforms draw
+    from an RNG seeded by ``(seed, epoch, sample index)``.
     """
 
     indices: np.ndarray
-    offsets: np.ndarray
+    offsets: np.ndarray | None = None
     seed: int = 0
     epoch: int = 0
-    sizes: np.ndarray = field(init=False, repr=False)
+    batch_size: int = 0
+    """Fixed-size plans (``offsets`` None): samples per batch, the last one smaller."""
+    num_batches: int = 0
+    """Fixed-size plans: the number of batches (fewer than ceil(len / batch_size) with drop_last)."""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "sizes", np.diff(self.offsets))
+        if self.offsets is not None:
+            object.__setattr__(self, "num_batches", len(self.offsets) - 1)
         self.indices.setflags(write=False)  # plans are cached and shared between streams
 
     @classmethod
@@ -195,15 +209,30 @@ class BatchPlan:
     ) -> BatchPlan:
         """Consecutive batches of ``batch_size`` (the last one smaller unless dropped)."""
         count = num_batches(len(indices), batch_size, drop_last)
-        offsets = np.minimum(np.arange(count + 1, dtype=np.int64) * batch_size, len(indices))
-        return cls(indices, offsets, seed, epoch)
+        return cls(indices, None, seed, epoch, batch_size=batch_size, num_batches=count)
+
+    @property
+    def nbytes(self) -> int:
+        """Memory the plan holds (what the plan cache counts)."""
+        return self.indices.nbytes + (0 if self.offsets is None else self.offsets.nbytes)
+
+    @property
+    def sizes(self) -> np.ndarray:
+        """Samples per batch."""
+        if self.offsets is not None:
+            return np.diff(self.offsets)
+        starts = np.arange(self.num_batches, dtype=np.int64) * self.batch_size
+        return np.minimum(starts + self.batch_size, len(self.indices)) - starts
 
     def __len__(self) -> int:
-        return len(self.offsets) - 1
+        return self.num_batches
 
     def __getitem__(self, batch: int) -> np.ndarray:
-        if not 0 <= batch < len(self):
-            raise IndexError(f"batch {batch} out of range for {len(self)} batches")
+        if not 0 <= batch < self.num_batches:
+            raise IndexError(f"batch {batch} out of range for {self.num_batches} batches")
+        if self.offsets is None:
+            start = batch * self.batch_size
+            return self.indices[start : start + self.batch_size]
         return self.indices[self.offsets[batch] : self.offsets[batch + 1]]
 
 

@@ -26,7 +26,7 @@ from batchwire.server.metrics import Metrics
 from batchwire.server.outbox import Outbox
 from batchwire.server.pool import BatchFailed, BuiltBatch, PoolClosed, WorkerPool
 from batchwire.server.registry import DatasetEntry, DatasetRegistry, DescribeError
-from batchwire.server.requests import InvalidRequest, StreamPlan, plan_stream
+from batchwire.server.requests import InvalidRequest, StreamPlan, echo, plan_stream
 from batchwire.v1 import batchwire_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -420,6 +420,6 @@ class BatchService:
             self._abort(
                 context,
                 grpc.StatusCode.NOT_FOUND,
-                f"unknown dataset {name!r}; this server has: {known}",
+                f"unknown dataset {echo(name)}; this server has: {known}",
             )
         return entry

@@ -98,3 +98,73 @@ def test_missing_config_file(tmp_path):
     )
     assert result.returncode == 2
     assert "config file not found" in result.stderr
+
+
+BAD_LENGTHS = """
+class Sized:
+    def __init__(self, length):
+        self.length = length
+
+    def __len__(self):
+        if self.length == "raise":
+            raise RuntimeError("index file is gone")
+        return self.length
+
+    def __getitem__(self, index):
+        return index
+"""
+
+
+@pytest.mark.parametrize(
+    ("length", "reason"),
+    [
+        ('"raise"', "RuntimeError: index file is gone"),
+        ('"ten"', "'str' object cannot be interpreted as an integer"),
+        ("2.5", "'float' object cannot be interpreted as an integer"),
+        ("-3", "__len__() should return >= 0"),
+    ],
+)
+def test_a_dataset_whose_len_fails_is_named(tmp_path, length, reason):
+    (tmp_path / "bad_lengths.py").write_text(BAD_LENGTHS)
+    config = tmp_path / "bad.toml"
+    config.write_text(
+        f'[server]\npython_path = ["."]\n\n[datasets.p]\nsource = "python"\n'
+        f'factory = "bad_lengths:Sized"\nkwargs = {{ length = {length} }}\n'
+    )
+    stderr = _serve_fails(config)
+    assert f"{config}: datasets.p: " in stderr
+    assert "len(" in stderr and reason in stderr
+
+
+@pytest.mark.parametrize(
+    ("table", "key"),
+    [
+        ('source = "arrays"\nfiles = { x = "empty.npy" }', "datasets.d.files.x"),
+        ('source = "timeseries"\npath = "empty.npy"\nlength = 2', "datasets.d.path"),
+        (
+            'source = "synthetic"\nlength = 4\nfields.x = { shape = [2] }\n'
+            'sampler = { kind = "weighted", weights = "empty.npy" }',
+            "datasets.d.sampler.weights",
+        ),
+    ],
+)
+def test_an_empty_npy_file_is_named(tmp_path, table, key):
+    (tmp_path / "empty.npy").write_bytes(b"")
+    config = tmp_path / "bad.toml"
+    config.write_text(f"[datasets.d]\n{table}\n")
+    stderr = _serve_fails(config)
+    assert f"{config}: {key}: " in stderr
+    assert "empty.npy" in stderr and "0 bytes" in stderr
+
+
+def _serve_fails(config) -> str:
+    """``serve`` exits 2 with one message (no traceback); returns stderr."""
+    result = subprocess.run(
+        [*batchwire_command(), "serve", "--config", str(config), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    return result.stderr

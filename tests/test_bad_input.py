@@ -108,3 +108,53 @@ def test_client_checks_arguments_before_calling():
         RemoteDataset("127.0.0.1:1", "x", batch_size=0)
     with pytest.raises(ValueError, match="rank=2"):
         RemoteDataset("127.0.0.1:1", "x", batch_size=1, rank=2, world_size=2)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "says"),
+    [
+        ({"batch_size": -5}, "batch_size=-5"),
+        ({"batch_size": 0}, "batch_size=0"),
+        ({"batch_size": 10**12}, "max_batch_size"),
+        ({"sampler": pb.SamplerSpec(kind="dynamic", max_items=10**12)}, "max_items"),
+    ],
+)
+def test_dynamic_sampler_checks_its_batch_limits(core_server, overrides, says):
+    request = good_request(**{"sampler": pb.SamplerSpec(kind="dynamic"), **overrides})
+    error = stream_error(core_server.target, request)
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert says in error.details
+    with pytest.raises(ServerError) as info:
+        BatchClient(core_server.target).count_batches(request)
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert_still_serves(core_server.target)
+
+
+HUGE = "x" * (1 << 20)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "code", "says"),
+    [
+        ({"dataset": HUGE}, grpc.StatusCode.NOT_FOUND, "unknown dataset 'xxxx"),
+        ({"sampler": pb.SamplerSpec(kind=HUGE)}, grpc.StatusCode.INVALID_ARGUMENT, "kind 'xxxx"),
+    ],
+)
+def test_echoed_client_strings_are_truncated(core_server, overrides, code, says):
+    # A 1 MB value echoed whole would be a 1 MB trailer: the client would see
+    # RESOURCE_EXHAUSTED (metadata too large) instead of the real status.
+    client = BatchClient(core_server.target)
+    for call in (
+        lambda: list(client.batches(good_request(**overrides))),
+        lambda: client.count_batches(good_request(**overrides)),
+    ):
+        with pytest.raises(ServerError) as info:
+            call()
+        assert info.value.code == code, info.value.details[:200]
+        assert says in info.value.details
+        assert len(info.value.details) < 1000
+        assert "1048576 characters" in info.value.details  # says how long it was
+    with pytest.raises(ServerError) as info:
+        client.describe(HUGE)
+    assert info.value.code == grpc.StatusCode.NOT_FOUND and len(info.value.details) < 1000
+    assert_still_serves(core_server.target)

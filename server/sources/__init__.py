@@ -45,7 +45,14 @@ def build_dataset(dataset: DatasetConfig, file: Any) -> MapDataset:
             f"{key}.source",
             f"unknown source {dataset.source!r}; expected one of {', '.join(sorted(SOURCES))}",
         )
-    return builder(Table(dataset.options, file=file, prefix=key))
+    source = builder(Table(dataset.options, file=file, prefix=key))
+    try:
+        len(source)  # checked once here, so that later calls cannot fail
+    except Exception as exc:  # raised by __len__, or TypeError/ValueError: not an int >= 0
+        raise ConfigError(
+            file, key, f"len() of the dataset failed: {type(exc).__name__}: {exc}"
+        ) from None
+    return source
 
 
 __all__ = ["SOURCES", "MapDataset", "build_dataset"]

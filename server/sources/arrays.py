@@ -20,6 +20,16 @@ import torch
 from batchwire.server.config import Table
 
 
+def map_npy(path: Path) -> np.ndarray:
+    """Memory-maps a .npy file; raises ``ValueError`` saying what is wrong with it."""
+    try:
+        if path.stat().st_size == 0:
+            raise ValueError("the file is empty (0 bytes)")
+        return np.load(path, mmap_mode="r")
+    except (OSError, EOFError) as exc:  # EOFError: a header cut short
+        raise ValueError(str(exc)) from None
+
+
 def _map_npz_member(path: Path, member: zipfile.ZipInfo) -> np.ndarray:
     """Memory-maps one uncompressed .npy member of a .npz file."""
     with path.open("rb") as handle:
@@ -102,7 +112,7 @@ def build(table: Table) -> ArrayDataset:
         fields = table.get("fields", list, None)
         try:
             arrays = load_npz(path, fields)
-        except (KeyError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        except (KeyError, zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
             raise table.error("path", f"cannot read {path}: {exc}") from None
     else:
         files = table.table("files")
@@ -110,8 +120,8 @@ def build(table: Table) -> ArrayDataset:
         for name in files.data:
             path = files.path(name)
             try:
-                arrays[name] = np.load(path, mmap_mode="r")
-            except (ValueError, OSError) as exc:
+                arrays[name] = map_npy(path)
+            except ValueError as exc:
                 raise files.error(name, f"cannot read {path}: {exc}") from None
     if not arrays:
         raise table.error("fields", "no arrays selected")

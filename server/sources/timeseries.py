@@ -8,13 +8,14 @@ page cache rather than in each worker's heap.
 
 from __future__ import annotations
 
+import zipfile
 from typing import Any
 
 import numpy as np
 import torch
 
 from batchwire.server.config import Table
-from batchwire.server.sources.arrays import load_npz
+from batchwire.server.sources.arrays import load_npz, map_npy
 
 
 class TimeseriesDataset:
@@ -53,8 +54,8 @@ def build(table: Table) -> TimeseriesDataset:
             key = table.get("key", str)
             array: Any = load_npz(path, [key])[key]
         else:
-            array = np.load(path, mmap_mode="r")
-    except (KeyError, ValueError, OSError) as exc:
+            array = map_npy(path)
+    except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
         raise table.error("path", f"cannot read {path}: {exc}") from None
     if array.ndim not in (1, 2):
         raise table.error("path", f"expected a 1-D or 2-D array, got shape {array.shape}")
