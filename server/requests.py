@@ -6,6 +6,8 @@ take the dataset's configured defaults (``[datasets.NAME.sampler]``).
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -134,7 +136,40 @@ def _cached_plan(
         length,
         max_batch_size,
     )
-    return PLANS.get(key, lambda: _plan(kind, request, config, length, max_batch_size))
+    epoch_samples = _epoch_samples(kind, spec, config, length)
+    return PLANS.get(
+        key,
+        lambda: _within_planning_limit(
+            epoch_samples, lambda: _plan(kind, request, config, length, max_batch_size)
+        ),
+    )
+
+
+HEAVY_PLAN_SAMPLES = 1 << 23
+"""Plans of epochs this long or longer (64 MiB of indices, as much again while being cut
+into a rank's share) are computed ``HEAVY_PLANS`` at a time, so that concurrent requests
+for different plans cannot add their peaks up."""
+HEAVY_PLANS = 2
+PLANNING_WAIT_SECONDS = 120.0
+_heavy_plans = threading.BoundedSemaphore(HEAVY_PLANS)
+
+
+class PlannerBusy(RuntimeError):
+    """Heavy plans queued up longer than ``PLANNING_WAIT_SECONDS``."""
+
+
+def _within_planning_limit(epoch_samples: int, compute: Callable[[], BatchPlan]) -> BatchPlan:
+    if epoch_samples < HEAVY_PLAN_SAMPLES:
+        return compute()
+    if not _heavy_plans.acquire(timeout=PLANNING_WAIT_SECONDS):
+        raise PlannerBusy(
+            f"{HEAVY_PLANS} plans of {HEAVY_PLAN_SAMPLES} samples or more were being computed "
+            f"for over {PLANNING_WAIT_SECONDS:.0f}s; retry later"
+        )
+    try:
+        return compute()
+    finally:
+        _heavy_plans.release()
 
 
 def _plan(
@@ -160,7 +195,7 @@ def _plan(
             raise _not_configured(kind, "indices = FILE")
         order = subset_order(config.subset, shuffle=request.shuffle, **shard)
     else:
-        num_samples = _num_samples(spec.num_samples or config.num_samples or length)
+        num_samples = _epoch_samples(kind, spec, config, length)
         if kind == "random":
             order = random_order(length, num_samples=num_samples, **shard)
         else:
@@ -224,12 +259,18 @@ MAX_NUM_SAMPLES = 1 << 27
 """Most samples one weighted/random epoch may draw: the plan lives in server memory (8 B each)."""
 
 
-def _num_samples(value: int) -> int:
-    if not 0 <= value <= MAX_NUM_SAMPLES:
-        raise InvalidRequest(
-            f"sampler.num_samples should be in [0, {MAX_NUM_SAMPLES}], but got {value}"
-        )
-    return value
+def _epoch_samples(kind: str, spec: pb.SamplerSpec, config: SamplerConfig, length: int) -> int:
+    """Samples in the whole epoch's order (what planning holds at its peak); checks num_samples."""
+    if kind in ("random", "weighted"):
+        value = spec.num_samples or config.num_samples or length
+        if not 0 <= value <= MAX_NUM_SAMPLES:
+            raise InvalidRequest(
+                f"sampler.num_samples should be in [0, {MAX_NUM_SAMPLES}], but got {value}"
+            )
+        return value
+    if kind == "subset" and config.subset is not None:
+        return len(config.subset)
+    return length
 
 
 def _not_configured(kind: str, keys: str) -> InvalidRequest:

@@ -46,6 +46,11 @@ CASES = {
         "datasets.p.factory",
         "has no attribute 'no_such_function'",
     ),
+    "negative plan cache": (
+        "[server]\nplan_cache_bytes = -1\n" + SYNTHETIC,
+        "server.plan_cache_bytes",
+        "expected a non-negative integer, got -1",
+    ),
     "unknown server key": ("[server]\nwrokers = 2\n" + SYNTHETIC, "server.wrokers", "unknown key"),
     "bad dtype": (
         '[datasets.s]\nsource = "synthetic"\nlength = 4\nfields.x = { shape = [2], dtype = "complex64" }\n',
