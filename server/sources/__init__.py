@@ -47,7 +47,7 @@ def build_dataset(dataset: DatasetConfig, file: Any) -> MapDataset:
         )
     source = builder(Table(dataset.options, file=file, prefix=key))
     try:
-        len(source)  # checked once here, so that later calls cannot fail
+        len(source)  # the registry and samplers rely on it: a failure is named here
     except Exception as exc:  # raised by __len__, or TypeError/ValueError: not an int >= 0
         raise ConfigError(
             file, key, f"len() of the dataset failed: {type(exc).__name__}: {exc}"
