@@ -240,7 +240,9 @@ class RemoteDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[Any]:
         epoch, start = self._next_epoch, self._resume_batch
-        if start and start >= self._num_batches(epoch):
+        # Counted up front (one call) so that state_dict() at the pass's last batch
+        # already names the next epoch's start.
+        if start >= self._num_batches(epoch) and start:
             epoch, start = epoch + 1, 0  # saved at an epoch's end: the next epoch, not none
         self._next_epoch, self._resume_batch = epoch + 1, 0
         return self._pass(epoch, start)
