@@ -9,6 +9,7 @@ from typing import Any
 from google.protobuf import json_format
 from torch.utils.data import IterableDataset, get_worker_info
 
+from batchwire.client import _ranks
 from batchwire.client._channel import BatchClient
 from batchwire.client._parallel import merge_in_order
 from batchwire.client._resume import resuming_batches
@@ -40,7 +41,10 @@ class RemoteDataset(IterableDataset):
         batch_size: samples per batch.
         shuffle, seed: as for ``DistributedSampler``.
         drop_last: drop this rank's last batch when it is short.
-        rank, world_size: this trainer's share of the epoch.
+        rank, world_size: this trainer's share of the epoch; each one left out
+            comes from torch.distributed's default process group when it is
+            initialized (as ``DistributedSampler``), else rank 0 of 1. Explicit
+            values that disagree with an initialized group win, with a warning.
         timeout: seconds to wait for the server on metadata calls.
         sampler: a sampler kind (``"weighted"``, ``"dynamic"``, ...) or a mapping of
             ``SamplerSpec`` fields, e.g. ``{"kind": "dynamic", "max_tokens": 4096}``;
@@ -70,8 +74,8 @@ class RemoteDataset(IterableDataset):
         shuffle: bool = False,
         seed: int = 0,
         drop_last: bool = False,
-        rank: int = 0,
-        world_size: int = 1,
+        rank: int | None = None,
+        world_size: int | None = None,
         timeout: float = 10.0,
         sampler: str | Mapping[str, Any] | None = None,
         streams: int = 1,
@@ -84,12 +88,7 @@ class RemoteDataset(IterableDataset):
             raise ValueError(
                 f"batch_size should be a positive integer value, but got batch_size={batch_size}"
             )
-        if not isinstance(world_size, int) or world_size <= 0:
-            raise ValueError(
-                f"world_size should be a positive integer value, but got world_size={world_size}"
-            )
-        if not isinstance(rank, int) or not 0 <= rank < world_size:
-            raise ValueError(f"rank should be in [0, {world_size - 1}], but got rank={rank}")
+        _ranks.check_explicit(rank, world_size)
         for name, value in (("streams", streams), ("buffer", buffer)):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} should be a positive integer, but got {name}={value!r}")
@@ -101,8 +100,8 @@ class RemoteDataset(IterableDataset):
         self.shuffle = shuffle
         self.seed = seed
         self.drop_last = drop_last
-        self.rank = rank
-        self.world_size = world_size
+        self._rank_arg, self._world_size_arg = rank, world_size
+        self._shard: tuple[int, int] | None = None  # (rank, world_size), resolved once
         self.sampler = _sampler_spec(sampler)
         self.compression = compression_codec(compression)
         self.streams = streams
@@ -114,6 +113,29 @@ class RemoteDataset(IterableDataset):
         self._position: tuple[int, int] | None = None  # (epoch, next batch) of the pass underway
         self._info: pb.DatasetInfo | None = None
         self._counts: dict[int, int] = {}  # epoch -> batches of this rank's epoch
+        if _ranks.group_shard() is not None:
+            self._ranks()  # now, so that a disagreement is told where the dataset is made
+
+    @property
+    def rank(self) -> int:
+        """This trainer's rank (given, else the default process group's, else 0)."""
+        return self._ranks()[0]
+
+    @property
+    def world_size(self) -> int:
+        """Trainers sharing each epoch (given, else the default process group's, else 1)."""
+        return self._ranks()[1]
+
+    def _ranks(self) -> tuple[int, int]:
+        # Resolved at first use, not per call: a DataLoader worker (no process group
+        # there) and a later state_dict() must see the share the pass streamed.
+        if self._shard is None:
+            self._shard = _ranks.resolve(self._rank_arg, self._world_size_arg, "RemoteDataset")
+        return self._shard
+
+    def __getstate__(self) -> dict[str, Any]:
+        self._ranks()  # DataLoader workers get the resolved share, never their own guess
+        return self.__dict__.copy()
 
     @property
     def epoch(self) -> int:

@@ -72,7 +72,10 @@ def test_a_torchrun_job_without_rank_arguments_splits_the_epoch(core_server: Ser
         assert (result["config"]["rank"], result["config"]["world_size"]) == (rank, 2)
         # Explicit arguments win, and the disagreement is said once, naming both.
         assert result["explicit"] == [0, 1, 26]
-        assert (result["explicit_config"]["rank"], result["explicit_config"]["world_size"]) == (0, 1)
+        assert (result["explicit_config"]["rank"], result["explicit_config"]["world_size"]) == (
+            0,
+            1,
+        )
         assert len(result["warnings"]) == 1, result["warnings"]
         assert "rank=0, world_size=1" in result["warnings"][0]
         assert f"rank {rank} of world size 2" in result["warnings"][0]
