@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pickle
+import subprocess
+import sys
 
 import pytest
 from _serverproc import ServerProcess
@@ -57,28 +59,18 @@ def test_a_state_loaded_before_the_loader_resumes_mid_epoch(
 torchdata = pytest.importorskip("torchdata.stateful_dataloader")
 
 
-def stateful_run(target: str, workers: int, state: dict | None, kill_after: int | None):
-    """Two epochs through a StatefulDataLoader; returns (batches trained, last state)."""
+def run_until_killed(target: str, workers: int, kill_after: int) -> tuple[list, dict]:
+    """Passes of a StatefulDataLoader, checkpointed at every batch, killed after some."""
     ds = RemoteDataset(target, "dict", **SETTINGS)
     loader = torchdata.StatefulDataLoader(ds, batch_size=None, num_workers=workers)
-    if state is not None:
-        loader.load_state_dict(state)
-    trained, saved = [], None
-    while len(trained) < 2 * 26 - (0 if state is None else state_trained(state)):
+    trained: list[list[int]] = []
+    for _ in range(2):
         for batch in loader:
             trained.append(batch["index"].tolist())
-            saved = pickle.loads(pickle.dumps(loader.state_dict()))  # as a checkpoint keeps it
+            state = pickle.loads(pickle.dumps(loader.state_dict()))  # as a checkpoint keeps it
             if len(trained) == kill_after:
-                return trained, saved
-    return trained, saved
-
-
-def state_trained(state: dict) -> int:
-    return (
-        state["_snapshot"]["_snapshot_step"]
-        + state["_steps_since_snapshot"]
-        + state.get("_epoch_offset", 0)
-    )
+                return trained, state
+    raise AssertionError(f"two passes ended before batch {kill_after}")
 
 
 @pytest.mark.parametrize("workers", [1, 2, 3])
@@ -87,12 +79,44 @@ def test_stateful_dataloader_resumes_exactly(core_server: ServerProcess, workers
     expected = epoch_batches(target, 0) + epoch_batches(target, 1)
     assert len(expected) == 52
     for kill_after in (7, 26, 33):
-        first, state = stateful_run(target, workers, None, kill_after)
+        first, state = run_until_killed(target, workers, kill_after)
         assert first == expected[:kill_after]
         ds = RemoteDataset(target, "dict", **SETTINGS)
         loader = torchdata.StatefulDataLoader(ds, batch_size=None, num_workers=workers)
         loader.load_state_dict(state)
         rest = indices(loader)  # the rest of the pass the checkpoint was taken in
-        if kill_after < 26:
+        if kill_after <= 26:
             rest += indices(loader)  # ... and the next pass: the next epoch
         assert first + rest == expected, f"{workers} workers, killed after {kill_after}"
+
+
+def test_spawned_workers_share_the_pass_record(core_server: ServerProcess):
+    target = core_server.target
+    ds = RemoteDataset(target, "dict", **SETTINGS)
+    loader = DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context="spawn")
+    assert indices(loader) == epoch_batches(target, 0)
+    assert indices(loader) == epoch_batches(target, 1)
+    assert position(ds) == (2, 0)
+
+
+UNSHARED_SCRIPT = """
+import pickle, sys
+from torch.utils.data import DataLoader
+from batchwire.client import RemoteDataset
+ds = RemoteDataset(sys.argv[1], "dict", batch_size=4)
+ds._ledger = pickle.loads(pickle.dumps(ds._ledger))  # a plain copy: not in shared memory
+assert not ds._ledger.shared
+print(sum(1 for _ in DataLoader(ds, batch_size=None, num_workers=2)))
+"""
+
+
+def test_workers_that_cannot_share_the_record_say_so(core_server: ServerProcess):
+    result = subprocess.run(
+        [sys.executable, "-c", UNSHARED_SCRIPT, core_server.target],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "26"
+    assert "may repeat an epoch" in result.stderr
