@@ -10,7 +10,7 @@ import pytest
 from _serverproc import ServerProcess
 from torch.utils.data import DataLoader
 
-from batchwire.client import RemoteDataset
+from batchwire.client import DevicePrefetcher, RemoteDataset
 
 SETTINGS = {"batch_size": 4, "shuffle": True, "seed": 11}
 
@@ -102,7 +102,7 @@ def test_spawned_workers_share_the_pass_record(core_server: ServerProcess):
 UNSHARED_SCRIPT = """
 import pickle, sys
 from torch.utils.data import DataLoader
-from batchwire.client import RemoteDataset
+from batchwire.client import DevicePrefetcher, RemoteDataset
 ds = RemoteDataset(sys.argv[1], "dict", batch_size=4)
 ds._ledger = pickle.loads(pickle.dumps(ds._ledger))  # a plain copy: not in shared memory
 assert not ds._ledger.shared
@@ -120,3 +120,23 @@ def test_workers_that_cannot_share_the_record_say_so(core_server: ServerProcess)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "26"
     assert "may repeat an epoch" in result.stderr
+
+
+def test_a_prefetcher_over_a_stateful_dataloader_checkpoints_the_loop(core_server: ServerProcess):
+    target = core_server.target
+    expected = epoch_batches(target, 0)
+
+    def prefetched() -> DevicePrefetcher:
+        ds = RemoteDataset(target, "dict", **SETTINGS)
+        loader = torchdata.StatefulDataLoader(ds, batch_size=None, num_workers=2)
+        return DevicePrefetcher(loader, "cpu", depth=3)
+
+    trained, batches = [], prefetched()
+    for batch in batches:
+        trained.append(batch["index"].tolist())
+        state = pickle.loads(pickle.dumps(batches.state_dict()))
+        if len(trained) == 9:
+            break
+    resumed = prefetched()
+    resumed.load_state_dict(state)
+    assert trained + indices(resumed) == expected
