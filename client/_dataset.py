@@ -35,7 +35,10 @@ class RemoteDataset(IterableDataset):
     reopened at the next batch (see ``retry``), and ``state_dict()`` /
     ``load_state_dict()`` carry the position across a trainer restart. Inside
     ``DataLoader(ds, batch_size=None, num_workers=k)`` worker ``w`` streams
-    batches ``w, w + k, ...`` and the DataLoader hands them out in order.
+    batches ``w, w + k, ...`` and the DataLoader hands them out in order; the
+    passes count across the workers (see NOTE [ Passes across DataLoader
+    workers ] in ``_ledger``), and each worker's ``state_dict()`` is its own
+    share's, which torchdata's ``StatefulDataLoader`` checkpoints and restores.
 
     Args:
         target: the server's ``host:port``.

@@ -6,6 +6,9 @@ See NOTE [ Passes across DataLoader workers ] below.
 from __future__ import annotations
 
 import contextlib
+import os
+import threading
+import weakref
 
 import torch
 
@@ -28,14 +31,47 @@ MAX_WORKERS = 256  # DataLoader workers one dataset can count passes for
 _BASE_EPOCH, _BASE_BATCH, _SLOTS = 0, 1, 2
 
 
+_ROW = _SLOTS + MAX_WORKERS
+_ROWS_PER_BLOCK = 32  # ledgers per shared block: one file descriptor each, not one per dataset
+
+
+class _Arena:
+    """Hands out ledger rows of shared int64 blocks; rows come back when their ledger dies."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._free: list[tuple[torch.Tensor, int]] = []
+        self._pid = os.getpid()
+
+    def take(self, owner: object) -> torch.Tensor:
+        with self._lock:
+            if self._pid != os.getpid():  # a forked child: the parent's free rows are not ours
+                self._free, self._pid = [], os.getpid()
+            if not self._free:
+                block = torch.zeros(_ROWS_PER_BLOCK, _ROW, dtype=torch.int64)
+                # Without shared memory the workers cannot see earlier passes (and say so).
+                with contextlib.suppress(RuntimeError, OSError):
+                    block.share_memory_()
+                self._free.extend((block, row) for row in reversed(range(_ROWS_PER_BLOCK)))
+            block, row = self._free.pop()
+        block[row] = 0
+        weakref.finalize(owner, self._give_back, self._pid, block, row)
+        return block[row]
+
+    def _give_back(self, pid: int, block: torch.Tensor, row: int) -> None:
+        with self._lock:
+            if pid == self._pid == os.getpid():
+                self._free.append((block, row))
+
+
+_ARENA = _Arena()
+
+
 class PassLedger:
     """The base position and the passes started since, in shared memory."""
 
     def __init__(self) -> None:
-        self._t = torch.zeros(_SLOTS + MAX_WORKERS, dtype=torch.int64)
-        # Without shared memory the workers cannot see earlier passes (and say so).
-        with contextlib.suppress(RuntimeError, OSError):
-            self._t.share_memory_()
+        self._t = _ARENA.take(self)
 
     @property
     def shared(self) -> bool:
