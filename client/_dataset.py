@@ -163,15 +163,21 @@ class RemoteDataset(IterableDataset):
         if (epoch, self._ledger.passes()) != (self._ledger.base()[0], 0):
             self._ledger.rebase(epoch, 0)
 
-    def _next_pass(self, *, ask: bool) -> tuple[int, int]:
-        """(epoch, first batch) of the next pass of the main process.
+    def _base(self, *, ask: bool) -> tuple[int, int]:
+        """The position set_epoch/load_state_dict pinned; at its epoch's end, the next epoch's start.
 
-        A base position at its epoch's end is the next epoch's start; ``ask``:
-        ask the server for the epoch's length when it is not known yet.
+        ``ask``: ask the server for the epoch's length when it is not known yet.
+        Once passes ran from the base, the server answered lately, so it is asked too.
         """
         epoch, batch = self._ledger.base()
-        if batch and (ask or epoch in self._counts) and batch >= self._num_batches(epoch):
+        known = ask or epoch in self._counts or self._ledger.passes()
+        if batch and known and batch >= self._num_batches(epoch):
             epoch, batch = epoch + 1, 0  # saved at an epoch's end: the next epoch, not none
+        return epoch, batch
+
+    def _next_pass(self, *, ask: bool) -> tuple[int, int]:
+        """(epoch, first batch) of the next pass of the main process."""
+        epoch, batch = self._base(ask=ask)
         passes = self._ledger.passes()
         return (epoch + passes, 0) if passes else (epoch, batch)
 
@@ -333,9 +339,7 @@ class RemoteDataset(IterableDataset):
         if self._worker_resume is not None:  # the worker's own state: its share as saved
             return self._worker_resume
         number = self._ledger.worker_passes(worker.id)
-        epoch, batch = self._ledger.base()
-        if batch and (ask or epoch in self._counts) and batch >= self._num_batches(epoch):
-            epoch, batch = epoch + 1, 0
+        epoch, batch = self._base(ask=ask)
         return (epoch + number, worker.id) if number else (epoch, batch + worker.id)
 
     def _warn_if_unshared(self) -> None:

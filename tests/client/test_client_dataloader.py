@@ -140,3 +140,14 @@ def test_a_prefetcher_over_a_stateful_dataloader_checkpoints_the_loop(core_serve
     resumed = prefetched()
     resumed.load_state_dict(state)
     assert trained + indices(resumed) == expected
+
+
+def test_a_state_at_an_epochs_end_continues_with_the_next_epoch_in_workers(
+    core_server: ServerProcess,
+):
+    target = core_server.target
+    ds = RemoteDataset(target, "dict", **SETTINGS)
+    ds.load_state_dict({**ds.state_dict(), "epoch": 2, "batch": 26})  # epoch 2's end, raw
+    loader = DataLoader(ds, batch_size=None, num_workers=2)
+    assert indices(loader) == epoch_batches(target, 3)
+    assert position(ds) == (4, 0) and ds.epoch == 4
