@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 from google.protobuf import json_format
 from torch.utils.data import IterableDataset, get_worker_info
 
+from batchwire.client import _ranks
 from batchwire.client._channel import BatchClient
+from batchwire.client._ledger import PassLedger
 from batchwire.client._parallel import merge_in_order
 from batchwire.client._resume import resuming_batches
 from batchwire.client._retry import RetryPolicy, call_with_retry
@@ -32,7 +35,10 @@ class RemoteDataset(IterableDataset):
     reopened at the next batch (see ``retry``), and ``state_dict()`` /
     ``load_state_dict()`` carry the position across a trainer restart. Inside
     ``DataLoader(ds, batch_size=None, num_workers=k)`` worker ``w`` streams
-    batches ``w, w + k, ...`` and the DataLoader hands them out in order.
+    batches ``w, w + k, ...`` and the DataLoader hands them out in order; the
+    passes count across the workers (see NOTE [ Passes across DataLoader
+    workers ] in ``_ledger``), and each worker's ``state_dict()`` is its own
+    share's, which torchdata's ``StatefulDataLoader`` checkpoints and restores.
 
     Args:
         target: the server's ``host:port``.
@@ -40,7 +46,10 @@ class RemoteDataset(IterableDataset):
         batch_size: samples per batch.
         shuffle, seed: as for ``DistributedSampler``.
         drop_last: drop this rank's last batch when it is short.
-        rank, world_size: this trainer's share of the epoch.
+        rank, world_size: this trainer's share of the epoch; each one left out
+            comes from torch.distributed's default process group when it is
+            initialized (as ``DistributedSampler``), else rank 0 of 1. Explicit
+            values that disagree with an initialized group win, with a warning.
         timeout: seconds to wait for the server on metadata calls.
         sampler: a sampler kind (``"weighted"``, ``"dynamic"``, ...) or a mapping of
             ``SamplerSpec`` fields, e.g. ``{"kind": "dynamic", "max_tokens": 4096}``;
@@ -60,6 +69,7 @@ class RemoteDataset(IterableDataset):
     EPOCH_KEY = "epoch"
     BATCH_KEY = "batch"
     CONFIG_KEY = "config"
+    WORKER_KEY = "worker"  # only in a DataLoader worker's own state
 
     def __init__(
         self,
@@ -70,8 +80,8 @@ class RemoteDataset(IterableDataset):
         shuffle: bool = False,
         seed: int = 0,
         drop_last: bool = False,
-        rank: int = 0,
-        world_size: int = 1,
+        rank: int | None = None,
+        world_size: int | None = None,
         timeout: float = 10.0,
         sampler: str | Mapping[str, Any] | None = None,
         streams: int = 1,
@@ -84,12 +94,7 @@ class RemoteDataset(IterableDataset):
             raise ValueError(
                 f"batch_size should be a positive integer value, but got batch_size={batch_size}"
             )
-        if not isinstance(world_size, int) or world_size <= 0:
-            raise ValueError(
-                f"world_size should be a positive integer value, but got world_size={world_size}"
-            )
-        if not isinstance(rank, int) or not 0 <= rank < world_size:
-            raise ValueError(f"rank should be in [0, {world_size - 1}], but got rank={rank}")
+        _ranks.check_explicit(rank, world_size)
         for name, value in (("streams", streams), ("buffer", buffer)):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} should be a positive integer, but got {name}={value!r}")
@@ -101,35 +106,80 @@ class RemoteDataset(IterableDataset):
         self.shuffle = shuffle
         self.seed = seed
         self.drop_last = drop_last
-        self.rank = rank
-        self.world_size = world_size
+        self._rank_arg, self._world_size_arg = rank, world_size
+        self._shard: tuple[int, int] | None = None  # (rank, world_size), resolved once
         self.sampler = _sampler_spec(sampler)
         self.compression = compression_codec(compression)
         self.streams = streams
         self.buffer = buffer
         self.retry = retry or RetryPolicy()
         self._client = BatchClient(target, timeout=timeout)
-        self._next_epoch = 0
-        self._resume_batch = 0  # first batch of the next pass (load_state_dict)
-        self._position: tuple[int, int] | None = None  # (epoch, next batch) of the pass underway
+        self._ledger = PassLedger()  # the next pass, shared with DataLoader workers
+        # (epoch, next batch) of the pass underway in this process; in a DataLoader
+        # worker the batch is the next one of the worker's share (w, w + k, ...).
+        self._position: tuple[int, int] | None = None
+        self._passes_begun = 0  # tells a pass's own position from a later pass's
+        self._worker_resume: tuple[int, int] | None = None  # a worker's own state, loaded
+        self._told_unshared = False
         self._info: pb.DatasetInfo | None = None
         self._counts: dict[int, int] = {}  # epoch -> batches of this rank's epoch
+        if _ranks.group_shard() is not None:
+            self._ranks()  # now, so that a disagreement is told where the dataset is made
+
+    @property
+    def rank(self) -> int:
+        """This trainer's rank (given, else the default process group's, else 0)."""
+        return self._ranks()[0]
+
+    @property
+    def world_size(self) -> int:
+        """Trainers sharing each epoch (given, else the default process group's, else 1)."""
+        return self._ranks()[1]
+
+    def _ranks(self) -> tuple[int, int]:
+        # Resolved at first use, not per call: a DataLoader worker (no process group
+        # there) and a later state_dict() must see the share the pass streamed.
+        if self._shard is None:
+            self._shard = _ranks.resolve(self._rank_arg, self._world_size_arg, "RemoteDataset")
+        return self._shard
+
+    def __getstate__(self) -> dict[str, Any]:
+        self._ranks()  # DataLoader workers get the resolved share, never their own guess
+        return self.__dict__.copy()
 
     @property
     def epoch(self) -> int:
-        """The epoch the next pass will stream."""
-        return self._next_epoch
+        """The epoch the next pass will stream (passes in DataLoader workers count too)."""
+        return self._next_pass(ask=True)[0]
 
     def set_epoch(self, epoch: int) -> None:
         """Makes the next pass stream ``epoch`` (as ``DistributedSampler.set_epoch``).
 
-        A position restored by ``load_state_dict`` is kept when ``epoch`` is its epoch.
+        Reaches DataLoader workers too, persistent ones included. A position
+        restored by ``load_state_dict`` is kept when ``epoch`` is its epoch.
         """
         if not isinstance(epoch, int) or epoch < 0:
             raise ValueError(f"epoch should be a non-negative integer, but got epoch={epoch}")
-        if epoch != self._next_epoch:
-            self._resume_batch = 0
-        self._next_epoch = epoch
+        if (epoch, self._ledger.passes()) != (self._ledger.base()[0], 0):
+            self._ledger.rebase(epoch, 0)
+
+    def _base(self, *, ask: bool) -> tuple[int, int]:
+        """The position set_epoch/load_state_dict pinned; at its epoch's end, the next epoch's start.
+
+        ``ask``: ask the server for the epoch's length when it is not known yet.
+        Once passes ran from the base, the server answered lately, so it is asked too.
+        """
+        epoch, batch = self._ledger.base()
+        known = ask or epoch in self._counts or self._ledger.passes()
+        if batch and known and batch >= self._num_batches(epoch):
+            epoch, batch = epoch + 1, 0  # saved at an epoch's end: the next epoch, not none
+        return epoch, batch
+
+    def _next_pass(self, *, ask: bool) -> tuple[int, int]:
+        """(epoch, first batch) of the next pass of the main process."""
+        epoch, batch = self._base(ask=ask)
+        passes = self._ledger.passes()
+        return (epoch + passes, 0) if passes else (epoch, batch)
 
     def describe(self) -> pb.DatasetInfo:
         """The dataset's length and fields, as the server reports them."""
@@ -139,7 +189,7 @@ class RemoteDataset(IterableDataset):
 
     def __len__(self) -> int:
         """Batches of this rank's epoch (the pass underway, else the next), as the server plans it."""
-        return self._num_batches(self._position[0] if self._position else self._next_epoch)
+        return self._num_batches(self._position[0] if self._position else self.epoch)
 
     def _num_batches(self, epoch: int) -> int:
         # Asked of the server (CountBatches): exact for every sampler, dynamic batching included.
@@ -181,10 +231,24 @@ class RemoteDataset(IterableDataset):
         ``{"epoch": e, "batch": b, "config": {...}}``: the next batch to stream is
         batch ``b`` of epoch ``e``; plain data, so it survives ``json`` and
         ``torch.save``. A position at an epoch's end is the next epoch's start.
+
+        Inside a DataLoader worker the state is the worker's own (``b`` is the
+        next batch of its share, and ``"worker": [id, num_workers]`` says so):
+        what torchdata's ``StatefulDataLoader`` collects and hands back to the
+        same worker on ``load_state_dict``.
         """
-        epoch, batch = self._position or (self._next_epoch, self._resume_batch)
+        worker = get_worker_info()
+        if worker is not None:
+            epoch, batch = self._position or self._worker_next_pass(worker)
+            return {
+                self.EPOCH_KEY: epoch,
+                self.BATCH_KEY: batch,
+                self.CONFIG_KEY: self._config(),
+                self.WORKER_KEY: [worker.id, worker.num_workers],
+            }
         # No call to the server here (it may be down while a trainer checkpoints):
         # when the epoch's length is not known yet, the next pass rolls over instead.
+        epoch, batch = self._position or self._next_pass(ask=False)
         if batch and batch >= self._counts.get(epoch, batch + 1):
             epoch, batch = epoch + 1, 0
         return {self.EPOCH_KEY: epoch, self.BATCH_KEY: batch, self.CONFIG_KEY: self._config()}
@@ -194,7 +258,8 @@ class RemoteDataset(IterableDataset):
 
         Raises:
             ValueError: ``state`` was saved by a dataset that streams other batches
-                (another dataset, batch size, seed, rank, ...), or is malformed.
+                (another dataset, batch size, seed, rank, ...), by another
+                DataLoader worker than this process, or is malformed.
         """
         try:
             epoch, batch, config = (
@@ -222,7 +287,21 @@ class RemoteDataset(IterableDataset):
                 "state was saved by a RemoteDataset with other settings, so resuming "
                 "would skip or repeat samples: " + ", ".join(differ)
             )
-        self._next_epoch, self._resume_batch = epoch, batch
+        saved_by, worker = state.get(self.WORKER_KEY), get_worker_info()
+        here = None if worker is None else [worker.id, worker.num_workers]
+        if saved_by is not None and list(saved_by) != here:
+            raise ValueError(
+                f"state was saved by DataLoader worker {saved_by[0]} of {saved_by[1]} and holds "
+                f"that worker's share only, but this is "
+                + ("the main process" if here is None else f"worker {here[0]} of {here[1]}")
+                + "; resume it through the same loader (torchdata's StatefulDataLoader)"
+            )
+        if worker is not None and saved_by is not None:
+            self._worker_resume = (epoch, batch)
+            self._ledger.restore_worker(worker.id, worker.num_workers, epoch)
+        else:
+            self._worker_resume = None
+            self._ledger.rebase(epoch, batch)
 
     def _config(self) -> dict[str, Any]:
         return {
@@ -239,36 +318,66 @@ class RemoteDataset(IterableDataset):
     # -- iteration --------------------------------------------------------------
 
     def __iter__(self) -> Iterator[Any]:
-        epoch, start = self._next_epoch, self._resume_batch
-        if start and start >= self._num_batches(epoch):
-            epoch, start = epoch + 1, 0  # saved at an epoch's end: the next epoch, not none
-        self._next_epoch, self._resume_batch = epoch + 1, 0
-        return self._pass(epoch, start)
-
-    def _pass(self, epoch: int, start: int) -> Iterator[Any]:
+        # The pass is counted (and its position set) here, not when the generator
+        # starts: a DataLoader worker and StatefulDataLoader read the state in between.
+        worker = get_worker_info()
+        if worker is None:
+            epoch, start = self._next_pass(ask=True)
+            self._ledger.start_main_pass()
+            stride = 1
+        else:  # this DataLoader worker's share: w, w + k, ... (see NOTE in _ledger)
+            self._warn_if_unshared()
+            epoch, start = self._worker_next_pass(worker, ask=True)
+            self._ledger.start_worker_pass(worker.id)
+            self._worker_resume, stride = None, worker.num_workers
         self._position = (epoch, start)
+        self._passes_begun += 1
+        return self._pass(epoch, start, stride, self._passes_begun)
+
+    def _worker_next_pass(self, worker: Any, *, ask: bool = False) -> tuple[int, int]:
+        """(epoch, first batch of this worker's share) of the worker's next pass."""
+        if self._worker_resume is not None:  # the worker's own state: its share as saved
+            return self._worker_resume
+        number = self._ledger.worker_passes(worker.id)
+        epoch, batch = self._base(ask=ask)
+        return (epoch + number, worker.id) if number else (epoch, batch + worker.id)
+
+    def _warn_if_unshared(self) -> None:
+        if not self._ledger.shared and not self._told_unshared:
+            self._told_unshared = True
+            warnings.warn(
+                f"RemoteDataset {self.dataset!r} in a DataLoader worker without its shared "
+                "pass record (the dataset was copied without torch's shared-memory pickling): "
+                "the workers cannot see earlier passes, so a pass without set_epoch() may "
+                "repeat an epoch; call ds.set_epoch(epoch) before each pass",
+                stacklevel=2,
+            )
+
+    def _pass(self, epoch: int, start: int, stride: int, number: int) -> Iterator[Any]:
         try:
-            for index, batch in self._batches(epoch, start):
-                self._position = (epoch, index + 1)
+            for index, batch in self._batches(epoch, start, stride):
+                self._position = (epoch, index + stride)
                 yield batch
         except GeneratorExit:
             raise  # the consumer stopped early: the next pass is the next epoch
         except BaseException:
             # The retry budget was spent, ...: iterating again resumes where this stopped.
-            self._next_epoch, self._resume_batch = self._position
+            if get_worker_info() is None and self._position is not None:
+                self._ledger.rebase(*self._position)
             raise
         finally:
-            self._position = None
+            if self._passes_begun == number:  # not a later pass's position
+                self._position = None
 
-    def _batches(self, epoch: int, start: int) -> Iterator[tuple[int, Any]]:
-        stride = 1
-        worker = get_worker_info()
-        if worker is not None:  # this DataLoader worker's share: w, w + k, ...
-            start, stride = start + worker.id, worker.num_workers
+    def _batches(self, epoch: int, start: int, stride: int) -> Iterator[tuple[int, Any]]:
         what = self._what(epoch)
-        if self.streams == 1 and stride == 1:
-            return self._share(epoch, start, stride, what)
+        if self.streams == 1 and stride == 1 and start == 0:
+            return self._share(epoch, start, stride, what)  # no need to count
         total = self._num_batches(epoch)
+        if start >= total:  # a worker whose share was done when its state was saved
+            return iter(())
+        if self.streams == 1:
+            return self._share(epoch, start, stride, what)
         # Split the share into `streams` interleaved ones; those that start past the
         # end are empty (and so are all after them), and the server refuses them.
         shares = [start + j * stride for j in range(self.streams)]

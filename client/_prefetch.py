@@ -1,4 +1,4 @@
-"""``DevicePrefetcher``: moves batches to the GPU through reused pinned buffers.
+"""``DevicePrefetcher``: reads batches ahead and moves them to the GPU through reused pinned buffers.
 
 See NOTE [ Prefetch pipeline ] below for the synchronisation.
 """
@@ -15,45 +15,63 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_told_no_cuda = threading.Event()  # "CUDA is absent" is logged once per process
+_told_no_cuda = threading.Event()  # "CUDA is absent, using the CPU" is logged once per process
 
 
 class DevicePrefetcher:
-    """Yields the batches of ``iterable`` on ``device``, copying batch N+1 while N is used.
+    """Yields the batches of ``iterable`` on ``device``, fetching ``depth - 1`` batches ahead.
 
-    Each batch (any nesting of dicts, lists, tuples and tensors; other leaves
-    pass through) is copied into pinned host buffers, then to the device with
-    ``non_blocking`` copies on a CUDA stream of its own. ``depth`` batches are
-    in flight at a time: while the training step works on batch N, batches
-    N+1 ... N+depth-1 are already on their way.
+    ``depth`` batches are in flight at a time: while the training step works on
+    batch N, batches N+1 ... N+depth-1 are already fetched and on their way.
+    On a CUDA device each batch (any nesting of dicts, lists, tuples and
+    tensors; other leaves pass through) is copied into pinned host buffers,
+    then to the device with ``non_blocking`` copies on a CUDA stream of its
+    own. On any other device the read-ahead is the same; only the pinned
+    staging and the CUDA stream are left out (CPU batches pass through as
+    they are, other devices get a plain ``.to(device)``).
 
-    Memory held: ``depth`` sets of pinned host buffers, each as large as one
-    batch's CPU tensors (allocated at the first batch, reused, and re-allocated
-    only when a tensor's shape or dtype changes), plus up to ``depth`` batches
-    on the device besides the one the caller holds.
+    Memory held (CUDA): ``depth`` sets of pinned host buffers, each as large as
+    one batch's CPU tensors (allocated at the first batch, reused, and
+    re-allocated only when a tensor's shape or dtype changes), plus up to
+    ``depth`` batches on the device besides the one the caller holds.
 
-    Without CUDA (or with a non-CUDA ``device``) the batches pass through
-    unchanged, and the first such pass says so once in the log.
+    ``state_dict()`` is the position of the training loop, not of the read-ahead:
+    it names the first batch this prefetcher has not yet handed out (see
+    ``state_dict``), so a checkpoint taken inside the loop resumes exactly.
 
     Args:
         iterable: yields batches of CPU tensors (e.g. a ``RemoteDataset``).
-        device: a CUDA device, e.g. ``"cuda"`` or ``"cuda:1"``.
+        device: where the batches go, e.g. ``"cuda"``, ``"cuda:1"`` or ``"cpu"``.
         depth: batches in flight; 2 overlaps one copy with one step.
+        cpu_fallback: with a CUDA ``device`` and no CUDA available, use the CPU
+            (logged once) instead of raising.
+
+    Raises:
+        RuntimeError: ``device`` is a CUDA device, CUDA is not available and
+            ``cpu_fallback`` is False.
     """
 
-    def __init__(self, iterable: Iterable[Any], device: torch.device | str, depth: int = 2) -> None:
+    def __init__(
+        self,
+        iterable: Iterable[Any],
+        device: torch.device | str,
+        depth: int = 2,
+        *,
+        cpu_fallback: bool = False,
+    ) -> None:
         if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
             raise ValueError(f"depth should be a positive integer, but got depth={depth!r}")
         self.iterable = iterable
-        self.device = torch.device(device)
+        self.device = _usable_device(torch.device(device), cpu_fallback)
         self.depth = depth
         self._slots: list[_Slot] = []
         self._stream: torch.cuda.Stream | None = None
+        self._yielded_state: dict[str, Any] | None = None  # the pass underway's position
 
     @property
     def enabled(self) -> bool:
-        """True when batches are actually copied to a CUDA device."""
-        return self.device.type == "cuda" and torch.cuda.is_available()
+        """True when batches are copied to a CUDA device (through pinned buffers)."""
+        return self.device.type == "cuda"
 
     @property
     def pinned_bytes(self) -> int:
@@ -68,65 +86,129 @@ class DevicePrefetcher:
     def __len__(self) -> int:
         return len(self.iterable)  # type: ignore[arg-type]
 
-    def __iter__(self) -> Iterator[Any]:
-        if not self.enabled:
-            if not _told_no_cuda.is_set():
-                _told_no_cuda.set()
-                if self.device.type == "cuda":
-                    log.warning(
-                        "DevicePrefetcher: CUDA is not available; batches pass through unchanged"
-                    )
-                else:
-                    log.info(
-                        "DevicePrefetcher: device %r is not a CUDA device; batches pass through unchanged",
-                        str(self.device),
-                    )
-            yield from self.iterable
-            return
-        yield from self._prefetch()
+    # -- position ---------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The iterable's state as of the last batch handed out (not the last one fetched).
+
+        During a pass: the state the iterable had right after yielding the batch
+        the loop holds, so resuming from it starts at the first batch the loop
+        has not received, whatever ``depth``. Otherwise: the iterable's own
+        ``state_dict()``.
+
+        Raises:
+            TypeError: the iterable has no ``state_dict()``.
+        """
+        if self._yielded_state is not None:
+            return self._yielded_state
+        return self._stateful().state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Loads ``state`` into the iterable: its next pass continues there."""
+        self._stateful().load_state_dict(state)
+        self._yielded_state = None
+
+    def _stateful(self) -> Any:
+        if not callable(getattr(self.iterable, "state_dict", None)):
+            raise TypeError(
+                f"DevicePrefetcher.state_dict() needs an iterable with state_dict() and "
+                f"load_state_dict() (e.g. a RemoteDataset), but got {type(self.iterable).__name__}"
+            )
+        return self.iterable
+
+    # -- iteration --------------------------------------------------------------
 
     # NOTE [ Prefetch pipeline ]
-    # Batch N goes to slot N % depth: host copy into the slot's pinned buffers,
-    # then cudaMemcpyAsync on our copy stream, then an event on that stream.
+    # Batch N goes to slot N % depth. On CUDA: host copy into the slot's pinned
+    # buffers, then cudaMemcpyAsync on our copy stream, then an event on that stream.
     # - Before the host overwrites a slot's pinned buffers it waits (on the host)
     #   for that slot's previous event: the earlier async copy out of them is done.
     # - Before a batch is handed out, the caller's current stream waits (on the
     #   GPU, not the host) for the batch's event, and each device tensor is
     #   `record_stream`-ed on the caller's stream, so the caching allocator does
     #   not reuse its memory while the caller's kernels may still read it.
-    def _prefetch(self) -> Iterator[Any]:
-        if self._stream is None:
+    # Each fetched batch carries the iterable's state taken right after it was
+    # fetched; handing the batch out makes that state the prefetcher's.
+    def __iter__(self) -> Iterator[Any]:
+        if self.enabled and self._stream is None:
             self._stream = torch.cuda.Stream(device=self.device)
         while len(self._slots) < self.depth:
             self._slots.append(_Slot())
+        stateful = callable(getattr(self.iterable, "state_dict", None))
         source = iter(self.iterable)
-        in_flight: deque[tuple[Any, list[Any], torch.cuda.Event]] = deque()
-        issued = 0
+        in_flight: deque[_Loaded] = deque()
+        fetched = 0
 
-        def issue() -> bool:
-            nonlocal issued
+        def fetch() -> bool:
+            nonlocal fetched
             batch = next(source, _DONE)
             if batch is _DONE:
                 return False
-            slot = self._slots[issued % self.depth]
-            issued += 1
-            in_flight.append(slot.load(batch, self.device, self._stream))
+            state = self.iterable.state_dict() if stateful else None  # type: ignore[attr-defined]
+            slot = self._slots[fetched % self.depth]
+            fetched += 1
+            in_flight.append(slot.load(batch, self.device, self._stream, state))
             return True
 
-        while len(in_flight) < self.depth and issue():
-            pass
-        while in_flight:
-            rebuild, leaves, event = in_flight.popleft()
-            consumer = torch.cuda.current_stream(self.device)
-            consumer.wait_event(event)
-            for leaf in leaves:
-                if isinstance(leaf, torch.Tensor) and leaf.device.type == "cuda":
-                    leaf.record_stream(consumer)
-            yield rebuild(leaves)
-            issue()
+        try:
+            while len(in_flight) < self.depth and fetch():
+                pass
+            while in_flight:
+                loaded = in_flight.popleft()
+                self._yielded_state = loaded.state
+                yield loaded.hand_out(self.device)
+                fetch()
+        finally:
+            self._yielded_state = None  # the pass is over: the iterable's own state again
 
 
 _DONE = object()
+
+
+def _usable_device(device: torch.device, cpu_fallback: bool) -> torch.device:
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
+        if not cpu_fallback:
+            raise RuntimeError(
+                f"DevicePrefetcher: device {str(device)!r} needs CUDA, but "
+                f"torch.cuda.is_available() is False (torch {torch.__version__}); pass "
+                f"device='cpu', or cpu_fallback=True to use the CPU where CUDA is absent"
+            )
+        if not _told_no_cuda.is_set():
+            _told_no_cuda.set()
+            log.warning(
+                "DevicePrefetcher: CUDA is not available; using the CPU (cpu_fallback=True)"
+            )
+        return torch.device("cpu")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise RuntimeError(
+            f"DevicePrefetcher: device {str(device)!r} does not exist; "
+            f"this process sees {torch.cuda.device_count()} CUDA device(s)"
+        )
+    return device
+
+
+class _Loaded:
+    """A fetched batch on its way to the device, and the iterable's state after it."""
+
+    def __init__(
+        self,
+        batch: Any,
+        state: dict[str, Any] | None,
+        event: torch.cuda.Event | None = None,
+        leaves: list[Any] | None = None,
+    ) -> None:
+        self.batch, self.state, self.event, self.leaves = batch, state, event, leaves or []
+
+    def hand_out(self, device: torch.device) -> Any:
+        if self.event is not None:  # CUDA: the caller's stream waits for the copy
+            consumer = torch.cuda.current_stream(device)
+            consumer.wait_event(self.event)
+            for leaf in self.leaves:
+                if isinstance(leaf, torch.Tensor) and leaf.device.type == "cuda":
+                    leaf.record_stream(consumer)
+        return self.batch
 
 
 class _Slot:
@@ -142,10 +224,19 @@ class _Slot:
         return sum(b.numel() * b.element_size() for b in self.buffers)
 
     def load(
-        self, batch: Any, device: torch.device, stream: torch.cuda.Stream
-    ) -> tuple[Callable[[list[Any]], Any], list[Any], torch.cuda.Event]:
-        """Starts the copy of ``batch`` to ``device``; returns its rebuild, leaves and event."""
+        self,
+        batch: Any,
+        device: torch.device,
+        stream: torch.cuda.Stream | None,
+        state: dict[str, Any] | None,
+    ) -> _Loaded:
+        """Starts moving ``batch`` to ``device``; CPU batches stay as they are."""
+        if device.type == "cpu":
+            return _Loaded(batch, state)
         leaves, rebuild = flatten(batch)
+        if stream is None:  # a device other than CUDA: a plain copy
+            moved = [v.to(device) if isinstance(v, torch.Tensor) else v for v in leaves]
+            return _Loaded(rebuild(moved), state)
         cpu = [i for i, leaf in enumerate(leaves) if _is_cpu_tensor(leaf)]
         if self.event is not None:
             self.event.synchronize()  # the previous copy out of these buffers is done
@@ -160,7 +251,7 @@ class _Slot:
                     out[i] = leaf.to(device, non_blocking=True)
             self.event = torch.cuda.Event()
             self.event.record(stream)
-        return rebuild, out, self.event
+        return _Loaded(rebuild(out), state, self.event, out)
 
     def _fit(self, tensors: list[torch.Tensor]) -> None:
         """Keeps a buffer per tensor; allocates only where shape or dtype changed."""

@@ -1,10 +1,10 @@
 """Train the digits MLP with DistributedDataParallel: each rank streams its own share from one server.
 
-Spawns --world-size CPU processes that join a gloo process group; rank r
-iterates `RemoteDataset(..., rank=r, world_size=W)`, so the ranks split every
-epoch as `DistributedSampler` would, and DDP averages their gradients. With no
---target, starts `batchwire serve --config examples/digits.toml` first (as
-train_digits.py does) and stops it at the end.
+Spawns --world-size CPU processes that join a gloo process group; each rank
+iterates `RemoteDataset(...)`, which takes its rank and world size from that
+group, so the ranks split every epoch as `DistributedSampler` would, and DDP
+averages their gradients. With no --target, starts `batchwire serve --config
+examples/digits.toml` first (as train_digits.py does) and stops it at the end.
 
     python examples/train_ddp.py                      # 2 ranks, server started for you
     python examples/train_ddp.py --world-size 4 --target host:50051
@@ -57,9 +57,7 @@ def train_rank(rank: int, args: argparse.Namespace, target: str) -> None:
         args.dataset,
         batch_size=args.batch_size,
         shuffle=True,
-        seed=0,
-        rank=rank,
-        world_size=args.world_size,
+        seed=0,  # rank and world size: from the process group, as DistributedSampler
     )
     model = DistributedDataParallel(make_model().to(device))
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)

@@ -1,4 +1,4 @@
-"""DevicePrefetcher: pass-through without CUDA; pinned, reused, overlapped copies with it."""
+"""DevicePrefetcher: the same read-ahead on every device; pinned, reused, overlapped copies with CUDA."""
 
 from __future__ import annotations
 
@@ -59,13 +59,20 @@ def test_a_bare_tensor_is_a_batch_too():
 # -- without CUDA ------------------------------------------------------------------
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA pass-through")
-def test_without_cuda_batches_pass_through_unchanged_and_it_is_logged_once(caplog):
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without CUDA")
+def test_without_cuda_a_cuda_device_is_refused():
+    with pytest.raises(RuntimeError, match=r"device 'cuda' needs CUDA.*cpu_fallback=True"):
+        DevicePrefetcher([nested_batch(0)], "cuda")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback without CUDA")
+def test_the_cpu_fallback_is_asked_for_and_logged_once(caplog):
     _prefetch._told_no_cuda.clear()
     batches = [nested_batch(i) for i in range(3)]
     with caplog.at_level(logging.INFO, logger="batchwire.client"):
-        first = list(DevicePrefetcher(batches, "cuda"))
-        second = list(DevicePrefetcher(batches, "cuda", depth=3))
+        first = DevicePrefetcher(batches, "cuda", cpu_fallback=True)
+        second = DevicePrefetcher(batches, "cuda:0", depth=3, cpu_fallback=True)
+    assert first.device == second.device == torch.device("cpu")
     assert all(a is b for a, b in zip(first, batches, strict=True))  # the very same objects
     assert all(a is b for a, b in zip(second, batches, strict=True))
     told = [r for r in caplog.records if "DevicePrefetcher" in r.getMessage()]
