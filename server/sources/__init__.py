@@ -13,7 +13,15 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from batchwire.server.config import ConfigError, DatasetConfig, Table
-from batchwire.server.sources import arrays, image_folder, python, synthetic, timeseries
+from batchwire.server.sources import (
+    arrays,
+    image_folder,
+    parquet,
+    python,
+    synthetic,
+    timeseries,
+    webdataset,
+)
 
 
 class MapDataset(Protocol):
@@ -29,9 +37,11 @@ SourceBuilder = Callable[[Table], MapDataset]
 SOURCES: dict[str, SourceBuilder] = {
     "arrays": arrays.build,
     "image_folder": image_folder.build,
+    "parquet": parquet.build,
     "python": python.build,
     "synthetic": synthetic.build,
     "timeseries": timeseries.build,
+    "webdataset": webdataset.build,
 }
 
 
