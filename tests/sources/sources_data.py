@@ -115,3 +115,45 @@ def as_tensors(value: Any) -> Any:
     if isinstance(value, tuple):
         return tuple(as_tensors(v) for v in value)
     return value
+
+
+def make_parquet(folder: Path, files: int, rows: int, *, seed: int = 0) -> list[Path]:
+    """``folder/part-N.parquet``: fixed-size lists (1-d and 2-d), numbers, a list column,
+    PNG bytes and a Hugging Face style image struct ``{bytes, path}``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for part in range(files):
+        pngs = []
+        for _ in range(rows):
+            buffer = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (6, 5, 3), dtype=np.uint8)).save(buffer, "PNG")
+            pngs.append(buffer.getvalue())
+        x = rng.standard_normal((rows, 4)).astype(np.float32)
+        grid = rng.integers(-99, 99, (rows, 2, 3)).astype(np.int16)
+        table = pa.table(
+            {
+                "x": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 4),
+                "grid": pa.FixedSizeListArray.from_arrays(
+                    pa.FixedSizeListArray.from_arrays(pa.array(grid.ravel()), 3), 2
+                ),
+                "label": pa.array(rng.integers(0, 10, rows), pa.int64()),
+                "score": pa.array(rng.random(rows).astype(np.float32)),
+                "tokens": pa.array(
+                    [list(rng.integers(0, 100, 3)) for _ in range(rows)], pa.list_(pa.int32())
+                ),
+                "png": pa.array(pngs, pa.binary()),
+                "hf_image": pa.array(
+                    [{"bytes": data, "path": None} for data in pngs],
+                    pa.struct([("bytes", pa.binary()), ("path", pa.string())]),
+                ),
+            }
+        )
+        path = folder / f"part-{part}.parquet"
+        pq.write_table(table, path, row_group_size=max(1, rows // 3))
+        paths.append(path)
+    return paths
