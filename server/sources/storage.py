@@ -178,8 +178,8 @@ class FileCache:
         for _, name, size in sorted(entries):
             if total + incoming <= self.max_bytes:
                 break
-            if name == str(keep) or ".tmp" in os.path.basename(name):
-                continue  # in flight elsewhere: its owner renames or deletes it
+            if name == str(keep) or _in_flight(name):
+                continue  # its owner renames or deletes it
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(name)
                 total -= size
@@ -190,6 +190,20 @@ class FileCache:
             for entry in os.scandir(self.folder)
             if entry.is_file() and not entry.name.endswith(".lock")
         )
+
+
+def _in_flight(name: str) -> bool:
+    """A temporary download whose process still runs (one left by a crashed worker is not)."""
+    _, tmp, pid = os.path.basename(name).rpartition(".tmp")
+    if not tmp or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, owned by another user
+    return True
 
 
 @contextlib.contextmanager

@@ -20,7 +20,6 @@ import hashlib
 import os
 import re
 import tarfile
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -342,6 +341,3 @@ def build(table: Table) -> WebDataset:
     if not len(index["shard"]):
         raise table.error("shards", f"no samples in {len(shards)} shard(s)")
     return WebDataset(shards, fields, image_mode, item, index)
-
-
-__all__: Sequence[str] = ("WebDataset", "build", "split_name")

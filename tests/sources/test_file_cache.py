@@ -73,3 +73,16 @@ def test_brace_patterns_expand_like_webdataset():
         "b/x9",
         "b/x10",
     ]
+
+
+def test_a_download_left_by_a_dead_worker_is_evicted(tmp_path):
+    source = tmp_path / "f"
+    source.write_bytes(b"x" * 1000)
+    cache = storage.FileCache(tmp_path / "cache", 1500)
+    dead = multiprocessing.get_context("fork").Process(target=int)
+    dead.start()
+    dead.join()
+    stale = tmp_path / "cache" / f"0123-other.tar.tmp{dead.pid}"
+    stale.write_bytes(b"y" * 1000)  # a crashed download's reservation
+    cache.get(f"file://{source}", 1000)
+    assert not stale.exists() and cache.usage() == 1000
