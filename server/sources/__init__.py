@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from batchwire.server.config import ConfigError, DatasetConfig, Table
 from batchwire.server.sources import (
     arrays,
+    hf_dataset,
     image_folder,
     parquet,
     python,
@@ -36,6 +37,7 @@ SourceBuilder = Callable[[Table], MapDataset]
 
 SOURCES: dict[str, SourceBuilder] = {
     "arrays": arrays.build,
+    "hf_dataset": hf_dataset.build,
     "image_folder": image_folder.build,
     "parquet": parquet.build,
     "python": python.build,

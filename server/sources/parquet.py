@@ -29,7 +29,7 @@ from batchwire.server.sources import storage
 from batchwire.server.sources.decode import IMAGE_MODES, decode_image
 
 
-def _pyarrow() -> tuple[Any, Any]:
+def import_pyarrow() -> tuple[Any, Any]:
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -42,7 +42,7 @@ def _pyarrow() -> tuple[Any, Any]:
 
 def fixed_shape(kind: Any) -> tuple[tuple[int, ...], Any] | None:
     """``(shape, value type)`` of a (nested) fixed-size list type; ``None`` for others."""
-    pa, _ = _pyarrow()
+    pa, _ = import_pyarrow()
     shape: list[int] = []
     while pa.types.is_fixed_size_list(kind):
         shape.append(kind.list_size)
@@ -58,7 +58,7 @@ class Column:
     """One field: a numpy array where the type allows (shared, mapped), else Arrow values."""
 
     def __init__(self, name: str, array: Any, image_mode: str | None) -> None:
-        pa, _ = _pyarrow()
+        pa, _ = import_pyarrow()
         self.name = name
         self.image_mode = image_mode
         self.numpy: np.ndarray | None = None
@@ -163,7 +163,7 @@ def _files(table: Table) -> list[str]:
 
 def _mapped(location: str, cache: storage.FileCache | None, columns: list[str] | None) -> Any:
     """The file's table: converted once to Arrow IPC in the cache and mapped, or read."""
-    pa, pq = _pyarrow()
+    pa, pq = import_pyarrow()
     if storage.is_url(location):
         assert cache is not None
         size = storage.remote_info(location).size
@@ -193,18 +193,11 @@ def _mapped(location: str, cache: storage.FileCache | None, columns: list[str] |
 
 def build(table: Table) -> ParquetDataset:
     table.reject_unknown({"path", "fields", "images", "image", "item", "cache_dir", "cache_bytes"})
-    pa, pq = _pyarrow()
+    pa, pq = import_pyarrow()
     files = _files(table)
-    raw = table.get("fields", (list, dict), None)
-    if isinstance(raw, list) and not all(isinstance(c, str) for c in raw):
-        raise table.error("fields", f"expected column names, got {raw!r}")
-    if isinstance(raw, dict) and not all(isinstance(c, str) for c in raw.values()):
-        raise table.error("fields", f"expected {{ field = 'column' }}, got {raw!r}")
-    image_mode = table.choice("image", list(IMAGE_MODES), "rgb8")
-    image_fields = table.get("images", list, [])
-    item = table.choice("item", ["dict", "tuple"], "dict")
+    raw = field_columns(table)
     cache = storage.cache_from(table, needed=any(storage.is_url(f) for f in files))
-    wanted = None if raw is None else list(raw.values() if isinstance(raw, dict) else raw)
+    wanted = None if raw is None else list(raw.values())
     parts = []
     for location in files:
         try:
@@ -212,10 +205,10 @@ def build(table: Table) -> ParquetDataset:
                 pq.read_schema(location) if not storage.is_url(location) else None
             )  # remote: checked after the download below
             if schema is not None and wanted is not None:
-                _check_columns(table, location, schema, wanted)
+                check_columns(table, location, schema, wanted)
             part = _mapped(location, cache, None if wanted is None else sorted(set(wanted)))
             if wanted is not None:
-                _check_columns(table, location, part.schema, wanted)
+                check_columns(table, location, part.schema, wanted)
         except (OSError, pa.ArrowException) as exc:
             reason = (
                 storage.describe_remote_error(location, exc)
@@ -231,10 +224,32 @@ def build(table: Table) -> ParquetDataset:
             )
         parts.append(part)
     data = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
-    if isinstance(raw, dict):
-        fields = dict(raw)
-    else:
-        fields = {c: c for c in (raw if raw is not None else data.column_names)}
+    return arrow_dataset(table, data, raw, "path")
+
+
+def field_columns(table: Table) -> dict[str, str] | None:
+    """The ``fields`` key: ``{ field = "column" }`` or ``["column", ...]``; ``None``: all."""
+    raw = table.get("fields", (list, dict), None)
+    if isinstance(raw, list) and raw and all(isinstance(c, str) for c in raw):
+        return {c: c for c in raw}
+    if isinstance(raw, dict) and raw and all(isinstance(c, str) for c in raw.values()):
+        return dict(raw)
+    if raw is not None:
+        raise table.error(
+            "fields", f"expected {{ field = 'column' }} or ['column', ...], got {raw!r}"
+        )
+    return None
+
+
+def arrow_dataset(
+    table: Table, data: Any, raw: dict[str, str] | None, where: str
+) -> ParquetDataset:
+    """The dataset over an Arrow table: checks ``images``, ``image`` and ``item`` against it."""
+    pa, _ = import_pyarrow()
+    image_mode = table.choice("image", list(IMAGE_MODES), "rgb8")
+    image_fields = table.get("images", list, [])
+    item = table.choice("item", ["dict", "tuple"], "dict")
+    fields = raw if raw is not None else {c: c for c in data.column_names}
     for name in image_fields:
         if name not in fields:
             raise table.error("images", f"{name!r} is not a field; fields: {', '.join(fields)}")
@@ -249,11 +264,11 @@ def build(table: Table) -> ParquetDataset:
         if pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0:
             images.setdefault(name, image_mode)
     if data.num_rows == 0:
-        raise table.error("path", "the files hold no rows")
+        raise table.error(where, "the files hold no rows")
     return ParquetDataset(data, fields, images, item)
 
 
-def _check_columns(table: Table, location: str, schema: Any, wanted: list[str]) -> None:
+def check_columns(table: Table, location: str, schema: Any, wanted: list[str]) -> None:
     missing = [c for c in wanted if c not in schema.names]
     if missing:
         raise table.error(
