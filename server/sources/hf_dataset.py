@@ -19,10 +19,10 @@ from typing import Any
 from batchwire.server.config import Table
 from batchwire.server.sources.parquet import (
     ParquetDataset,
-    import_pyarrow,
     arrow_dataset,
     check_columns,
     field_columns,
+    import_pyarrow,
 )
 
 
