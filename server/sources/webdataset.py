@@ -337,6 +337,12 @@ def build(table: Table) -> WebDataset:
             raise table.error("shards", f"shard not found: {location}") from None
         except Exception as exc:  # remote: refused credentials, no such bucket, ...
             raise table.error("shards", storage.describe_remote_error(location, exc)) from None
+    too_big = [s for s in shards if s.remote and cache is not None and s.size > cache.max_bytes]
+    if too_big:
+        raise table.error(
+            "cache_bytes",
+            f"{too_big[0].location} is {too_big[0].size} bytes; the cache must hold the largest shard",
+        )
     index = build_index(shards, fields, table)
     if not len(index["shard"]):
         raise table.error("shards", f"no samples in {len(shards)} shard(s)")

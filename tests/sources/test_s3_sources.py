@@ -170,6 +170,19 @@ def test_missing_remote_shard_fails_at_start_up(folder, moto):
     )
 
 
+def test_a_cache_smaller_than_a_shard_fails_at_start_up(folder, moto):
+    import os
+
+    config = folder / "small.toml"
+    config.write_text(
+        '[datasets.r]\nsource = "webdataset"\nshards = "s3://shards/train/shard-000000.tar"\n'
+        'fields = ["cls"]\ncache_dir = "cache-small"\ncache_bytes = 1000\n'
+    )
+    error = serve_error(config, {**os.environ, **moto.env})
+    assert "datasets.r.cache_bytes: s3://shards/train/shard-000000.tar is" in error
+    assert "the cache must hold the largest shard" in error
+
+
 def test_refused_credentials_fail_at_start_up_without_leaking_them(tmp_path):
     import os
 
