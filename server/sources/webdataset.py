@@ -55,6 +55,16 @@ def scan_tar(path: str) -> tuple[list[str], np.ndarray, np.ndarray]:
                 names.append(member.name)
                 offsets.append(member.offset_data)
                 sizes.append(member.size)
+        end = archive.offset  # where tarfile stopped reading headers
+    file_size = os.path.getsize(path)
+    if offsets and offsets[-1] + sizes[-1] > file_size:
+        raise tarfile.ReadError(f"the tar is cut short: {names[-1]} ends past byte {file_size}")
+    # tarfile ends quietly at a bad header after the first: only zero padding may follow.
+    with open(path, "rb") as handle:
+        handle.seek(end)
+        while block := handle.read(1 << 20):
+            if block.count(0) != len(block):
+                raise tarfile.ReadError(f"invalid tar header at byte {end}")
     return names, np.asarray(offsets, dtype=np.int64), np.asarray(sizes, dtype=np.int64)
 
 

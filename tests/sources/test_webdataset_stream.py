@@ -190,3 +190,27 @@ def test_corrupt_member_ends_only_that_stream_naming_dataset_sample_and_shard(tm
         assert "dataset 'w', sample index 3" in details
         assert "shard-000001.tar" in details and "'sample000003'" in details
         assert len(list(RemoteDataset(server.target, "ok", batch_size=2))) == 3  # others go on
+
+
+def test_a_garbled_member_header_fails_at_start_up_instead_of_dropping_samples(tmp_path):
+    import tarfile
+
+    paths = make_shards(tmp_path / "shards", 1, 4)
+    with tarfile.open(paths[0]) as archive:
+        third = archive.getmembers()[2].offset  # a header in the middle of the shard
+    with open(paths[0], "r+b") as handle:
+        handle.seek(third)
+        handle.write(b"\xff" * 100)  # its name and checksum fields: junk
+    body = '[datasets.w]\nsource = "webdataset"\nshards = "shards"\nfields = ["cls"]\n'
+    error = start_error(tmp_path, body)
+    assert "datasets.w.shards: cannot index the tar" in error
+    assert f"invalid tar header at byte {third}" in error
+
+
+def test_a_cut_short_shard_fails_at_start_up(tmp_path):
+    paths = make_shards(tmp_path / "shards", 1, 4)
+    data = paths[0].read_bytes()
+    paths[0].write_bytes(data[: len(data) // 2])
+    body = '[datasets.w]\nsource = "webdataset"\nshards = "shards"\nfields = ["cls"]\n'
+    error = start_error(tmp_path, body)
+    assert "datasets.w.shards: cannot index the tar" in error and "shard-000000.tar" in error
