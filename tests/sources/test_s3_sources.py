@@ -7,6 +7,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from _serverproc import ServerProcess, batchwire_command
 from conftest import assert_same_batch
@@ -36,6 +37,15 @@ path = "table"
 fields = ["x", "grid", "label", "png", "hf_image"]
 images = ["png"]
 
+[datasets.local_arrays]
+source = "arrays"
+files = {{ x = "arrays/x.npy", y = "arrays/y.npy" }}
+
+[datasets.remote_arrays]
+source = "arrays"
+files = {{ x = "s3://shards/arrays/x.npy", y = "s3://shards/arrays/y.npy" }}
+cache_dir = "{cache}-arrays"
+
 [datasets.remote_table]
 source = "parquet"
 path = "s3://shards/table"
@@ -57,6 +67,11 @@ def folder(tmp_path_factory: pytest.TempPathFactory, moto: MotoServer) -> Path:
     shards = make_shards(folder / "data", SHARDS, PER_SHARD)
     moto.upload("shards", shards, "train")
     moto.upload("shards", make_parquet(folder / "table", 2, 5), "table")
+    (folder / "arrays").mkdir()
+    rng = np.random.default_rng(1)
+    np.save(folder / "arrays" / "x.npy", rng.standard_normal((21, 3)).astype(np.float32))
+    np.save(folder / "arrays" / "y.npy", rng.integers(0, 5, 21))
+    moto.upload("shards", [folder / "arrays" / "x.npy", folder / "arrays" / "y.npy"], "arrays")
     return folder
 
 
@@ -79,7 +94,12 @@ def epoch(target: str, name: str, number: int) -> list:
 def test_s3_streams_equal_the_local_copies(folder, moto):
     config = write_config(folder, "roomy", "cache-roomy", 1 << 30)
     with ServerProcess(config, workers=2, env=moto.env) as server:
-        for local, remote in (("local", "remote"), ("local_table", "remote_table")):
+        pairs = [
+            ("local", "remote"),
+            ("local_table", "remote_table"),
+            ("local_arrays", "remote_arrays"),
+        ]
+        for local, remote in pairs:
             expected, actual = epoch(server.target, local, 0), epoch(server.target, remote, 0)
             assert len(actual) == len(expected) > 0
             for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
