@@ -27,9 +27,9 @@ CASES = {
         "expected a positive integer, got -3",
     ),
     "unknown source": (
-        '[datasets.s]\nsource = "parquet"\n',
+        '[datasets.s]\nsource = "parqet"\n',
         "datasets.s.source",
-        "unknown source 'parquet'",
+        "unknown source 'parqet'",
     ),
     "missing file": (
         '[datasets.a]\nsource = "arrays"\nfiles = { x = "nope.npy" }\n',

@@ -13,7 +13,16 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from batchwire.server.config import ConfigError, DatasetConfig, Table
-from batchwire.server.sources import arrays, image_folder, python, synthetic, timeseries
+from batchwire.server.sources import (
+    arrays,
+    hf_dataset,
+    image_folder,
+    parquet,
+    python,
+    synthetic,
+    timeseries,
+    webdataset,
+)
 
 
 class MapDataset(Protocol):
@@ -28,10 +37,13 @@ SourceBuilder = Callable[[Table], MapDataset]
 
 SOURCES: dict[str, SourceBuilder] = {
     "arrays": arrays.build,
+    "hf_dataset": hf_dataset.build,
     "image_folder": image_folder.build,
+    "parquet": parquet.build,
     "python": python.build,
     "synthetic": synthetic.build,
     "timeseries": timeseries.build,
+    "webdataset": webdataset.build,
 }
 
 

@@ -4,7 +4,9 @@ Memory maps keep per-sample data out of the Python heap: forked or spawned
 workers share the file's pages through the page cache instead of each holding
 a copy (copy-on-access of Python objects is a classic DataLoader memory trap).
 Members of an uncompressed .npz are mapped in place; compressed members
-cannot be, and are loaded into memory.
+cannot be, and are loaded into memory. A URL (``s3://...``) is downloaded into
+``cache_dir`` first and mapped there: the cache must hold all of a dataset's
+arrays, which stay mapped for the server's life.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 import torch
 
 from batchwire.server.config import Table
+from batchwire.server.sources import storage
 
 
 def map_npy(path: Path) -> np.ndarray:
@@ -102,13 +105,32 @@ class ArrayDataset:
         return values if self.item == "dict" else list(values.values())
 
 
+def fetch_remote(table: Table, name: str, cache: storage.FileCache | None) -> str | None:
+    """A ``s3://...`` (any fsspec URL) value of ``name``, downloaded; ``None`` for a local path."""
+    value = table.data.get(name)
+    if not isinstance(value, str) or not storage.is_url(value):
+        return None
+    if cache is None:
+        raise table.error(name, "a URL needs cache_dir (a local folder for the downloads)")
+    try:
+        return str(cache.get(value, storage.remote_info(value).size))
+    except Exception as exc:  # refused credentials, no such key, larger than the cache
+        raise table.error(name, storage.describe_remote_error(value, exc)) from None
+
+
 def build(table: Table) -> ArrayDataset:
-    table.reject_unknown({"path", "files", "fields", "item"})
+    table.reject_unknown({"path", "files", "fields", "item", "cache_dir", "cache_bytes"})
+    files = table.data.get("files")
+    values = [table.data.get("path"), *(files.values() if isinstance(files, dict) else ())]
+    cache = storage.cache_from(
+        table, needed=any(isinstance(v, str) and storage.is_url(v) for v in values)
+    )
     item = table.choice("item", ["dict", "tuple"], "dict")
     if ("path" in table.data) == ("files" in table.data):
         raise table.error("path", 'give either path = "data.npz" or files = { field = "file.npy" }')
     if "path" in table.data:
-        path = table.path("path")
+        fetched = fetch_remote(table, "path", cache)
+        path = Path(fetched) if fetched else table.path("path")
         fields = table.get("fields", list, None)
         try:
             arrays = load_npz(path, fields)
@@ -118,7 +140,8 @@ def build(table: Table) -> ArrayDataset:
         files = table.table("files")
         arrays = {}
         for name in files.data:
-            path = files.path(name)
+            fetched = fetch_remote(files, name, cache)
+            path = Path(fetched) if fetched else files.path(name)
             try:
                 arrays[name] = map_npy(path)
             except ValueError as exc:
