@@ -35,18 +35,36 @@ removes a task's file whenever the batch will not be mapped (the worker
 reported an error, died, or its stream ended first), its free files when idle,
 all of its files at close, and at start the files of servers that died without
 closing (a pid in the name that is no longer running).
+
+NOTE [ Supervision ]
+The threads that move batches (the collector, the feeders) must not die
+silently: a dead collector once left every stream of every dataset waiting
+forever behind a health check that said SERVING (issue 17). So:
+
+- a reply that cannot be turned into batches fails its own task, naming the
+  dataset and the sample; the collector goes on;
+- a worker that cannot be started again (EMFILE, a forkserver dying under the
+  request) is retried with backoff; its tasks wait in the queue for any worker;
+- with no worker left after ``RESPAWN_ATTEMPTS`` failed starts in a row, the
+  pool reports itself failed (``failure``, ``on_health_change``): pending and
+  new tasks fail with ``PoolFailed`` (UNAVAILABLE), health says NOT_SERVING;
+  it keeps trying, and the first worker that starts makes it healthy again;
+- any other error in a pool thread is logged and the thread goes on; after
+  ``THREAD_FAILURES`` in a row the pool fails for good (a bug: its state is no
+  longer trusted), which ends every stream with a status instead of a hang.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import itertools
 import logging
 import multiprocessing as mp
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
@@ -55,6 +73,7 @@ from typing import Any
 from batchwire.server import _worker
 from batchwire.server._fastpath import IDLE_SECONDS
 from batchwire.server._payloads import PayloadFiles, default_shm_dir
+from batchwire.server._workerproc import WorkerProcess, start_worker
 from batchwire.server.config import Config
 from batchwire.v1 import batchwire_pb2 as pb
 
@@ -70,6 +89,19 @@ Each reply wakes the collector, then a feeder, before the next send: with only 2
 ahead, small batches (``batchwire bench``, digits, batch 64, 2 workers) streamed
 at 260 batches/s per client instead of 630; with 4, 580.
 """
+
+
+RESPAWN_DELAYS = (0.1, 5.0)
+"""Seconds before the first retry of a failed worker start, and the most between retries."""
+
+RESPAWN_ATTEMPTS = 5
+"""Failed starts in a row, with no worker left, after which the pool reports itself failed (~3 s)."""
+
+THREAD_FAILURES = 3
+"""Unexpected errors in a row after which a pool thread stops and the pool fails for good."""
+
+HealthListener = Callable[[str | None], None]
+"""Called with the pool's ``failure`` (None: healthy again) each time it changes."""
 
 
 class WorkerCrashed(RuntimeError):
@@ -95,6 +127,10 @@ class TaskTimedOut(RuntimeError):
     """A worker spent more than ``task_timeout_seconds`` on one batch and was killed."""
 
 
+class PoolFailed(RuntimeError):
+    """The pool cannot build batches now: no worker can be started, or a pool thread failed."""
+
+
 @dataclass
 class BuiltBatch:
     """A finished batch: its header and its payload, mapped from shared memory."""
@@ -117,11 +153,14 @@ class _Task:
     """The payload file its worker writes (chosen when it is sent)."""
 
 
+def _first_sample(task: _Task, batch: int = 0) -> str:
+    return f"the batch starting at sample index {int(task.batches[batch][0])}"
+
+
 @dataclass
 class _Worker:
     slot: int
-    process: Any
-    conn: Connection
+    proc: WorkerProcess
     tasks: dict[int, _Task] = field(default_factory=dict)
     """Sent and not answered yet, oldest (the one being built) first; at most ``AHEAD``."""
     send_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -130,12 +169,27 @@ class _Worker:
     """When it started building its oldest task (``time.monotonic``)."""
     stuck: _Task | None = None
     """The task it was killed for holding past ``task_timeout_seconds``."""
+    retired: bool = False
+    """It died and its tasks went back to the queue; its slot waits for a new worker."""
+
+    @property
+    def conn(self) -> Connection:
+        return self.proc.conn
+
+
+@dataclass
+class _Respawn:
+    """A slot whose worker died: when to try starting a new one, and how often it failed."""
+
+    due: float
+    attempts: int = 0
 
 
 class WorkerPool:
     """Builds batches in ``num_workers`` processes; ``submit`` returns a Future.
 
     Cancelling the future before a worker starts the batch drops the task.
+    Health: ``failure`` and ``on_health_change`` (see NOTE [ Supervision ]).
     """
 
     def __init__(self, config: Config, num_workers: int, *, shm_dir: str = "") -> None:
@@ -153,42 +207,110 @@ class WorkerPool:
         self._changed = threading.Condition(self._lock)  # queue or a worker's load changed
         self._queue: deque[_Task] = deque()
         self._workers: list[_Worker] = []
+        self._respawns: dict[int, _Respawn] = {}  # slot -> its next start
         self._task_ids = itertools.count()
         self._closed = False
+        self._failure: str | None = None
+        self._broken = False  # a pool thread gave up: the failure is for good
+        self._listeners: list[HealthListener] = []
         self._wake_reader, self._wake_writer = mp.Pipe(duplex=False)
-        self._collector = threading.Thread(target=self._collect, name="batchwire-pool", daemon=True)
+        self._collector = threading.Thread(
+            target=self._supervise, args=("collector", self._collect), name="batchwire-pool"
+        )
         self._feeders = [
-            threading.Thread(target=self._feed, args=(slot,), name=f"batchwire-feed-{slot}")
+            threading.Thread(
+                target=self._supervise,
+                args=(f"feeder {slot}", lambda slot=slot: self._feed(slot)),
+                name=f"batchwire-feed-{slot}",
+            )
             for slot in range(num_workers)
         ]
+        self._respawner = threading.Thread(
+            target=self._supervise, args=("respawn", self._respawn), name="batchwire-respawn"
+        )
         self._idle_since: float | None = None  # when the last task finished (collector only)
+        self._collected = False  # the GC ran in this idle spell (collector only)
         self.replaced = 0
         """Workers replaced after dying (for metrics and tests)."""
 
     def start(self) -> None:
         self._files.remove_leftovers()
         with self._lock:
-            self._workers = [self._spawn(slot) for slot in range(self._num_workers)]
-        self._collector.start()
-        for feeder in self._feeders:
-            feeder.daemon = True
-            feeder.start()
+            self._workers = [
+                _Worker(slot, self._start_worker(slot)) for slot in range(self._num_workers)
+            ]
+        for thread in [self._collector, self._respawner, *self._feeders]:
+            thread.daemon = True
+            thread.start()
 
     @property
     def pids(self) -> list[int]:
         with self._lock:
-            return [worker.process.pid for worker in self._workers]
+            return [worker.proc.pid for worker in self._workers if not worker.retired]
 
     @property
     def size(self) -> int:
         with self._lock:
-            return sum(worker.process.is_alive() for worker in self._workers)
+            workers = [worker for worker in self._workers if not worker.retired]
+        return sum(not worker.proc.exited() for worker in workers)
 
     @property
     def queued(self) -> int:
         """Tasks waiting for a worker (cancelled ones included until a feeder skips them)."""
         with self._lock:
             return len(self._queue)
+
+    # -- health -------------------------------------------------------------------
+
+    @property
+    def failure(self) -> str | None:
+        """Why the pool cannot build batches now; None while it can (see NOTE [ Supervision ])."""
+        with self._lock:
+            return self._failure
+
+    def on_health_change(self, listener: HealthListener) -> None:
+        """Calls ``listener(failure)`` now and on each change of ``failure``.
+
+        It runs in a pool thread: it must be quick and must not call back into the pool.
+        """
+        with self._lock:
+            self._listeners.append(listener)
+            failure = self._failure
+        self._notify([listener], failure)
+
+    def _set_failure(self, failure: str | None, *, for_good: bool = False) -> None:
+        """Turns the pool failed (pending tasks fail with ``PoolFailed``) or healthy again."""
+        with self._changed:
+            if failure is None and (self._broken or self._failure is None):
+                return  # healthy already, or failed for good
+            changed = (failure is None) != (self._failure is None)
+            self._failure = failure
+            self._broken = self._broken or for_good
+            doomed = []
+            if failure is not None:
+                doomed, self._queue = list(self._queue), deque()
+            if for_good:  # their replies may never be read; a late one just discards its file
+                doomed += [task for worker in self._workers for task in worker.tasks.values()]
+            listeners = list(self._listeners) if changed else []
+            self._changed.notify_all()
+        for task in doomed:
+            _settle(task.future, exception=PoolFailed(failure))
+        if changed:
+            if failure is None:
+                log.warning("the worker pool has recovered: serving again")
+            else:
+                log.error("the worker pool has failed: %s", failure)
+        self._notify(listeners, failure)
+
+    @staticmethod
+    def _notify(listeners: list[HealthListener], failure: str | None) -> None:
+        for listener in listeners:
+            try:
+                listener(failure)
+            except Exception:
+                log.exception("a pool health listener failed")
+
+    # -- tasks ----------------------------------------------------------------------
 
     def submit(
         self,
@@ -204,7 +326,8 @@ class WorkerPool:
         (``BatchFailed`` keeps the batches before the one that failed). Several
         small batches per task share the worker's per-task costs (pipe messages,
         one payload file and mapping). ``seed`` and ``epoch`` seed the random
-        transforms of each sample (with its index).
+        transforms of each sample (with its index). A failed pool fails the
+        future at once with ``PoolFailed``.
         """
         if not batches:
             raise ValueError("a task needs at least one batch")
@@ -212,63 +335,86 @@ class WorkerPool:
         with self._lock:
             if self._closed:
                 task.future.set_exception(PoolClosed("the server is shutting down"))
+            elif self._failure is not None:
+                task.future.set_exception(PoolFailed(self._failure))
             else:
                 self._queue.append(task)
                 self._changed.notify_all()
         return task.future
 
-    def _spawn(self, slot: int) -> _Worker:
-        ours, theirs = self._context.Pipe(duplex=True)
-        process = self._context.Process(
-            target=_worker.run,
-            args=(self._config, theirs),
-            name=f"batchwire-worker-{slot}",
-            daemon=True,
+    def _start_worker(self, slot: int) -> WorkerProcess:
+        return start_worker(
+            self._context, _worker.run, (self._config,), name=f"batchwire-worker-{slot}"
         )
-        process.start()
-        theirs.close()
-        return _Worker(slot, process, ours)
+
+    # -- supervision (see NOTE [ Supervision ]) -----------------------------------------
+
+    def _supervise(self, name: str, step: Callable[[], bool]) -> None:
+        """Runs ``step`` until it returns False (the pool closed); survives its errors."""
+        failures = 0
+        try:
+            while True:
+                try:
+                    if not step():
+                        return
+                    failures = 0
+                except Exception as exc:
+                    failures += 1
+                    log.exception("worker pool: the %s thread failed (%d in a row)", name, failures)
+                    if failures >= THREAD_FAILURES:
+                        reason = (
+                            f"its {name} thread failed {failures} times in a row, last: {exc!r}"
+                        )
+                        self._set_failure(reason, for_good=True)
+                        return
+                    time.sleep(0.1 * failures)
+        except BaseException as exc:  # not an Exception: the thread ends, the pool says so
+            self._set_failure(f"its {name} thread stopped: {exc!r}", for_good=True)
+            raise
 
     # -- the feeder threads (one per worker slot) --------------------------------
 
-    def _feed(self, slot: int) -> None:
-        while True:
+    def _feed(self, slot: int) -> bool:
+        """Sends one task to the worker of ``slot``; False once the pool is closed or broken."""
+        with self._changed:
+            while True:
+                if self._closed or self._broken:
+                    return False
+                worker = self._workers[slot]
+                task = self._next_task() if self._has_room(worker) else None
+                if task is not None:
+                    break
+                self._changed.wait()
+            if not worker.tasks:
+                worker.busy_since = time.monotonic()
+            worker.tasks[task.task_id] = task
+            task.path = self._files.take()
+            self._changed.notify_all()  # other feeders may now send ahead
+        message = (task.task_id, task.dataset, task.batches, task.path, task.seed, task.epoch)
+        try:
+            with worker.send_lock:  # may block until the worker finishes its current batch
+                worker.conn.send(message)
+        except OSError:
+            pass  # the worker died (or was replaced): the collector re-queues its tasks
+        except Exception as exc:
+            # Half a message may sit in the pipe: this task fails, the worker is replaced.
             with self._changed:
-                while True:
-                    if self._closed:
-                        return
-                    worker = self._workers[slot]
-                    task = self._next_task() if self._has_room(worker) else None
-                    if task is not None:
-                        break
-                    self._changed.wait()
-                if not worker.tasks:
-                    worker.busy_since = time.monotonic()
-                worker.tasks[task.task_id] = task
-                task.path = self._files.take()
-                self._changed.notify_all()  # other feeders may now send ahead
-            message = (
-                task.task_id,
-                task.dataset,
-                task.batches,
-                task.path,
-                task.seed,
-                task.epoch,
-            )
-            try:
-                with worker.send_lock:  # may block until the worker finishes its current batch
-                    worker.conn.send(message)
-            except (BrokenPipeError, OSError):
-                pass  # the worker died (or was replaced): the collector re-queues its tasks
+                worker.tasks.pop(task.task_id, None)
+            worker.proc.kill()
+            self._files.discard(task.path)
+            message = f"dataset {task.dataset!r}, {_first_sample(task)}: cannot send the task"
+            _settle(task.future, exception=RuntimeError(f"{message} to a worker: {exc!r}"))
+        return True
 
     def _has_room(self, worker: _Worker) -> bool:
         # An idle worker takes a task; a busy one takes a second only when no worker is
         # idle, so that a few tasks spread over the workers instead of queueing on one.
-        if worker.stuck is not None:
-            return False  # killed; its replacement is on the way
+        if worker.retired or worker.stuck is not None:
+            return False  # dead or killed; its replacement is on the way
         if not worker.tasks:
             return True
-        return len(worker.tasks) < AHEAD and all(other.tasks for other in self._workers)
+        live = [other for other in self._workers if not other.retired]
+        return len(worker.tasks) < AHEAD and all(other.tasks for other in live)
 
     def _next_task(self) -> _Task | None:
         """The oldest queued task whose future is not cancelled (holding ``_lock``)."""
@@ -280,44 +426,57 @@ class WorkerPool:
 
     # -- the collector thread -------------------------------------------------
 
-    def _collect(self) -> None:
-        while True:
-            with self._lock:
-                if self._closed:
-                    return
-                by_conn = {worker.conn: worker for worker in self._workers}
-                by_sentinel = {worker.process.sentinel: worker for worker in self._workers}
-                deadlines = [
-                    worker.busy_since + self._task_timeout
-                    for worker in self._workers
-                    if worker.tasks and worker.stuck is None
-                ]
-            timeout = min([1.0, *(deadline - time.monotonic() for deadline in deadlines)])
-            ready = wait([*by_conn, *by_sentinel, self._wake_reader], timeout=max(timeout, 0.0))
-            for conn in ready:
-                if conn in by_conn:
-                    self._receive(by_conn[conn])
-            for sentinel in ready:
-                if sentinel in by_sentinel:
-                    self._replace(by_sentinel[sentinel])
-            self._kill_stuck()
-            self._trim_when_idle()
+    def _collect(self) -> bool:
+        """One round: replies, deaths, restarts, timeouts; False once the pool is closed."""
+        with self._lock:
+            if self._closed or self._broken:
+                return False
+            live = [worker for worker in self._workers if not worker.retired]
+            by_conn = {worker.conn: worker for worker in live}
+            by_sentinel = {worker.proc.sentinel: worker for worker in live}
+            deadlines = [
+                worker.busy_since + self._task_timeout
+                for worker in live
+                if worker.tasks and worker.stuck is None
+            ]
+        timeout = min([1.0, *(deadline - time.monotonic() for deadline in deadlines)])
+        ready = wait([*by_conn, *by_sentinel, self._wake_reader], timeout=max(timeout, 0.0))
+        while self._wake_reader in ready and self._wake_reader.poll():
+            self._wake_reader.recv()  # a new worker to watch: the next round does
+        for conn in ready:
+            if conn in by_conn:
+                self._receive(by_conn[conn])
+        for sentinel in ready:
+            if sentinel in by_sentinel:
+                self._retire(by_sentinel[sentinel])
+        self._kill_stuck()
+        self._trim_when_idle()
+        return True
 
     def _trim_when_idle(self) -> None:
-        """Gives free payload files back once no task has been in flight for ``IDLE_SECONDS``."""
+        """Gives free payload files back once no task has been in flight for ``IDLE_SECONDS``.
+
+        Once per idle spell it first runs the cyclic GC: a batch still referenced from a
+        reference cycle (an aborted stream's exception and its frames) keeps its file
+        mapped until the GC runs, and an idle server may not run it for hours.
+        """
         with self._lock:
             busy = bool(self._queue) or any(worker.tasks for worker in self._workers)
         now = time.monotonic()
         if busy or self._idle_since is None:
             self._idle_since = None if busy else now
+            self._collected = False
         elif now - self._idle_since >= IDLE_SECONDS:
+            if not self._collected:
+                gc.collect()
+                self._collected = True
             self._files.trim()
 
     def _kill_stuck(self) -> None:
         """Kills each worker stuck on one task past the timeout; fails that task, not its others.
 
         The task is not retried: an item that hangs would hang the replacement too.
-        The sentinel of the killed worker then fires and ``_replace`` re-queues the rest.
+        The killed worker's pidfd then fires and ``_retire`` re-queues the rest.
         """
         now = time.monotonic()
         stuck = []
@@ -328,13 +487,13 @@ class WorkerPool:
                     worker.stuck = worker.tasks.pop(next(iter(worker.tasks)))
                     stuck.append((worker, worker.stuck))
         for worker, task in stuck:
-            worker.process.kill()  # its partial payload goes once it is dead (``_replace``)
+            worker.proc.kill()  # its partial payload goes once it is dead (``_retire``)
             indices = list(task.batches[0])
             message = (
                 f"dataset {task.dataset!r}: the batch starting at sample index {indices[0]} "
                 f"({len(indices)} samples, {len(task.batches)} batch(es) in the task) "
                 "took longer than task_timeout_seconds="
-                f"{self._task_timeout:g}; its worker (pid {worker.process.pid}) was killed"
+                f"{self._task_timeout:g}; its worker (pid {worker.proc.pid}) was killed"
             )
             log.warning("%s", message)
             _settle(task.future, exception=TaskTimedOut(message))
@@ -344,7 +503,7 @@ class WorkerPool:
             while worker.conn.poll():
                 self._resolve(worker, worker.conn.recv())
         except (EOFError, OSError):
-            pass  # dead worker: its sentinel fires too
+            pass  # dead worker: its pidfd fires too
 
     def _resolve(self, worker: _Worker, reply: tuple[Any, ...]) -> None:
         task_id, headers, offsets, size, error, busy = reply
@@ -355,10 +514,40 @@ class WorkerPool:
             self._changed.notify_all()  # the worker has room for another task
         if task is None:
             return  # timed out as the worker finished it: its file went with the worker
-        if task.future.cancelled() or not headers:
+        try:
+            self._deliver(task, headers, offsets, size, error, busy)
+        except Exception as exc:  # this reply fails its task, not the collector
+            log.exception("dataset %r: cannot take a built batch", task.dataset)
+            self._files.discard(task.path)
+            message = (
+                f"dataset {task.dataset!r}, {_first_sample(task)}: cannot take the built batch"
+            )
+            _settle(task.future, exception=RuntimeError(f"{message}: {exc!r}"))
+
+    def _deliver(
+        self,
+        task: _Task,
+        headers: list[bytes],
+        offsets: list[int],
+        size: int,
+        error: str | None,
+        busy: float,
+    ) -> None:
+        """Maps a task's payload file and resolves its future with the batches in it."""
+        parsed = []
+        for header_bytes in headers:
+            try:
+                parsed.append(pb.BatchHeader.FromString(header_bytes))
+            except Exception as exc:  # the worker's checks let through what protobuf refuses
+                error = (
+                    f"dataset {task.dataset!r}, {_first_sample(task, len(parsed))}: "
+                    f"its header cannot be decoded: {exc!r}"
+                )
+                break
+        if task.future.done() or not parsed:
             # Its stream ended while it was built, or nothing good came of it.
             self._files.discard(task.path)
-            if not headers:
+            if not parsed:
                 _settle(task.future, exception=BatchFailed(error or "the worker built nothing"))
             return
         try:
@@ -371,8 +560,7 @@ class WorkerPool:
             )
             return
         built = []
-        for header_bytes, offset in zip(headers, offsets, strict=True):
-            header = pb.BatchHeader.FromString(header_bytes)
+        for header, offset in zip(parsed, offsets, strict=False):
             view = payload[offset : offset + header.payload_size]
             built.append(BuiltBatch(header, view, busy / len(headers)))
         del payload  # the slices keep the mapping alive, each as long as its batch
@@ -381,20 +569,20 @@ class WorkerPool:
         else:
             _settle(task.future, built)
 
-    def _replace(self, dead: _Worker) -> None:
+    # -- deaths and restarts ------------------------------------------------------
+
+    def _retire(self, dead: _Worker) -> None:
+        """A worker exited: its tasks go back to the queue, and a restart is due now."""
         self._receive(dead)  # results it sent before dying still count
-        dead.process.join(timeout=1.0)
-        exitcode = dead.process.exitcode
+        exitcode = dead.proc.exitcode(timeout=1.0)
         # Closed under the send lock, so no feeder sends on a closed handle. A feeder
         # sending to the dead worker fails at once (the pipe has no reader left), so
         # the collector waits here for a failing send at most, never for a batch.
         with dead.send_lock:
             dead.conn.close()
+        dead.proc.release()
         with self._changed:
-            if self._closed:
-                return
-            replacement = self._spawn(dead.slot)
-            self._workers[self._workers.index(dead)] = replacement
+            dead.retired = True
             orphans = list(dead.tasks.values())
             dead.tasks.clear()
             failed = []
@@ -408,12 +596,14 @@ class WorkerPool:
             for task in unfinished:
                 self._files.discard(task.path)  # partial payloads; a rebuild gets a new file
             self._queue.extendleft(reversed(orphans))  # first in line: their streams wait on them
+            if not self._closed:
+                self._respawns[dead.slot] = _Respawn(due=time.monotonic())
             self.replaced += 1
             self._changed.notify_all()
         log.warning(
-            "worker %s (pid %s) died with exit code %s; replaced it, rebuilding %d batch(es)",
+            "worker %s (pid %s) died with exit code %s; replacing it, rebuilding %d batch(es)",
             dead.slot,
-            dead.process.pid,
+            dead.proc.pid,
             exitcode,
             len(orphans),
         )
@@ -427,6 +617,67 @@ class WorkerPool:
                 ),
             )
 
+    # -- the respawn thread: starting a worker can take seconds (a new forkserver imports
+    # torch), so it never holds up the collector --------------------------------------
+
+    def _respawn(self) -> bool:
+        """Starts a worker in each empty slot whose time has come; False once closed."""
+        with self._changed:
+            while True:
+                if self._closed or self._broken:
+                    return False
+                now = time.monotonic()
+                due = [slot for slot, respawn in self._respawns.items() if respawn.due <= now]
+                if due:
+                    break
+                waits = [respawn.due - now for respawn in self._respawns.values()]
+                self._changed.wait(min(waits) if waits else None)
+        for slot in due:
+            try:
+                proc = self._start_worker(slot)
+            except Exception as exc:  # EMFILE, a forkserver dying under the request, ...
+                self._respawn_failed(slot, exc)
+                continue
+            with self._changed:
+                closed = self._closed
+                if not closed:
+                    attempts = self._respawns.pop(slot).attempts
+                    self._workers[slot] = _Worker(slot, proc)
+                    self._changed.notify_all()
+            if closed:
+                proc.kill()
+                proc.conn.close()
+                proc.release()
+                return False
+            self._wake_writer.send(None)  # the collector watches the new worker from now on
+            if attempts:
+                log.warning("worker %s started after %d failed attempt(s)", slot, attempts)
+            self._set_failure(None)
+        return True
+
+    def _respawn_failed(self, slot: int, exc: Exception) -> None:
+        first, most = RESPAWN_DELAYS
+        with self._lock:
+            respawn = self._respawns[slot]
+            respawn.attempts += 1
+            attempts = respawn.attempts
+            delay = min(most, first * 2 ** (attempts - 1))
+            respawn.due = time.monotonic() + delay
+            stranded = all(worker.retired for worker in self._workers)
+        cause = f"{type(exc).__name__}: {exc}"
+        log.warning(
+            "respawning worker %s failed (attempt %d): %s; retrying in %.1fs",
+            slot,
+            attempts,
+            cause,
+            delay,
+        )
+        if stranded and attempts >= RESPAWN_ATTEMPTS:
+            self._set_failure(
+                f"the worker pool has no worker left: starting one failed {attempts} times "
+                f"in a row, last with {cause}"
+            )
+
     # -- shutdown ---------------------------------------------------------------
 
     def close(self, timeout: float = 5.0) -> None:
@@ -435,25 +686,27 @@ class WorkerPool:
             if self._closed:
                 return
             self._closed = True
-            workers = list(self._workers)
+            workers = [worker for worker in self._workers if not worker.retired]
             unsent = list(self._queue)
             self._queue.clear()
+            self._respawns.clear()
             self._changed.notify_all()
         self._wake_writer.send(None)
         for worker in workers:
             try:
                 with worker.send_lock:
                     worker.conn.send(None)
-            except (BrokenPipeError, OSError):
+            except OSError:
                 pass
-        for worker in workers:
-            worker.process.join(timeout=timeout)
-            if worker.process.is_alive():
-                worker.process.kill()
-                worker.process.join(timeout=timeout)
-            worker.conn.close()
         if self._collector.is_alive():
             self._collector.join(timeout=timeout)
+        for worker in workers:
+            # Its files go only once it has exited: it may be writing one now.
+            if not worker.proc.exited(timeout):
+                worker.proc.kill()
+                worker.proc.exited(timeout)
+            worker.conn.close()
+            worker.proc.release()
         for task in [*unsent, *(task for worker in workers for task in worker.tasks.values())]:
             _settle(task.future, exception=PoolClosed("the server is shutting down"))
         self._files.close()
