@@ -30,6 +30,8 @@ class WorkerProcess:
     process: Any
     conn: Connection
     pidfd: int | None
+    released: bool = False
+    """Its pidfd is closed: it has exited and been dealt with."""
 
     @property
     def pid(self) -> int:
@@ -41,9 +43,11 @@ class WorkerProcess:
         return self.pidfd if self.pidfd is not None else self.process.sentinel
 
     def exited(self, timeout: float = 0.0) -> bool:
-        return bool(wait([self.sentinel], timeout))
+        return self.released or bool(wait([self.sentinel], timeout))
 
     def kill(self) -> None:
+        if self.released:
+            return
         if self.pidfd is None:
             self.process.kill()
             return
@@ -57,9 +61,9 @@ class WorkerProcess:
 
     def release(self) -> None:
         """Closes the pidfd (the worker has exited, or is being abandoned at close)."""
-        if self.pidfd is not None:
+        if self.pidfd is not None and not self.released:
             os.close(self.pidfd)
-            self.pidfd = None
+        self.released = True
 
 
 def start_worker(

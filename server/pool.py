@@ -56,7 +56,6 @@ forever behind a health check that said SERVING (issue 17). So:
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import itertools
 import logging
@@ -65,7 +64,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
@@ -73,9 +72,32 @@ from typing import Any
 from batchwire.server import _worker
 from batchwire.server._fastpath import IDLE_SECONDS
 from batchwire.server._payloads import PayloadFiles, default_shm_dir
+from batchwire.server._tasks import (
+    BatchFailed,
+    BuiltBatch,
+    PoolClosed,
+    PoolFailed,
+    Task,
+    TaskTimedOut,
+    WorkerCrashed,
+    first_sample,
+    settle,
+)
 from batchwire.server._workerproc import WorkerProcess, start_worker
 from batchwire.server.config import Config
 from batchwire.v1 import batchwire_pb2 as pb
+
+__all__ = [
+    "AHEAD",
+    "BatchFailed",
+    "BuiltBatch",
+    "HealthListener",
+    "PoolClosed",
+    "PoolFailed",
+    "TaskTimedOut",
+    "WorkerCrashed",
+    "WorkerPool",
+]
 
 log = logging.getLogger(__name__)
 
@@ -104,70 +126,17 @@ HealthListener = Callable[[str | None], None]
 """Called with the pool's ``failure`` (None: healthy again) each time it changes."""
 
 
-class WorkerCrashed(RuntimeError):
-    """Workers kept dying while building one batch."""
-
-
-class PoolClosed(RuntimeError):
-    """The pool was shut down before the batch was built."""
-
-
-class BatchFailed(RuntimeError):
-    """The worker reported an error building a batch (message says which sample).
-
-    ``built`` holds the task's batches before the one that failed: still good.
-    """
-
-    def __init__(self, message: str, built: Sequence[BuiltBatch] = ()) -> None:
-        super().__init__(message)
-        self.built = list(built)
-
-
-class TaskTimedOut(RuntimeError):
-    """A worker spent more than ``task_timeout_seconds`` on one batch and was killed."""
-
-
-class PoolFailed(RuntimeError):
-    """The pool cannot build batches now: no worker can be started, or a pool thread failed."""
-
-
-@dataclass
-class BuiltBatch:
-    """A finished batch: its header and its payload, mapped from shared memory."""
-
-    header: pb.BatchHeader
-    payload: memoryview
-    build_seconds: float
-
-
-@dataclass
-class _Task:
-    task_id: int
-    dataset: str
-    batches: Sequence[Sequence[int]]
-    future: Future[list[BuiltBatch]]
-    seed: int = 0
-    epoch: int = 0
-    attempts: int = 0
-    path: str = ""
-    """The payload file its worker writes (chosen when it is sent)."""
-
-
-def _first_sample(task: _Task, batch: int = 0) -> str:
-    return f"the batch starting at sample index {int(task.batches[batch][0])}"
-
-
 @dataclass
 class _Worker:
     slot: int
     proc: WorkerProcess
-    tasks: dict[int, _Task] = field(default_factory=dict)
+    tasks: dict[int, Task] = field(default_factory=dict)
     """Sent and not answered yet, oldest (the one being built) first; at most ``AHEAD``."""
     send_lock: threading.Lock = field(default_factory=threading.Lock)
     """Held while sending on, or closing, ``conn``."""
     busy_since: float = 0.0
     """When it started building its oldest task (``time.monotonic``)."""
-    stuck: _Task | None = None
+    stuck: Task | None = None
     """The task it was killed for holding past ``task_timeout_seconds``."""
     retired: bool = False
     """It died and its tasks went back to the queue; its slot waits for a new worker."""
@@ -205,7 +174,7 @@ class WorkerPool:
         self._context.set_forkserver_preload(["batchwire.server._worker"])
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # queue or a worker's load changed
-        self._queue: deque[_Task] = deque()
+        self._queue: deque[Task] = deque()
         self._workers: list[_Worker] = []
         self._respawns: dict[int, _Respawn] = {}  # slot -> its next start
         self._task_ids = itertools.count()
@@ -250,9 +219,8 @@ class WorkerPool:
 
     @property
     def size(self) -> int:
-        with self._lock:
-            workers = [worker for worker in self._workers if not worker.retired]
-        return sum(not worker.proc.exited() for worker in workers)
+        with self._lock:  # ``_retire`` closes a pidfd only under it
+            return sum(not worker.proc.exited() for worker in self._workers)
 
     @property
     def queued(self) -> int:
@@ -294,7 +262,7 @@ class WorkerPool:
             listeners = list(self._listeners) if changed else []
             self._changed.notify_all()
         for task in doomed:
-            _settle(task.future, exception=PoolFailed(failure))
+            settle(task.future, exception=PoolFailed(failure))
         if changed:
             if failure is None:
                 log.warning("the worker pool has recovered: serving again")
@@ -331,7 +299,7 @@ class WorkerPool:
         """
         if not batches:
             raise ValueError("a task needs at least one batch")
-        task = _Task(next(self._task_ids), dataset, batches, Future(), seed, epoch)
+        task = Task(next(self._task_ids), dataset, batches, Future(), seed, epoch)
         with self._lock:
             if self._closed:
                 task.future.set_exception(PoolClosed("the server is shutting down"))
@@ -400,10 +368,10 @@ class WorkerPool:
             # Half a message may sit in the pipe: this task fails, the worker is replaced.
             with self._changed:
                 worker.tasks.pop(task.task_id, None)
-            worker.proc.kill()
+                worker.proc.kill()
             self._files.discard(task.path)
-            message = f"dataset {task.dataset!r}, {_first_sample(task)}: cannot send the task"
-            _settle(task.future, exception=RuntimeError(f"{message} to a worker: {exc!r}"))
+            message = f"dataset {task.dataset!r}, {first_sample(task)}: cannot send the task"
+            settle(task.future, exception=RuntimeError(f"{message} to a worker: {exc!r}"))
         return True
 
     def _has_room(self, worker: _Worker) -> bool:
@@ -416,7 +384,7 @@ class WorkerPool:
         live = [other for other in self._workers if not other.retired]
         return len(worker.tasks) < AHEAD and all(other.tasks for other in live)
 
-    def _next_task(self) -> _Task | None:
+    def _next_task(self) -> Task | None:
         """The oldest queued task whose future is not cancelled (holding ``_lock``)."""
         while self._queue:
             task = self._queue.popleft()
@@ -496,7 +464,7 @@ class WorkerPool:
                 f"{self._task_timeout:g}; its worker (pid {worker.proc.pid}) was killed"
             )
             log.warning("%s", message)
-            _settle(task.future, exception=TaskTimedOut(message))
+            settle(task.future, exception=TaskTimedOut(message))
 
     def _receive(self, worker: _Worker) -> None:
         try:
@@ -519,14 +487,12 @@ class WorkerPool:
         except Exception as exc:  # this reply fails its task, not the collector
             log.exception("dataset %r: cannot take a built batch", task.dataset)
             self._files.discard(task.path)
-            message = (
-                f"dataset {task.dataset!r}, {_first_sample(task)}: cannot take the built batch"
-            )
-            _settle(task.future, exception=RuntimeError(f"{message}: {exc!r}"))
+            message = f"dataset {task.dataset!r}, {first_sample(task)}: cannot take the built batch"
+            settle(task.future, exception=RuntimeError(f"{message}: {exc!r}"))
 
     def _deliver(
         self,
-        task: _Task,
+        task: Task,
         headers: list[bytes],
         offsets: list[int],
         size: int,
@@ -540,7 +506,7 @@ class WorkerPool:
                 parsed.append(pb.BatchHeader.FromString(header_bytes))
             except Exception as exc:  # the worker's checks let through what protobuf refuses
                 error = (
-                    f"dataset {task.dataset!r}, {_first_sample(task, len(parsed))}: "
+                    f"dataset {task.dataset!r}, {first_sample(task, len(parsed))}: "
                     f"its header cannot be decoded: {exc!r}"
                 )
                 break
@@ -548,13 +514,13 @@ class WorkerPool:
             # Its stream ended while it was built, or nothing good came of it.
             self._files.discard(task.path)
             if not parsed:
-                _settle(task.future, exception=BatchFailed(error or "the worker built nothing"))
+                settle(task.future, exception=BatchFailed(error or "the worker built nothing"))
             return
         try:
             payload = self._files.open(task.path, size)
         except OSError as exc:
             self._files.discard(task.path)
-            _settle(
+            settle(
                 task.future,
                 exception=RuntimeError(f"lost batch payload of dataset {task.dataset!r}: {exc}"),
             )
@@ -565,9 +531,9 @@ class WorkerPool:
             built.append(BuiltBatch(header, view, busy / len(headers)))
         del payload  # the slices keep the mapping alive, each as long as its batch
         if error is not None:
-            _settle(task.future, exception=BatchFailed(error, built))
+            settle(task.future, exception=BatchFailed(error, built))
         else:
-            _settle(task.future, built)
+            settle(task.future, built)
 
     # -- deaths and restarts ------------------------------------------------------
 
@@ -580,8 +546,8 @@ class WorkerPool:
         # the collector waits here for a failing send at most, never for a batch.
         with dead.send_lock:
             dead.conn.close()
-        dead.proc.release()
         with self._changed:
+            dead.proc.release()
             dead.retired = True
             orphans = list(dead.tasks.values())
             dead.tasks.clear()
@@ -608,7 +574,7 @@ class WorkerPool:
             len(orphans),
         )
         for task in failed:
-            _settle(
+            settle(
                 task.future,
                 exception=WorkerCrashed(
                     f"dataset {task.dataset!r}: worker processes died {task.attempts} times while "
@@ -658,7 +624,9 @@ class WorkerPool:
     def _respawn_failed(self, slot: int, exc: Exception) -> None:
         first, most = RESPAWN_DELAYS
         with self._lock:
-            respawn = self._respawns[slot]
+            respawn = self._respawns.get(slot)
+            if respawn is None:
+                return  # closed meanwhile
             respawn.attempts += 1
             attempts = respawn.attempts
             delay = min(most, first * 2 ** (attempts - 1))
@@ -707,20 +675,9 @@ class WorkerPool:
                 worker.proc.exited(timeout)
             worker.conn.close()
             worker.proc.release()
-        for task in [*unsent, *(task for worker in workers for task in worker.tasks.values())]:
-            _settle(task.future, exception=PoolClosed("the server is shutting down"))
+        with self._lock:  # the collector may have re-queued a dead worker's tasks meanwhile
+            unsent += self._queue
+            unsent += [task for worker in self._workers for task in worker.tasks.values()]
+        for task in unsent:
+            settle(task.future, exception=PoolClosed("the server is shutting down"))
         self._files.close()
-
-
-def _settle(
-    future: Future[list[BuiltBatch]],
-    result: list[BuiltBatch] | None = None,
-    *,
-    exception: BaseException | None = None,
-) -> None:
-    """Resolves ``future`` unless it is already done (cancelled by its stream, or failed)."""
-    with contextlib.suppress(InvalidStateError):
-        if exception is not None:
-            future.set_exception(exception)
-        else:
-            future.set_result(result)
