@@ -89,7 +89,10 @@ def hangs_at(length: int, hang: int) -> HangsAt:
 
 
 class NestedAt(Dataset):
-    """Item i is ``tensor([i])``; item ``bad`` is that tensor inside ``depth`` nested lists."""
+    """Item i is ``tensor([i])``; item ``bad`` is that tensor inside ``depth`` nested lists.
+
+    ``depth=0``: item ``bad`` is a string instead (it cannot travel either).
+    """
 
     def __init__(self, length: int, bad: int, depth: int) -> None:
         self.length = length
@@ -101,6 +104,8 @@ class NestedAt(Dataset):
 
     def __getitem__(self, index: int) -> object:
         item: object = torch.tensor([index])
+        if index == self.bad and not self.depth:
+            return f"item {index}"
         if index == self.bad:
             for _ in range(self.depth):
                 item = [item]

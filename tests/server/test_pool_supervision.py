@@ -45,6 +45,11 @@ source = "python"
 factory = "pool_data:nested_at"
 kwargs = {{ length = 40, bad = 13, depth = 50 }}
 
+[datasets.text]
+source = "python"
+factory = "pool_data:nested_at"
+kwargs = {{ length = 40, bad = 13, depth = 0 }}
+
 [datasets.exits]
 source = "python"
 factory = "pool_data:exits_at"
@@ -183,16 +188,22 @@ def channel(server: ServerProcess) -> Iterator[grpc.Channel]:
 # -- bad items: refused by name, the batches before them sent --------------------
 
 
-def test_a_deep_item_ends_its_stream_with_internal_and_the_server_serves_on(server, channel):
-    received, error = stream(channel, request("deep"))
+@pytest.mark.parametrize(
+    ("dataset", "why"),
+    [("deep", "nested more than 32 containers deep"), ("text", "cannot send a str")],
+)
+def test_an_unsendable_item_ends_its_stream_naming_it_and_the_server_serves_on(
+    server, channel, dataset, why
+):
+    received, error = stream(channel, request(dataset))
     assert error is not None and error.code() == grpc.StatusCode.INTERNAL, error
     message = error.details()
-    assert "'deep'" in message and "sample index 13" in message, message
-    assert "nested" in message, message
+    assert f"'{dataset}'" in message and "sample index 13" in message, message
+    assert why in message, message
     assert_range(received, range(13))  # the good batches before it
     # The pool is intact: other streams, the same dataset short of the item, health.
     assert_range(stream(channel, request("range", end_batch=50))[0], range(50))
-    assert_range(stream(channel, request("deep", end_batch=13))[0], range(13))
+    assert_range(stream(channel, request(dataset, end_batch=13))[0], range(13))
     assert health(channel) == health_pb2.HealthCheckResponse.SERVING
 
 
