@@ -14,6 +14,7 @@ import os
 import resource
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -283,6 +284,16 @@ def test_an_unrecoverable_pool_turns_not_serving_and_refuses_new_streams(tmp_pat
     path.write_text(CONFIG)
     with serve(path) as server, grpc.insecure_channel(server.target) as channel:
         assert_range(stream(channel, request("range", end_batch=5))[0], range(5))
+        # A stream open while the pool fails must end with a status, not hang.
+        flowing = threading.Event()
+        open_stream: list[tuple[list[tuple[int, Any]], grpc.RpcError | None]] = []
+        reader = threading.Thread(
+            target=lambda: open_stream.append(
+                stream(channel, request("blocks"), lambda position, _: flowing.set())
+            )
+        )
+        reader.start()
+        assert flowing.wait(DEADLINE), "the open stream never got a batch"
         pid = server.pid()
         workers = pool_workers(server)
         old = no_new_files(pid)  # no respawn can even create its pipe now
@@ -293,6 +304,12 @@ def test_an_unrecoverable_pool_turns_not_serving_and_refuses_new_streams(tmp_pat
             60,
             "health NOT_SERVING",
         )
+        reader.join(DEADLINE + 10)
+        [(_, open_error)] = open_stream
+        # UNAVAILABLE (resume elsewhere), or INTERNAL if a batch could not be mapped (EMFILE).
+        assert open_error is not None, "the open stream ended OK without workers"
+        ended = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL)
+        assert open_error.code() in ended, open_error
         assert health(channel, "batchwire.v1.BatchService") == (
             health_pb2.HealthCheckResponse.NOT_SERVING
         )
