@@ -20,7 +20,8 @@ its tasks go back to the front of the queue for its replacement, and a worker
 that dies mid-write cannot leave a shared lock held. A task's index list can
 exceed the pipe buffer, so a send may block until the worker finishes its
 current batch; only that worker's feeder waits. The collector thread (replies
-and deaths) never sends a task, so it keeps collecting from every worker.
+and deaths, seen through a pidfd: ``_workerproc``) never sends a task, so it
+keeps collecting from every worker; a respawn thread starts replacements.
 
 A worker that holds one batch longer than ``task_timeout_seconds`` (an item
 that hangs) is SIGKILLed: Python cannot interrupt the item's code any other
@@ -117,7 +118,9 @@ RESPAWN_DELAYS = (0.1, 5.0)
 """Seconds before the first retry of a failed worker start, and the most between retries."""
 
 RESPAWN_ATTEMPTS = 5
-"""Failed starts in a row, with no worker left, after which the pool reports itself failed (~3 s)."""
+"""Failed starts in a row, with no worker left, after which the pool reports itself failed.
+
+With ``RESPAWN_DELAYS`` that is about 1.5 s of retries (plus the starts themselves)."""
 
 THREAD_FAILURES = 3
 """Unexpected errors in a row after which a pool thread stops and the pool fails for good."""
