@@ -8,7 +8,7 @@ stream with INTERNAL, ``PoolClosed`` and ``PoolFailed`` with UNAVAILABLE.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 
@@ -81,3 +81,51 @@ def settle(
             future.set_exception(exception)
         else:
             future.set_result(result)
+
+
+def split(task: Task, task_ids: Iterator[int]) -> list[Task]:
+    """One task per batch of ``task``, which resolve ``task.future`` together.
+
+    For a grouped task whose worker died (a segfault, ``os._exit``): rebuilt one
+    batch per task, the batches before the item that kills its worker still
+    arrive, and only the batch holding it fails (naming its samples).
+    ``task.future`` resolves as soon as its outcome is known: all parts built,
+    or the first part that failed (with the batches before it).
+    """
+    parts = [
+        Task(next(task_ids), task.dataset, [batch], Future(), task.seed, task.epoch, task.attempts)
+        for batch in task.batches
+    ]
+
+    def gather(_: Future[list[BuiltBatch]]) -> None:
+        built: list[BuiltBatch] = []
+        for part in parts:
+            if not part.future.done() or part.future.cancelled():
+                return  # not known yet, or the whole task was cancelled
+            failure = part.future.exception()
+            if isinstance(failure, PoolClosed | PoolFailed):
+                outcome: BaseException | None = failure  # UNAVAILABLE: resumed elsewhere
+            elif failure is not None:
+                outcome = BatchFailed(str(failure), [*built, *getattr(failure, "built", ())])
+            else:
+                built += part.future.result()
+                continue
+            settle(task.future, exception=outcome)
+            break
+        else:
+            settle(task.future, built)
+        # Emptied first: no cycle through the callbacks keeps their mapped batches alive,
+        # and the cancels below (which call back here) find nothing left to do.
+        rest, parts[:] = list(parts), []
+        for part in rest:
+            part.future.cancel()  # not needed any more (a no-op on those done)
+
+    def cancel_parts(future: Future[list[BuiltBatch]]) -> None:
+        if future.cancelled():
+            for part in list(parts):
+                part.future.cancel()
+
+    task.future.add_done_callback(cancel_parts)
+    for part in list(parts):
+        part.future.add_done_callback(gather)
+    return parts

@@ -83,6 +83,7 @@ from batchwire.server._tasks import (
     WorkerCrashed,
     first_sample,
     settle,
+    split,
 )
 from batchwire.server._workerproc import WorkerProcess, start_worker
 from batchwire.server.config import Config
@@ -557,13 +558,15 @@ class WorkerPool:
             failed = []
             # Only the oldest was being built; the others waited in the pipe. (A timed-out
             # worker's oldest task has already failed and left ``tasks``.)
-            if orphans and dead.stuck is None:
-                orphans[0].attempts += 1
-                if orphans[0].attempts >= MAX_ATTEMPTS:
-                    failed.append(orphans.pop(0))
-            unfinished = [*failed, *orphans, *([dead.stuck] if dead.stuck is not None else [])]
+            unfinished = [*orphans, *([dead.stuck] if dead.stuck is not None else [])]
             for task in unfinished:
                 self._files.discard(task.path)  # partial payloads; a rebuild gets a new file
+            if orphans and dead.stuck is None:
+                orphans[0].attempts += 1
+                if len(orphans[0].batches) > 1:  # rebuilt a batch per task: see ``split``
+                    orphans[:1] = split(orphans[0], self._task_ids)
+                elif orphans[0].attempts >= MAX_ATTEMPTS:
+                    failed.append(orphans.pop(0))
             self._queue.extendleft(reversed(orphans))  # first in line: their streams wait on them
             if not self._closed:
                 self._respawns[dead.slot] = _Respawn(due=time.monotonic())
@@ -581,7 +584,8 @@ class WorkerPool:
                 task.future,
                 exception=WorkerCrashed(
                     f"dataset {task.dataset!r}: worker processes died {task.attempts} times while "
-                    f"building the batch of sample indices {list(task.batches[0])[:8]}... "
+                    "building the batch of sample indices "
+                    f"{[int(index) for index in task.batches[0][:8]]}... "
                     f"(last exit code {exitcode})"
                 ),
             )

@@ -117,11 +117,15 @@ def nested_at(length: int, bad: int, depth: int) -> NestedAt:
 
 
 class ExitsAt(Dataset):
-    """Item i is ``tensor([i])``; item ``bad`` calls ``sys.exit`` (in a worker: not at start-up)."""
+    """Item i is ``tensor([i])``; item ``bad`` calls ``sys.exit`` (in a worker: not at start-up).
 
-    def __init__(self, length: int, bad: int) -> None:
+    ``hard``: ``os._exit`` instead, which nothing can catch (as a segfault).
+    """
+
+    def __init__(self, length: int, bad: int, hard: bool = False) -> None:
         self.length = length
         self.bad = bad
+        self.hard = hard
 
     def __len__(self) -> int:
         return self.length
@@ -131,12 +135,14 @@ class ExitsAt(Dataset):
         import sys
 
         if index == self.bad and multiprocessing.parent_process() is not None:
+            if self.hard:
+                os._exit(3)
             sys.exit(f"item {index} gave up")
         return torch.tensor([index])
 
 
-def exits_at(length: int, bad: int) -> ExitsAt:
-    return ExitsAt(length, bad)
+def exits_at(length: int, bad: int, hard: bool = False) -> ExitsAt:
+    return ExitsAt(length, bad, hard)
 
 
 class SlowBlocks(Dataset):

@@ -56,6 +56,11 @@ source = "python"
 factory = "pool_data:exits_at"
 kwargs = {{ length = 64, bad = 37 }}
 
+[datasets.crashes]
+source = "python"
+factory = "pool_data:exits_at"
+kwargs = {{ length = 64, bad = 37, hard = true }}
+
 [datasets.range]
 source = "python"
 factory = "pool_data:hangs_at"
@@ -219,6 +224,18 @@ def test_an_item_that_exits_names_its_sample_and_the_batches_before_it_arrive(se
     assert_range(received, range(37))
     assert pool_workers(server) == before  # an exiting item fails its batch, not its worker
     assert health(channel) == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_an_item_that_kills_its_worker_fails_its_batch_after_the_ones_before_it(server, channel):
+    received, error = stream(channel, request("crashes"))
+    assert error is not None and error.code() == grpc.StatusCode.INTERNAL, error
+    message = error.details()
+    assert "'crashes'" in message and "sample indices [37]" in message, message
+    assert "died 3 times" in message and "exit code 3" in message, message
+    # Its grouped task was rebuilt a batch per task: those before the item still arrive.
+    assert_range(received, range(37))
+    wait_until(lambda: len(pool_workers(server)) == WORKERS, 30, "the pool back at full size")
+    assert_range(stream(channel, request("crashes", end_batch=37))[0], range(37))
 
 
 # -- respawns: retried, and a pool that cannot recover says so ---------------------
