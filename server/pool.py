@@ -243,7 +243,8 @@ class WorkerPool:
     def on_health_change(self, listener: HealthListener) -> None:
         """Calls ``listener(failure)`` now and on each change of ``failure``.
 
-        It runs in a pool thread: it must be quick and must not call back into the pool.
+        It runs in a pool thread, with no pool lock held: it must not block (an asyncio
+        server hands the change to its loop with ``call_soon_threadsafe``).
         """
         with self._lock:
             self._listeners.append(listener)

@@ -1,9 +1,9 @@
 """The worker pool is supervised (real server): no fault leaves streams hanging behind SERVING.
 
-Each fault here is real: an item nested too deep to encode, an item that calls
-``sys.exit``, a forkserver that cannot accept (its file limit lowered from
-outside), a server process that cannot open another file, and SIGKILLs of the
-forkserver mid-stream. Streams run under a deadline, so a hang fails the test
+Each fault here is real: an item nested too deep to encode (or a string), an
+item that calls ``sys.exit`` or ``os._exit``, a forkserver that cannot accept
+(its file limit lowered from outside), a server process that cannot open
+another file, and SIGKILLs of the forkserver mid-stream. Streams run under a deadline, so a hang fails the test
 with DEADLINE_EXCEEDED instead of blocking it.
 """
 
