@@ -66,6 +66,11 @@ MAX_BATCHES_PER_MESSAGE = 16
 """What Python clients accept in one message (``StreamBatchesRequest.max_batches_per_message``)."""
 
 
+MAX_DEPTH = 32
+"""Most containers nested in a batch. Each level is two protobuf messages, and protobuf
+refuses to decode past 100: a deeper batch could be sent but never read."""
+
+
 class WireError(ValueError):
     """A batch that cannot be encoded, or a frame that cannot be decoded."""
 
@@ -98,11 +103,17 @@ def flatten(batch: Any) -> tuple[list[torch.Tensor], pb.Node]:
     """Splits a nest of tensors into a flat tensor list and its structure.
 
     Numbers and numpy arrays become tensors, as ``default_collate`` would make
-    them. Raises ``WireError`` for anything else (strings, custom objects).
+    them. Raises ``WireError`` for anything else (strings, custom objects) and
+    for containers nested deeper than ``MAX_DEPTH``.
     """
     tensors: list[torch.Tensor] = []
 
-    def visit(obj: Any, path: str) -> pb.Node:
+    def visit(obj: Any, path: str, depth: int = 0) -> pb.Node:
+        if depth >= MAX_DEPTH and isinstance(obj, Mapping | tuple | list):
+            raise WireError(
+                f"cannot send a batch nested more than {MAX_DEPTH} containers deep "
+                f"(at {path[:80]!r}...): protobuf cannot decode it"
+            )
         if isinstance(obj, torch.Tensor):
             try:
                 wire_dtype(obj.dtype)
@@ -116,11 +127,15 @@ def flatten(batch: Any) -> tuple[list[torch.Tensor], pb.Node]:
         if isinstance(obj, Mapping):
             keys = [str(key) for key in obj]
             values = [
-                visit(value, f"{path}.{key}" if path else str(key)) for key, value in obj.items()
+                visit(value, f"{path}.{key}" if path else str(key), depth + 1)
+                for key, value in obj.items()
             ]
             return pb.Node(map=pb.NodeMap(keys=keys, values=values))
         if isinstance(obj, tuple | list):
-            items = [visit(value, f"{path}.{i}" if path else str(i)) for i, value in enumerate(obj)]
+            items = [
+                visit(value, f"{path}.{i}" if path else str(i), depth + 1)
+                for i, value in enumerate(obj)
+            ]
             nodes = pb.NodeList(items=items)
             return pb.Node(tuple=nodes) if isinstance(obj, tuple) else pb.Node(list=nodes)
         where = f" at {path!r}" if path else ""

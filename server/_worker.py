@@ -26,7 +26,7 @@ from multiprocessing.connection import Connection
 import torch
 
 from batchwire.server._fastpath import IDLE_SECONDS, release_freed_memory, reuse_freed_memory
-from batchwire.server.batches import WrittenBatches, build_and_write
+from batchwire.server.batches import ITEM_ERRORS, WrittenBatches, build_and_write
 from batchwire.server.config import Config, ConfigError
 from batchwire.server.pipeline import Pipeline, build_pipeline
 
@@ -59,7 +59,9 @@ def run(config: Config, conn: Connection) -> None:
             written = build_and_write(datasets[name], name, batches, path, seed=seed, epoch=epoch)
         except ConfigError as exc:
             written = WrittenBatches(error=str(exc))
-        except Exception as exc:  # the payload file itself (ENOSPC): the pool removes it
+        except (
+            ITEM_ERRORS
+        ) as exc:  # the payload file (ENOSPC), a factory's sys.exit: the task fails
             where = traceback.format_exception_only(exc)[-1].strip()
             written = WrittenBatches(error=f"dataset {name!r}: worker failed: {where}")
         reply = (

@@ -19,6 +19,7 @@ CANCELLED). batchwire drains in two steps instead:
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from concurrent import futures
 
@@ -96,16 +97,27 @@ class BatchwireServer:
         if self.port == 0:
             raise OSError(f"cannot bind {address}")
         self.metrics_port: int | None = None
+        self._serving = False  # started and not draining (the pool's health aside)
+        self._health_lock = threading.Lock()
         self._set_serving(False)
 
-    def _set_serving(self, serving: bool) -> None:
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if serving
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
-        for service in ("", SERVICE_NAME):
-            self.health.set(service, status)
+    def _set_serving(self, serving: bool | None = None) -> None:
+        """``serving``: started and not draining (None: unchanged); the pool's health counts too."""
+        with self._health_lock:
+            if serving is not None:
+                self._serving = serving
+            # See NOTE [ Supervision ] in pool.py.
+            status = (
+                health_pb2.HealthCheckResponse.SERVING
+                if self._serving and self.pool.failure is None
+                else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+            for service in ("", SERVICE_NAME):
+                self.health.set(service, status)
+
+    def _pool_health_changed(self, failure: str | None) -> None:
+        """Health follows the pool: NOT_SERVING while it cannot build batches."""
+        self._set_serving()
 
     def start(self) -> None:
         """Opens the port, warms the workers, then turns SERVING.
@@ -121,6 +133,7 @@ class BatchwireServer:
                 settings.metrics_host or self.host, settings.metrics_port
             )
         self.pool.start()
+        self.pool.on_health_change(self._pool_health_changed)
         self._warm_up()
         self.service.open()
         self._set_serving(True)

@@ -24,6 +24,15 @@ class BatchBuildError(RuntimeError):
     """A dataset, transform or collate function raised while building a batch."""
 
 
+ITEM_ERRORS = (Exception, SystemExit, KeyboardInterrupt)
+"""What a dataset, transform or collate function may raise to fail its batch.
+
+``SystemExit`` too: an item that calls ``sys.exit`` used to kill its worker, so
+the pool blamed the first sample of the task and lost the good batches built
+before it. A worker's life is governed by its pipe, never by an item's code.
+"""
+
+
 def load_samples(
     dataset: Any, name: str, indices: Sequence[int], *, seed: int = 0, epoch: int = 0
 ) -> list[Any]:
@@ -40,7 +49,7 @@ def load_samples(
                 samples.append(load(int(index), seed=seed, epoch=epoch))
             else:
                 samples.append(dataset[int(index)])
-        except Exception as exc:
+        except ITEM_ERRORS as exc:
             raise BatchBuildError(
                 f"dataset {name!r}, sample index {int(index)}: {type(exc).__name__}: {exc}"
             ) from exc
@@ -72,7 +81,7 @@ def collate(
 ) -> Any:
     try:
         return collate_fn(samples)
-    except Exception as exc:
+    except ITEM_ERRORS as exc:
         raise BatchBuildError(
             f"dataset {name!r}: collate failed: {type(exc).__name__}: {exc}"
         ) from exc
@@ -93,6 +102,41 @@ def encode_batch(batch: Any, name: str) -> tuple[pb.BatchHeader, list[torch.Tens
         num_samples=_num_samples(tensors),
     )
     return header, tensors
+
+
+def encode_or_blame(
+    pipeline: Any, name: str, indices: Sequence[int], batch: Any, *, seed: int = 0, epoch: int = 0
+) -> tuple[pb.BatchHeader, list[torch.Tensor]]:
+    """``encode_batch``, with an error that names the sample when the batch cannot travel.
+
+    Only on that error path, each sample is loaded again and encoded on its own,
+    until the first that cannot (nested too deep, a string, ...) is found.
+    """
+    try:
+        return encode_batch(batch, name)
+    except BatchBuildError as exc:
+        culprit = _unsendable_sample(pipeline, name, indices, seed=seed, epoch=epoch)
+        where = (
+            f"sample index {culprit}"
+            if culprit is not None
+            else f"the batch starting at sample index {int(indices[0])}"
+        )
+        raise BatchBuildError(f"dataset {name!r}, {where}: {exc.__cause__}") from exc
+
+
+def _unsendable_sample(
+    pipeline: Any, name: str, indices: Sequence[int], *, seed: int, epoch: int
+) -> int | None:
+    collate_fn = getattr(pipeline, "collate_fn", default_collate)
+    for index in indices:
+        try:
+            samples = load_samples(pipeline, name, [index], seed=seed, epoch=epoch)
+            wire.flatten(collate(samples, name, collate_fn))
+        except wire.WireError:
+            return int(index)
+        except ITEM_ERRORS:
+            continue  # not this sample's own fault
+    return None
 
 
 def write_batch(batch: Any, name: str, path: str) -> tuple[pb.BatchHeader, int]:
@@ -137,13 +181,15 @@ def build_and_write(
         for indices in batches:
             try:
                 batch = build_batch(pipeline, name, indices, seed=seed, epoch=epoch)
-                header, tensors = encode_batch(batch, name)
+                header, tensors = encode_or_blame(
+                    pipeline, name, indices, batch, seed=seed, epoch=epoch
+                )
                 base = wire.aligned(written.size)
                 out.write(tensors, header.tensors, base, header.payload_size)
             except BatchBuildError as exc:
                 written.error = str(exc)
                 break
-            except Exception as exc:
+            except ITEM_ERRORS as exc:
                 where = traceback.format_exception_only(exc)[-1].strip()
                 written.error = f"dataset {name!r}: worker failed: {where}"
                 break

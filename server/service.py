@@ -24,7 +24,7 @@ from batchwire import compression
 from batchwire.server.config import ServerConfig
 from batchwire.server.metrics import Metrics
 from batchwire.server.outbox import Outbox
-from batchwire.server.pool import BatchFailed, BuiltBatch, PoolClosed, WorkerPool
+from batchwire.server.pool import BatchFailed, BuiltBatch, PoolClosed, PoolFailed, WorkerPool
 from batchwire.server.registry import DatasetEntry, DatasetRegistry, DescribeError
 from batchwire.server.requests import InvalidRequest, StreamPlan, echo, plan_stream
 from batchwire.v1 import batchwire_pb2 as pb
@@ -58,6 +58,11 @@ def _group_size(batch_bytes: int, build_seconds: float | None) -> int:
     by_bytes = TASK_BYTES // batch_bytes
     by_time = int(TASK_SECONDS / max(build_seconds, 1e-6))
     return max(1, min(MAX_TASK_BATCHES, by_bytes, by_time))
+
+
+def _pool_failed(failure: str, position: int | None = None) -> str:
+    where = "try" if position is None else f"resume at batch {position} on"
+    return f"this server's worker pool has failed ({failure}); {where} another server"
 
 
 class BatchService:
@@ -186,6 +191,9 @@ class BatchService:
                 grpc.StatusCode.UNAVAILABLE,
                 "the server is shutting down; try another server",
             )
+        failure = self._pool.failure
+        if failure is not None:
+            self._abort(context, grpc.StatusCode.UNAVAILABLE, _pool_failed(failure))
         if not self._stream_slots.acquire(blocking=False):
             self._abort(
                 context,
@@ -324,6 +332,8 @@ class BatchService:
                     metrics.worker_busy.inc(built.build_seconds)
                     if header.payload_size > self._settings.max_batch_bytes:
                         yield from outbox.flush()
+                        del built  # no mapping may stay in an abort's traceback
+                        built_batches.clear()
                         self._abort(
                             context,
                             grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -340,7 +350,9 @@ class BatchService:
                     # waiting on the next batch.
                     del built, payload
                 yield from outbox.flush()
-                del built_batches
+                # The future (and a failure) hold this very list: emptied, no mapping of a
+                # sent batch outlives the send, even in an abort's traceback.
+                built_batches.clear()
                 if failure is not None:
                     self._abort(context, grpc.StatusCode.INTERNAL, str(failure))
         finally:
@@ -348,6 +360,9 @@ class BatchService:
             # to a worker are dropped instead of built for nobody.
             for _, future in pending:
                 future.cancel()
+            # Done ones hold mapped batches, and grpc may keep an abort's traceback (this
+            # frame) until its thread takes the next call: their files stayed in /dev/shm.
+            pending.clear()
 
     def _await(
         self, future: Future[list[BuiltBatch]], context: grpc.ServicerContext, position: int
@@ -368,6 +383,8 @@ class BatchService:
                     grpc.StatusCode.UNAVAILABLE,
                     f"the server is shutting down; resume at batch {position} on another server",
                 )
+            except PoolFailed as exc:
+                self._abort(context, grpc.StatusCode.UNAVAILABLE, _pool_failed(str(exc), position))
             except Exception as exc:
                 self._abort(context, grpc.StatusCode.INTERNAL, str(exc))
 

@@ -110,6 +110,17 @@ def test_unsendable_leaf_is_rejected_with_its_path():
         wire.flatten(torch.zeros(2, dtype=torch.complex64))
 
 
+def test_nesting_up_to_max_depth_travels_and_deeper_is_refused():
+    # Each level is two protobuf messages; protobuf refuses to decode past 100 (issue 17).
+    batch = torch.arange(3)
+    for _ in range(wire.MAX_DEPTH):
+        batch = [batch]
+    decoded, _ = roundtrip(batch)
+    assert_same_batch(decoded, batch)
+    with pytest.raises(wire.WireError, match=f"more than {wire.MAX_DEPTH} containers deep"):
+        wire.flatten({"deeper": batch})
+
+
 def test_truncated_batch_is_an_error():
     header = pb.BatchHeader(batch_index=0, payload_size=10)
     assembler = wire.BatchAssembler()

@@ -86,3 +86,80 @@ class HangsAt(Dataset):
 
 def hangs_at(length: int, hang: int) -> HangsAt:
     return HangsAt(length, hang)
+
+
+class NestedAt(Dataset):
+    """Item i is ``tensor([i])``; item ``bad`` is that tensor inside ``depth`` nested lists.
+
+    ``depth=0``: item ``bad`` is a string instead (it cannot travel either).
+    """
+
+    def __init__(self, length: int, bad: int, depth: int) -> None:
+        self.length = length
+        self.bad = bad
+        self.depth = depth
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> object:
+        item: object = torch.tensor([index])
+        if index == self.bad and not self.depth:
+            return f"item {index}"
+        if index == self.bad:
+            for _ in range(self.depth):
+                item = [item]
+        return item
+
+
+def nested_at(length: int, bad: int, depth: int) -> NestedAt:
+    return NestedAt(length, bad, depth)
+
+
+class ExitsAt(Dataset):
+    """Item i is ``tensor([i])``; item ``bad`` calls ``sys.exit`` (in a worker: not at start-up).
+
+    ``hard``: ``os._exit`` instead, which nothing can catch (as a segfault).
+    """
+
+    def __init__(self, length: int, bad: int, hard: bool = False) -> None:
+        self.length = length
+        self.bad = bad
+        self.hard = hard
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        import multiprocessing
+        import sys
+
+        if index == self.bad and multiprocessing.parent_process() is not None:
+            if self.hard:
+                os._exit(3)
+            sys.exit(f"item {index} gave up")
+        return torch.tensor([index])
+
+
+def exits_at(length: int, bad: int, hard: bool = False) -> ExitsAt:
+    return ExitsAt(length, bad, hard)
+
+
+class SlowBlocks(Dataset):
+    """Item i is ``size`` float32s of value i, after ``delay`` seconds (a busy worker, real payloads)."""
+
+    def __init__(self, length: int, delay: float, size: int) -> None:
+        self.length = length
+        self.delay = delay
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        time.sleep(self.delay)
+        return torch.full((self.size,), float(index))
+
+
+def slow_blocks(length: int, delay: float, size: int) -> SlowBlocks:
+    return SlowBlocks(length, delay, size)
