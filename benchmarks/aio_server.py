@@ -118,6 +118,7 @@ def main() -> None:
         datasets.append(h.dataset_toml(name, shape, dtype, source="python", length=1 << 20))
     config = h.server_toml(datasets, chunk_bytes=CHUNK_BYTES, max_concurrent_streams=MAX_STREAMS)
     runs: dict[str, dict[str, list[float]]] = {}
+    cpu: dict[str, dict[str, list[float]]] = {}
     health: dict[str, list[float | None]] = {"sync": [], "aio": []}
     with tempfile.TemporaryDirectory(prefix="batchwire-before-") as folder:
         before = package_at(args.before, Path(folder))
@@ -141,11 +142,17 @@ def main() -> None:
                         value = report["mb_per_s"] / 1e3 if shape != "mnist" else None
                         value = value if value is not None else report["batches_per_s"]
                         runs.setdefault(key, {"sync": [], "aio": []})[kind].append(value)
+                        # CPU of the gRPC process per batch: less at the mercy of a busy
+                        # machine than the rate.
+                        batch_bytes = report["bytes"] / max(report["batches"], 1)
+                        cpu_ms = report["cpu_seconds_per_gb"]["server"] * batch_bytes / 1e6
+                        cpu.setdefault(key, {"sync": [], "aio": []})[kind].append(cpu_ms)
                 for kind in order:
                     health[kind].append(health_with_idle_streams(servers[kind].target, 5.0))
     rows, results = [], {}
     for key, by_kind in runs.items():
         sync_value, aio_value = (statistics.median(by_kind[k]) for k in ("sync", "aio"))
+        sync_cpu, aio_cpu = (statistics.median(cpu[key][k]) for k in ("sync", "aio"))
         unit = "batches/s" if key.startswith("mnist") else "GB/s"
         results[key] = {
             "unit": unit,
@@ -153,8 +160,10 @@ def main() -> None:
             "aio": aio_value,
             "ratio_aio_sync": aio_value / sync_value,
             "runs": by_kind,
+            "server_cpu_ms_per_batch": {"sync": sync_cpu, "aio": aio_cpu},
+            "server_cpu_ms_per_batch_runs": cpu[key],
         }
-        rows.append([key, unit, sync_value, aio_value, aio_value / sync_value])
+        rows.append([key, unit, sync_value, aio_value, aio_value / sync_value, sync_cpu, aio_cpu])
     for kind in ("sync", "aio"):
         answered = [s for s in health[kind] if s is not None]
         results[f"health_with_{MAX_STREAMS + 8}_idle_streams/{kind}"] = {
@@ -167,12 +176,14 @@ def main() -> None:
         f"{len(health[k])} timed out"
         for k in ("sync", "aio")
     ]
-    rows.append([f"health, {MAX_STREAMS + 8} idle streams", "5 s deadline", *health_cells, None])
+    rows.append(
+        [f"health, {MAX_STREAMS + 8} idle streams", "5 s deadline", *health_cells, None, None, None]
+    )
     print(
         h.table(
             f"grpc.aio server vs synchronous (--before {args.before}), {duration:g} s x "
             f"{repeats} alternating (median)",
-            ["case", "unit", "sync", "aio", "aio / sync"],
+            ["case", "unit", "sync", "aio", "aio / sync", "srv CPU ms/batch sync", "aio"],
             rows,
         )
     )

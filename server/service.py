@@ -413,14 +413,13 @@ class BatchService:
         self, future: Future[list[BuiltBatch]], position: int
     ) -> tuple[list[BuiltBatch], BatchFailed | None]:
         """The task's batches and, if one failed, why; polls the drain deadline meanwhile."""
-        waiter = asyncio.wrap_future(future)
-        while True:
-            done, _ = await asyncio.wait((waiter,), timeout=_POLL_SECONDS)
-            if done:
-                break
-            self._check_drain(position)
+        if not future.done():  # often it is: the stream keeps tasks ahead of the client
+            waiter = asyncio.wrap_future(future)
+            while not (await asyncio.wait((waiter,), timeout=_POLL_SECONDS))[0]:
+                self._check_drain(position)
+            del waiter  # it holds the result too
         try:
-            return waiter.result(), None
+            return future.result(), None
         except BatchFailed as exc:
             return exc.built, exc
         except PoolClosed:
