@@ -96,7 +96,8 @@ class BatchwireServer:
         if settings.auth is not None:
             rejected = self.metrics.errors.labels(grpc.StatusCode.UNAUTHENTICATED.name)
             interceptors.append(TokenAuthInterceptor(load_tokens(settings.auth), rejected.inc))
-        interceptors.append(DecodeInterceptor())
+        undecodable = self.metrics.errors.labels(grpc.StatusCode.INVALID_ARGUMENT.name)
+        interceptors.append(DecodeInterceptor(undecodable.inc))
         self._grpc = grpc.aio.server(
             interceptors=interceptors,
             options=[

@@ -23,7 +23,8 @@ _MAX_REASON = 200  # characters of the decoder's own message kept in the status
 class DecodeInterceptor(grpc.aio.ServerInterceptor):
     """Wraps each method's async handler once (see the module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_error: Callable[[], None] = lambda: None) -> None:
+        self._on_error = on_error  # counts the refusals (the metrics' INVALID_ARGUMENT)
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(self, continuation, handler_call_details):
@@ -33,12 +34,14 @@ class DecodeInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         cached = self._wrapped.get(method)
         if cached is None or cached[0] is not handler:
-            cached = (handler, decoding(handler, method))
+            cached = (handler, decoding(handler, method, self._on_error))
             self._wrapped[method] = cached
         return cached[1]
 
 
-def decoding(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+def decoding(
+    handler: grpc.RpcMethodHandler, method: str, on_error: Callable[[], None] = lambda: None
+) -> grpc.RpcMethodHandler:
     """``handler`` taking its request(s) as bytes and decoding them itself."""
     decode = handler.request_deserializer
     behavior = (
@@ -53,6 +56,7 @@ def decoding(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandl
         try:
             return decode(raw)
         except Exception as exc:  # protobuf's DecodeError, or any decoder's complaint
+            on_error()
             reason = f"{type(exc).__name__}: {exc}"[:_MAX_REASON]
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
