@@ -33,7 +33,10 @@ def idle_requests(release: threading.Event) -> Iterator[reflection_pb2.ServerRef
 def test_idle_reflection_streams_starve_neither_health_nor_batch_streams(tmp_path: Path) -> None:
     config = write_config(tmp_path, f"max_concurrent_streams = {MAX_STREAMS}")
     release = threading.Event()
-    with ServerProcess(config, workers=1) as server, grpc.insecure_channel(server.target) as channel:
+    with (
+        ServerProcess(config, workers=1) as server,
+        grpc.insecure_channel(server.target) as channel,
+    ):
         reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
         idle = []
         try:
