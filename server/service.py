@@ -415,8 +415,13 @@ class BatchService:
         """The task's batches and, if one failed, why; polls the drain deadline meanwhile."""
         if not future.done():  # often it is: the stream keeps tasks ahead of the client
             waiter = asyncio.wrap_future(future)
-            while not (await asyncio.wait((waiter,), timeout=_POLL_SECONDS))[0]:
-                self._check_drain(position)
+            try:
+                while not (await asyncio.wait((waiter,), timeout=_POLL_SECONDS))[0]:
+                    self._check_drain(position)
+            finally:
+                # A no-op once done; else (cancelled, draining) the task's result must
+                # not call back into a loop that may be closed by then.
+                waiter.cancel()
             del waiter  # it holds the result too
         try:
             return future.result(), None

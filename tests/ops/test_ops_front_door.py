@@ -46,10 +46,15 @@ def test_idle_reflection_streams_starve_neither_health_nor_batch_streams(tmp_pat
                 next(call)  # the server has answered: the call is open there
                 idle.append(call)
             health = health_pb2_grpc.HealthStub(channel)
+            # Health watches wait for a change: as idle, and as open to anyone.
+            for _ in range(4):
+                watch = health.Watch(health_pb2.HealthCheckRequest(), timeout=60)
+                assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+                idle.append(watch)
             reply = health.Check(health_pb2.HealthCheckRequest(), timeout=20)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
             assert len(one_stream(server.target)) == 16  # 64 samples in batches of 4
-            # The idle calls are still open, and still answer.
+            # The idle calls are still open.
             assert all(call.is_active() for call in idle)
         finally:
             release.set()
