@@ -196,7 +196,10 @@ class BatchwireServer:
         while self.service.active_streams and time.monotonic() < deadline:
             time.sleep(0.05)
         if self._loop.is_running():
-            self._on_loop(self._grpc.stop(1.0))
+            try:
+                self._on_loop(self._grpc.stop(1.0), timeout=30)
+            except TimeoutError:  # the process is ending anyway: do not hang on it
+                log.warning("the gRPC server did not stop within 30 seconds")
         self._stop_loop()
         self.service.close()
         self.pool.close()
