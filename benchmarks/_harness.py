@@ -103,11 +103,13 @@ def server_toml(datasets: Sequence[str], **settings: Any) -> str:
 class Server(ServeProcess):
     """``batchwire serve`` of ``config_text`` in its own process; ``target`` once started."""
 
-    def __init__(self, config_text: str, *, workers: int = 2) -> None:
+    def __init__(
+        self, config_text: str, *, workers: int = 2, env: dict[str, str] | None = None
+    ) -> None:
         self.folder = Path(tempfile.mkdtemp(prefix="batchwire-bench-"))
         config = self.folder / "bench.toml"
         config.write_text(config_text)
-        super().__init__(config, workers=workers, log_level="WARNING")
+        super().__init__(config, workers=workers, log_level="WARNING", env=env)
 
     def __enter__(self) -> Server:
         try:

@@ -14,20 +14,33 @@ CANCELLED). batchwire drains in two steps instead:
    pool closed. A stream blocked in flow control (a trainer that stopped
    reading) cannot see the deadline; grpcio's stop cancels it, and the
    client resumes from its own position all the same.
+
+NOTE [ The event loop ]
+The gRPC server is ``grpc.aio``'s, on an asyncio event loop in a thread of its
+own (so the API, and ``batchwire serve``'s main thread, stay synchronous). A
+call waiting on its client or on a worker holds no thread: health,
+reflection and the batch service's methods are coroutines, and blocking work
+goes to bounded pools (service.py). grpcio's synchronous server held one
+thread per open call, of ``max_concurrent_streams + 8``: as many idle
+reflection or health-watch streams, which need no token, starved health
+checks and batch streams alike.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
-from concurrent import futures
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from batchwire.server.config import Config
+from batchwire.server.decoding import DecodeInterceptor
 from batchwire.server.metrics import Metrics
 from batchwire.server.pool import WorkerPool
 from batchwire.server.registry import DatasetRegistry
@@ -36,6 +49,8 @@ from batchwire.server.service import SERVICE_NAME, BatchService
 from batchwire.v1 import batchwire_pb2
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 
 class BatchwireServer:
@@ -55,14 +70,37 @@ class BatchwireServer:
         self.pool = WorkerPool(config, workers or settings.workers, shm_dir=settings.shm_dir)
         self.metrics = Metrics()
         self.metrics.track_pool(self.pool)
-        self.health = health.HealthServicer()
-        interceptors = []
+        self.service = BatchService(self.registry, self.pool, settings, self.metrics)
+        self.host = host or settings.host
+        address = f"{self.host}:{settings.port if port is None else port}"
+        self._stopped = threading.Event()
+        self._serving = False  # started and not draining (the pool's health aside)
+        self._health_lock = threading.Lock()
+        self._loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(
+            target=self._loop.run_forever, name="batchwire-grpc", daemon=True
+        )
+        self._loop_thread.start()
+        try:
+            self.port = self._on_loop(self._build(address))
+        except BaseException:
+            self._stop_loop()
+            raise
+        self.metrics_port: int | None = None
+
+    async def _build(self, address: str) -> int:
+        """The aio server with its services, bound to ``address``; returns the port."""
+        settings = self.config.server
+        self.health = health.aio.HealthServicer()
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        # Token check first: a call without one is refused before its bytes are decoded.
+        interceptors: list[grpc.aio.ServerInterceptor] = []
         if settings.auth is not None:
             rejected = self.metrics.errors.labels(grpc.StatusCode.UNAUTHENTICATED.name)
             interceptors.append(TokenAuthInterceptor(load_tokens(settings.auth), rejected.inc))
-        # A synchronous grpcio server holds one pool thread per open stream.
-        self._grpc = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=settings.max_concurrent_streams + 8),
+        undecodable = self.metrics.errors.labels(grpc.StatusCode.INVALID_ARGUMENT.name)
+        interceptors.append(DecodeInterceptor(undecodable.inc))
+        self._grpc = grpc.aio.server(
             interceptors=interceptors,
             options=[
                 ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -77,7 +115,6 @@ class BatchwireServer:
                 ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
             ],
         )
-        self.service = BatchService(self.registry, self.pool, settings, self.metrics)
         self._grpc.add_generic_rpc_handlers((self.service.handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection(
@@ -88,21 +125,27 @@ class BatchwireServer:
             ),
             self._grpc,
         )
-        self.host = host or settings.host
-        address = f"{self.host}:{settings.port if port is None else port}"
         if settings.tls is not None:
-            self.port = self._grpc.add_secure_port(address, server_credentials(settings.tls))
+            port = self._grpc.add_secure_port(address, server_credentials(settings.tls))
         else:
-            self.port = self._grpc.add_insecure_port(address)
-        if self.port == 0:
+            port = self._grpc.add_insecure_port(address)
+        if port == 0:
             raise OSError(f"cannot bind {address}")
-        self.metrics_port: int | None = None
-        self._serving = False  # started and not draining (the pool's health aside)
-        self._health_lock = threading.Lock()
-        self._set_serving(False)
+        return port
+
+    def _on_loop(self, coroutine: Coroutine[Any, Any, _T], timeout: float | None = None) -> _T:
+        """Runs ``coroutine`` on the server's event loop and waits for its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
+
+    async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, status)
 
     def _set_serving(self, serving: bool | None = None) -> None:
-        """``serving``: started and not draining (None: unchanged); the pool's health counts too."""
+        """``serving``: started and not draining (None: unchanged); the pool's health counts too.
+
+        Callable from any thread, the event loop's and the pool's included.
+        """
         with self._health_lock:
             if serving is not None:
                 self._serving = serving
@@ -112,8 +155,12 @@ class BatchwireServer:
                 if self._serving and self.pool.failure is None
                 else health_pb2.HealthCheckResponse.NOT_SERVING
             )
-            for service in ("", SERVICE_NAME):
-                self.health.set(service, status)
+        if not self._loop.is_running():
+            return  # stopped: nobody can ask any more
+        if threading.current_thread() is self._loop_thread:
+            self._loop.create_task(self._set_health(status))
+        else:
+            self._on_loop(self._set_health(status), timeout=10)
 
     def _pool_health_changed(self, failure: str | None) -> None:
         """Health follows the pool: NOT_SERVING while it cannot build batches."""
@@ -127,7 +174,7 @@ class BatchwireServer:
         "starting" from "ready" instead of a closed port from an open one.
         """
         settings = self.config.server
-        self._grpc.start()
+        self._on_loop(self._grpc.start())
         if settings.metrics_port is not None:
             self.metrics_port = self.metrics.serve(
                 settings.metrics_host or self.host, settings.metrics_port
@@ -162,9 +209,23 @@ class BatchwireServer:
         deadline = time.monotonic() + grace + 2.0  # streams notice the deadline within a poll
         while self.service.active_streams and time.monotonic() < deadline:
             time.sleep(0.05)
-        self._grpc.stop(1.0).wait()
+        if self._loop.is_running():
+            try:
+                self._on_loop(self._grpc.stop(1.0), timeout=30)
+            except TimeoutError:  # the process is ending anyway: do not hang on it
+                log.warning("the gRPC server did not stop within 30 seconds")
+        self._stop_loop()
+        self.service.close()
         self.pool.close()
         self.metrics.close()
+        self._stopped.set()
+
+    def _stop_loop(self) -> None:
+        if self._loop.is_running():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._loop_thread.join()
+        self._loop.close()
 
     def wait(self, timeout: float | None = None) -> bool:
-        return self._grpc.wait_for_termination(timeout)
+        """Waits for ``stop``; True if ``timeout`` passed first (as grpcio's wait_for_termination)."""
+        return not self._stopped.wait(timeout)

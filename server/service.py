@@ -4,19 +4,26 @@
 so the method is registered by hand with a pass-through serializer instead of
 through the generated ``add_BatchServiceServicer_to_server``. The wire format
 is unchanged: every frame is a valid ``BatchChunk`` message.
+
+The methods run on the ``grpc.aio`` server's event loop (see NOTE [ The event
+loop ] in app.py): a stream holds no thread while it waits on a worker or on
+its client, and anything that may block (planning, describing a dataset,
+compressing) runs in a bounded thread pool, one for streams and one for the
+unary calls, so neither can take the other's threads.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
-from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
+from collections.abc import Awaitable, Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import NoReturn, TypeVar
 
 import grpc
 
@@ -33,6 +40,13 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = "batchwire.v1.BatchService"
 _POLL_SECONDS = 0.25  # how often a stream waiting on a worker checks that its client is still there
+
+CALL_THREADS = 4
+"""Threads for the unary calls' blocking work (planning, describing); more calls queue."""
+STREAM_SPARE_THREADS = 4
+"""Threads for streams' blocking work beyond one per allowed stream."""
+
+_T = TypeVar("_T")
 
 MAX_BATCHES_PER_MESSAGE = 64
 """Most batches packed in one message, whatever a client accepts."""
@@ -65,8 +79,17 @@ def _pool_failed(failure: str, position: int | None = None) -> str:
     return f"this server's worker pool has failed ({failure}); {where} another server"
 
 
+class Refused(Exception):
+    """Ends the call with ``code``; raised by the checks, turned into the status by the method."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
 class BatchService:
-    """Implements ``batchwire.v1.BatchService``."""
+    """Implements ``batchwire.v1.BatchService`` with async methods (see the module docstring)."""
 
     def __init__(
         self, registry: DatasetRegistry, pool: WorkerPool, settings: ServerConfig, metrics: Metrics
@@ -81,6 +104,16 @@ class BatchService:
         self._active_lock = threading.Lock()
         self._open = threading.Event()  # set once the workers are warm
         self._drain_deadline: float | None = None
+        self._call_threads = ThreadPoolExecutor(CALL_THREADS, thread_name_prefix="batchwire-call")
+        self._stream_threads = ThreadPoolExecutor(
+            settings.max_concurrent_streams + STREAM_SPARE_THREADS,
+            thread_name_prefix="batchwire-stream",
+        )
+
+    def close(self) -> None:
+        """Drops blocking work not yet started (the server has stopped)."""
+        for threads in (self._call_threads, self._stream_threads):
+            threads.shutdown(wait=False, cancel_futures=True)
 
     @property
     def active_streams(self) -> int:
@@ -102,17 +135,31 @@ class BatchService:
         deadline = self._drain_deadline
         return deadline is not None and time.monotonic() >= deadline
 
-    def _check_drain(self, context: grpc.ServicerContext, position: int) -> None:
+    def _check_drain(self, position: int) -> None:
         if self._drain_due():
-            self._abort(
-                context,
+            self._refuse(
                 grpc.StatusCode.UNAVAILABLE,
                 f"the server is shutting down; resume at batch {position} on another server",
             )
 
-    def _abort(self, context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+    def _refuse(self, code: grpc.StatusCode, message: str) -> NoReturn:
+        """Counts the error and raises ``Refused``; the method ends the call with it."""
         self._metrics.errors.labels(code.name).inc()
-        context.abort(code, message)
+        raise Refused(code, message)
+
+    async def _blocking(
+        self,
+        threads: ThreadPoolExecutor,
+        context: grpc.aio.ServicerContext,
+        function: Callable[..., _T],
+        *args: object,
+    ) -> _T:
+        """``function(*args)`` in ``threads``; a ``Refused`` ends the call with its status."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(threads, function, *args)
+        except Refused as refused:
+            await context.abort(refused.code, refused.message)
+            raise  # unreachable: abort raises
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(
@@ -141,9 +188,27 @@ class BatchService:
             },
         )
 
-    def list_datasets(
-        self, request: pb.ListDatasetsRequest, context: grpc.ServicerContext
+    async def list_datasets(
+        self, request: pb.ListDatasetsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListDatasetsResponse:
+        return await self._blocking(self._call_threads, context, self._list_datasets)
+
+    async def describe_dataset(
+        self, request: pb.DescribeDatasetRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DatasetInfo:
+        return await self._blocking(self._call_threads, context, self._describe, request.dataset)
+
+    async def count_batches(
+        self, request: pb.StreamBatchesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.BatchCount:
+        _, stream = await self._blocking(self._call_threads, context, self._plan, request)
+        return pb.BatchCount(
+            num_batches=len(stream.plan),
+            num_samples=len(stream.plan.indices),
+            sampler=stream.sampler,
+        )
+
+    def _list_datasets(self) -> pb.ListDatasetsResponse:
         infos = []
         for name in self._registry.names():
             entry = self._registry.entries[name]
@@ -153,54 +218,24 @@ class BatchService:
                 infos.append(pb.DatasetInfo(name=name, length=entry.length, source=entry.source))
         return pb.ListDatasetsResponse(datasets=infos)
 
-    def describe_dataset(
-        self, request: pb.DescribeDatasetRequest, context: grpc.ServicerContext
-    ) -> pb.DatasetInfo:
-        entry = self._lookup(request.dataset, context)
+    def _describe(self, name: str) -> pb.DatasetInfo:
+        entry = self._lookup(name)
         try:
             return entry.info()
         except DescribeError as exc:
-            self._abort(context, grpc.StatusCode.INTERNAL, str(exc))
-            raise  # unreachable: abort raises
+            self._refuse(grpc.StatusCode.INTERNAL, str(exc))
 
-    def count_batches(
-        self, request: pb.StreamBatchesRequest, context: grpc.ServicerContext
-    ) -> pb.BatchCount:
-        _, stream = self._plan(request, context)
-        return pb.BatchCount(
-            num_batches=len(stream.plan),
-            num_samples=len(stream.plan.indices),
-            sampler=stream.sampler,
-        )
-
-    def stream_batches(
-        self, request: pb.StreamBatchesRequest, context: grpc.ServicerContext
-    ) -> Iterator[bytes]:
-        entry, stream = self._plan(request, context)
+    async def stream_batches(
+        self, request: pb.StreamBatchesRequest, context: grpc.aio.ServicerContext
+    ) -> None:
+        # Writes with context.write rather than yielding: a cancelled call (the client
+        # went away) raises CancelledError right here, so the slot and the pool's
+        # pending tasks are given back at once, not when a generator is collected.
+        entry, stream = await self._blocking(self._stream_threads, context, self._plan, request)
         try:
-            compression.check_codec(request.compression)
-        except compression.CompressionError as exc:
-            self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"compression: {exc}")
-        if not self._open.is_set():
-            self._abort(
-                context, grpc.StatusCode.UNAVAILABLE, "the server is starting; retry shortly"
-            )
-        if self._drain_deadline is not None:
-            self._abort(
-                context,
-                grpc.StatusCode.UNAVAILABLE,
-                "the server is shutting down; try another server",
-            )
-        failure = self._pool.failure
-        if failure is not None:
-            self._abort(context, grpc.StatusCode.UNAVAILABLE, _pool_failed(failure))
-        if not self._stream_slots.acquire(blocking=False):
-            self._abort(
-                context,
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"the server already has {self._settings.max_concurrent_streams} open streams "
-                "(max_concurrent_streams); retry later",
-            )
+            self._admit(request)
+        except Refused as refused:
+            await context.abort(refused.code, refused.message)
         stream_id = str(next(self._stream_ids))
         parameters = (
             f"peer={context.peer()} stream={stream_id} dataset={entry.name} "
@@ -217,29 +252,26 @@ class BatchService:
         sent = {"batches": 0, "bytes": 0}
         status = "OK"
         try:
-            yield from self._send(
+            await self._send(
                 entry,
                 stream.plan,
                 stream.positions,
-                context,
+                context.write,
                 sent,
                 stream_id,
                 request.compression,
                 min(request.max_batches_per_message, MAX_BATCHES_PER_MESSAGE),
             )
-            if not context.is_active():
-                status = "CANCELLED"
-        except GeneratorExit:
-            status = "CANCELLED"  # the client went away mid-stream
+        except Refused as refused:
+            status = refused.code.name  # counted by _refuse
+            await context.abort(refused.code, refused.message)
+        except asyncio.CancelledError:
+            status = "CANCELLED"  # the client went away mid-stream, or the server stopped
             raise
         except BaseException:
-            code = context.code()
-            if isinstance(code, grpc.StatusCode):
-                status = code.name  # set by _abort, which counted it
-            else:
-                status = "UNKNOWN"  # an unexpected exception; grpc answers UNKNOWN
-                self._metrics.errors.labels(status).inc()
-                log.exception("stream %s failed", stream_id)
+            status = "UNKNOWN"  # an unexpected exception; grpc answers UNKNOWN
+            self._metrics.errors.labels(status).inc()
+            log.exception("stream %s failed", stream_id)
             raise
         finally:
             self._stream_slots.release()
@@ -257,17 +289,39 @@ class BatchService:
                 status,
             )
 
-    def _send(
+    def _admit(self, request: pb.StreamBatchesRequest) -> None:
+        """Takes a stream slot, or refuses the stream (bad codec, starting, draining, full)."""
+        try:
+            compression.check_codec(request.compression)
+        except compression.CompressionError as exc:
+            self._refuse(grpc.StatusCode.INVALID_ARGUMENT, f"compression: {exc}")
+        if not self._open.is_set():
+            self._refuse(grpc.StatusCode.UNAVAILABLE, "the server is starting; retry shortly")
+        if self._drain_deadline is not None:
+            self._refuse(
+                grpc.StatusCode.UNAVAILABLE, "the server is shutting down; try another server"
+            )
+        failure = self._pool.failure
+        if failure is not None:
+            self._refuse(grpc.StatusCode.UNAVAILABLE, _pool_failed(failure))
+        if not self._stream_slots.acquire(blocking=False):
+            self._refuse(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the server already has {self._settings.max_concurrent_streams} open streams "
+                "(max_concurrent_streams); retry later",
+            )
+
+    async def _send(
         self,
         entry: DatasetEntry,
         plan,
         positions: range,
-        context: grpc.ServicerContext,
+        write: Callable[[bytes], Awaitable[None]],
         sent: dict[str, int],
         stream_id: str,
         codec: int = pb.NONE,
         per_message: int = 1,
-    ) -> Iterator[bytes]:
+    ) -> None:
         # Keep about `prefetch_batches` batches in the pool per stream: bounded memory
         # while the client is slow, and batches are sent in order whatever finishes first.
         # Small batches go to the workers a few per task (see `_group_size`).
@@ -290,6 +344,11 @@ class BatchService:
 
         outbox = Outbox(self._settings.chunk_bytes, per_message, on_sent)
 
+        async def send(messages: Iterable[bytes]) -> None:
+            # Outbox calls on_sent once a batch's last message is written.
+            for message in messages:
+                await write(message)
+
         def refill() -> None:
             # prefetch_batches bounds single batches; grouped small ones keep 2 tasks going
             max_tasks = max(1 if group == 1 else 2, -(-self._settings.prefetch_batches // group))
@@ -308,14 +367,11 @@ class BatchService:
         try:
             refill()
             while pending:
-                task_positions, future = pending.popleft()
-                self._check_drain(context, task_positions[0])
-                outcome = self._await(future, context, task_positions[0])
-                if outcome is None:
-                    future.cancel()
-                    return  # the client went away
-                built_batches, failure = outcome
-                del outcome  # else it keeps this task's mapping alive through the next wait
+                # Stays in `pending` while awaited, so a cancelled stream cancels it too.
+                task_positions, future = pending[0]
+                self._check_drain(task_positions[0])
+                built_batches, failure = await self._await(future, task_positions[0])
+                pending.popleft()
                 if built_batches:
                     build_time = sum(b.build_seconds for b in built_batches) / len(built_batches)
                     group = _group_size(batch_bytes, build_time)
@@ -324,37 +380,41 @@ class BatchService:
                 # Fewer built than asked when one failed: those before it still go out.
                 for position, built in zip(task_positions, built_batches, strict=False):
                     if self._drain_due():
-                        yield from outbox.flush()  # what is packed goes out before the abort
-                        self._check_drain(context, position)
+                        await send(outbox.flush())  # what is packed goes out before the abort
+                        self._check_drain(position)
                     header = built.header
                     header.batch_index = position
                     build_seconds.observe(built.build_seconds)
                     metrics.worker_busy.inc(built.build_seconds)
                     if header.payload_size > self._settings.max_batch_bytes:
-                        yield from outbox.flush()
-                        del built  # no mapping may stay in an abort's traceback
+                        await send(outbox.flush())
+                        del built  # no mapping may stay in a refusal's traceback
                         built_batches.clear()
-                        self._abort(
-                            context,
+                        self._refuse(
                             grpc.StatusCode.RESOURCE_EXHAUSTED,
                             f"batch {position} of dataset {entry.name!r} has "
                             f"{header.payload_size} bytes, over the server's "
                             f"max_batch_bytes={self._settings.max_batch_bytes}; "
                             "ask for a smaller batch_size",
                         )
-                    # Compressed here, in the stream's thread: lz4/zstd release the GIL, and
-                    # this keeps the worker protocol codec-free (benchmarks/RESULTS.md).
-                    payload = compression.compress_batch(header, built.payload, codec)
-                    yield from outbox.add(header, payload)
+                    payload = built.payload
+                    if codec != pb.NONE:
+                        # In a stream thread, off the event loop: lz4/zstd release the GIL, and
+                        # this keeps the worker protocol codec-free (benchmarks/RESULTS.md).
+                        payload = await asyncio.get_running_loop().run_in_executor(
+                            self._stream_threads, compression.compress_batch, header, payload, codec
+                        )
+                    await send(outbox.add(header, payload))
                     # Drop the shared-memory mapping (payload may be that very view) before
                     # waiting on the next batch.
                     del built, payload
-                yield from outbox.flush()
+                await send(outbox.flush())
                 # The future (and a failure) hold this very list: emptied, no mapping of a
-                # sent batch outlives the send, even in an abort's traceback.
+                # sent batch outlives the send, even in a refusal's traceback.
                 built_batches.clear()
+                del built_batches, future
                 if failure is not None:
-                    self._abort(context, grpc.StatusCode.INTERNAL, str(failure))
+                    self._refuse(grpc.StatusCode.INTERNAL, str(failure))
         finally:
             # The stream is over (finished, cancelled, aborted): batches not yet handed
             # to a worker are dropped instead of built for nobody.
@@ -364,29 +424,33 @@ class BatchService:
             # frame) until its thread takes the next call: their files stayed in /dev/shm.
             pending.clear()
 
-    def _await(
-        self, future: Future[list[BuiltBatch]], context: grpc.ServicerContext, position: int
-    ) -> tuple[list[BuiltBatch], BatchFailed | None] | None:
-        """The task's batches and, if one failed, why; None if the client went away."""
-        while True:
+    async def _await(
+        self, future: Future[list[BuiltBatch]], position: int
+    ) -> tuple[list[BuiltBatch], BatchFailed | None]:
+        """The task's batches and, if one failed, why; polls the drain deadline meanwhile."""
+        if not future.done():  # often it is: the stream keeps tasks ahead of the client
+            waiter = asyncio.wrap_future(future)
             try:
-                return future.result(timeout=_POLL_SECONDS), None
-            except FutureTimeout:
-                if not context.is_active():
-                    return None
-                self._check_drain(context, position)
-            except BatchFailed as exc:
-                return exc.built, exc
-            except PoolClosed:
-                self._abort(
-                    context,
-                    grpc.StatusCode.UNAVAILABLE,
-                    f"the server is shutting down; resume at batch {position} on another server",
-                )
-            except PoolFailed as exc:
-                self._abort(context, grpc.StatusCode.UNAVAILABLE, _pool_failed(str(exc), position))
-            except Exception as exc:
-                self._abort(context, grpc.StatusCode.INTERNAL, str(exc))
+                while not (await asyncio.wait((waiter,), timeout=_POLL_SECONDS))[0]:
+                    self._check_drain(position)
+            finally:
+                # A no-op once done; else (cancelled, draining) the task's result must
+                # not call back into a loop that may be closed by then.
+                waiter.cancel()
+            del waiter  # it holds the result too
+        try:
+            return future.result(), None
+        except BatchFailed as exc:
+            return exc.built, exc
+        except PoolClosed:
+            self._refuse(
+                grpc.StatusCode.UNAVAILABLE,
+                f"the server is shutting down; resume at batch {position} on another server",
+            )
+        except PoolFailed as exc:
+            self._refuse(grpc.StatusCode.UNAVAILABLE, _pool_failed(str(exc), position))
+        except Exception as exc:
+            self._refuse(grpc.StatusCode.INTERNAL, str(exc))
 
     def _batch_bytes(self, entry: DatasetEntry, plan, positions: range) -> int:
         """Estimated payload bytes of the stream's first batch (0: unknown)."""
@@ -394,11 +458,9 @@ class BatchService:
             return 0
         return (entry.sample_bytes() or 0) * len(plan[positions[0]])
 
-    def _plan(
-        self, request: pb.StreamBatchesRequest, context: grpc.ServicerContext
-    ) -> tuple[DatasetEntry, StreamPlan]:
-        """The dataset and the batch positions a request asks for; aborts on a bad request."""
-        entry = self._lookup(request.dataset, context)
+    def _plan(self, request: pb.StreamBatchesRequest) -> tuple[DatasetEntry, StreamPlan]:
+        """The dataset and the batch positions a request asks for; refuses a bad request."""
+        entry = self._lookup(request.dataset)
         try:
             stream = plan_stream(
                 request,
@@ -407,35 +469,31 @@ class BatchService:
                 sampler=entry.dataset.sampler,
             )
         except InvalidRequest as exc:
-            self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            self._refuse(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except Exception as exc:  # a planning bug or a MemoryError: this call fails, not the server
             log.exception("planning %s failed", request.dataset)
-            self._abort(context, grpc.StatusCode.INTERNAL, f"cannot plan the request: {exc!r}")
-        self._check_batch_bytes(entry, stream, context)
+            self._refuse(grpc.StatusCode.INTERNAL, f"cannot plan the request: {exc!r}")
+        self._check_batch_bytes(entry, stream)
         return entry, stream
 
-    def _check_batch_bytes(
-        self, entry: DatasetEntry, stream: StreamPlan, context: grpc.ServicerContext
-    ) -> None:
+    def _check_batch_bytes(self, entry: DatasetEntry, stream: StreamPlan) -> None:
         # Refuse before any worker builds (and /dev/shm holds) a batch that will be
         # refused anyway; the check after building still catches variable-size items.
         estimate = self._batch_bytes(entry, stream.plan, stream.positions)
         if estimate > self._settings.max_batch_bytes:
             samples = len(stream.plan[stream.positions[0]])
-            self._abort(
-                context,
+            self._refuse(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"a batch of {samples} samples of dataset {entry.name!r} would have about "
                 f"{estimate} bytes ({estimate // samples} per sample), over the server's "
                 f"max_batch_bytes={self._settings.max_batch_bytes}; ask for a smaller batch_size",
             )
 
-    def _lookup(self, name: str, context: grpc.ServicerContext) -> DatasetEntry:
+    def _lookup(self, name: str) -> DatasetEntry:
         entry = self._registry.get(name)
         if entry is None:
             known = ", ".join(self._registry.names())
-            self._abort(
-                context,
+            self._refuse(
                 grpc.StatusCode.NOT_FOUND,
                 f"unknown dataset {echo(name)}; this server has: {known}",
             )
