@@ -31,8 +31,8 @@ from typing import Any, TextIO
 import grpc
 
 from batchwire import wire
-from batchwire.client._channel import BatchClient
-from batchwire.client._errors import BatchwireError, ServerError
+from batchwire.client._channel import BatchClient, wait_for_server
+from batchwire.client._errors import BatchwireError, ConnectError, ServerError
 from batchwire.compression import NAMES as compression_names
 from batchwire.compression import codec
 from batchwire.v1 import batchwire_pb2 as pb
@@ -145,12 +145,11 @@ def _client_main(
     import torch  # noqa: F401  (imported before the start, not inside the measured window)
 
     from batchwire import compression  # noqa: F401  (likewise)
-    from batchwire.client._channel import channel
 
     # Connect before the start: time to first batch is then request -> first batch,
     # not TCP and HTTP/2 set-up (which `ready` would otherwise include).
-    with contextlib.suppress(grpc.FutureTimeoutError):  # the streams will report it
-        grpc.channel_ready_future(channel(config.target)).result(timeout=10.0)
+    with contextlib.suppress(ConnectError):  # the streams will report it
+        wait_for_server(config.target)
     results.put(("ready", index))
     if not go.wait(_READY_TIMEOUT):
         return
@@ -194,8 +193,12 @@ def _client_main(
 
 
 def _preflight(config: BenchConfig) -> tuple[pb.DatasetInfo, int]:
-    """Checks the server and dataset before spawning anything; returns info and batch bytes."""
-    client = BatchClient(config.target, timeout=5.0)
+    """Checks the server and dataset before spawning anything; returns info and batch bytes.
+
+    An unreachable server raises ``ConnectError`` (from ``BatchClient``), as it does
+    for every client command.
+    """
+    client = BatchClient(config.target, timeout=30.0)
     try:
         info = client.describe(config.dataset)
         call = client.stream(_request(config, 0, 0))
@@ -208,14 +211,7 @@ def _preflight(config: BenchConfig) -> tuple[pb.DatasetInfo, int]:
     except grpc.RpcError as error:
         raise BenchError(str(ServerError.from_rpc(error, config.target))) from None
     except ServerError as exc:
-        if exc.code.name in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
-            raise BenchError(
-                f"cannot reach a batchwire server at {config.target} "
-                f"({exc.code.name}: {exc.details}); is `batchwire serve` running there?"
-            ) from None
         raise BenchError(str(exc)) from None
-    except Exception as exc:  # a gRPC error outside the typed calls
-        raise BenchError(f"cannot stream from {config.target}: {exc}") from None
     raise BenchError(f"dataset {config.dataset!r} at {config.target} has no batches to stream")
 
 

@@ -18,7 +18,9 @@ CANCELLED). batchwire drains in two steps instead:
 
 from __future__ import annotations
 
+import errno
 import logging
+import socket
 import time
 from concurrent import futures
 
@@ -35,6 +37,20 @@ from batchwire.server.service import SERVICE_NAME, BatchService
 from batchwire.v1 import batchwire_pb2
 
 log = logging.getLogger(__name__)
+
+
+def bind_error(host: str, port: int) -> OSError:
+    """Why ``host:port`` could not be bound: ``errno.EADDRINUSE`` when a socket listens there."""
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpc binds
+            probe.bind(address)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            return OSError(errno.EADDRINUSE, f"port {port} is in use")
+        return OSError(exc.errno, f"cannot bind {host}:{port}: {exc.strerror or exc}")
+    return OSError(f"cannot bind {host}:{port}")
 
 
 class BatchwireServer:
@@ -89,12 +105,15 @@ class BatchwireServer:
         )
         self.host = host or settings.host
         address = f"{self.host}:{settings.port if port is None else port}"
-        if settings.tls is not None:
-            self.port = self._grpc.add_secure_port(address, server_credentials(settings.tls))
-        else:
-            self.port = self._grpc.add_insecure_port(address)
+        try:
+            if settings.tls is not None:
+                self.port = self._grpc.add_secure_port(address, server_credentials(settings.tls))
+            else:
+                self.port = self._grpc.add_insecure_port(address)
+        except RuntimeError:  # grpcio's "Failed to bind to address": find out why
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot bind {address}")
+            raise bind_error(self.host, settings.port if port is None else port)
         self.metrics_port: int | None = None
         self._set_serving(False)
 
