@@ -5,6 +5,7 @@ See NOTE [ First contact ] for how an unreachable server is told from an outage.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import threading
@@ -19,6 +20,7 @@ from batchwire.client._errors import ConnectError, ServerError, TargetError
 from batchwire.client._retry import StreamCutShort
 from batchwire.v1 import batchwire_pb2 as pb
 
+log = logging.getLogger(__name__)
 _SERVICE = "/batchwire.v1.BatchService/"
 _OPTIONS = [
     ("grpc.max_receive_message_length", -1),
@@ -164,8 +166,11 @@ class _Link:
                 if fail_fast and failed and now < self._since + timeout / 2:
                     return
                 self._changed.wait(deadline - now)
+            waited = time.monotonic() - self._since
         self.channel.unsubscribe(self._update)
-        _reached.add(target)
+        if target not in _reached:
+            _reached.add(target)
+            log.debug("connected to %s after %.3fs", target, waited)
 
     def _reason(self) -> str:
         """The channel's last connection error (e.g. "Connection refused"), if it has one."""
