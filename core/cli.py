@@ -44,10 +44,9 @@ def _number(kind: type, low: float, *, above: bool = False):
         except ValueError:
             value = None
         if value is None or value < low or (above and value == low):
+            what = {int: "an integer", float: "a number"}[kind]
             bound = f"> {low}" if above else f">= {low}"
-            raise argparse.ArgumentTypeError(
-                f"should be a {kind.__name__} {bound}, but got {text!r}"
-            )
+            raise argparse.ArgumentTypeError(f"should be {what} {bound}, but got {text!r}")
         return value
 
     return parse
@@ -182,6 +181,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             streams=args.streams,
             compression=args.compression,
             shuffle=args.shuffle,
+            batches=args.batches,
         )
     except ValueError as exc:
         print(f"batchwire bench: {exc}", file=sys.stderr)
@@ -257,6 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--clients", type=int, default=1, help="client processes (default 1)")
     bench.add_argument("--duration", type=float, default=10.0, help="measured seconds (10)")
     bench.add_argument("--warmup", type=float, default=2.0, help="seconds before measuring (2)")
+    bench.add_argument(
+        "--batches",
+        type=int,
+        metavar="N",
+        help="measure until each client has N batches, instead of --duration seconds",
+    )
     bench.add_argument("--streams", type=int, default=1, help="parallel streams per client (1)")
     bench.add_argument("--compression", choices=["none", "lz4", "zstd"], default="none")
     bench.add_argument("--shuffle", action="store_true", help="shuffled order (default: in order)")
