@@ -11,9 +11,14 @@ import time
 import pytest
 from _serverproc import ServerProcess, free_port
 
-from batchwire.client import BatchClient, BatchwireError, RemoteDataset
+from batchwire.client import (
+    BatchClient,
+    BatchwireError,
+    ConnectError,
+    RemoteDataset,
+    TargetError,
+)
 from batchwire.client._channel import CONNECT_TIMEOUT_SECONDS_ENV, check_target
-from batchwire.client._errors import ConnectError, TargetError
 
 # The connect timeout is 5 s; the rest bounds a busy machine (it used to take ~32 s).
 BOUND_SECONDS = 12.0
