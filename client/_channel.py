@@ -47,8 +47,9 @@ KEEPALIVE_TIMEOUT_SECONDS = 10.0
 # refused connection during the first half of that window, so that a policy with a
 # small budget gives up with RetryError as it always did; after that they wait for
 # the connection to the end of the window (the next attempt of an exponential
-# backoff would come too late). Once connected, the target is "reached" for good
-# (forked children inherit that), and outages are the RetryPolicy's alone.
+# backoff would come too late). "Connected" means the server answered a health
+# probe (any status); once it has, the target is "reached" for good (forked
+# children inherit that), and outages are the RetryPolicy's alone.
 CONNECT_TIMEOUT_SECONDS_ENV = "BATCHWIRE_CONNECT_TIMEOUT_SECONDS"
 CONNECT_TIMEOUT_SECONDS = 5.0
 
@@ -134,16 +135,14 @@ def keepalive_options() -> tuple[tuple[str, int], ...]:
 class _Link:
     """A channel, and whether its first connection came up (see NOTE [ First contact ])."""
 
+    # Any answer of the server to this call, even UNIMPLEMENTED or UNAUTHENTICATED,
+    # proves a connection; the standard health service answers without work.
+    _PROBE = "/grpc.health.v1.Health/Check"
+
     def __init__(self, channel: grpc.Channel) -> None:
         self.channel = channel
-        self._changed = threading.Condition()
-        self._state: grpc.ChannelConnectivity | None = None
+        self._lock = threading.Lock()
         self._since: float | None = None  # start of the current first-contact window
-
-    def _update(self, state: grpc.ChannelConnectivity) -> None:  # on a grpc thread
-        with self._changed:
-            self._state = state
-            self._changed.notify_all()
 
     def wait_connected(self, target: str, timeout: float, *, fail_fast: bool) -> None:
         """Returns once connected; raises ``ConnectError`` after ``timeout`` (see the NOTE).
@@ -151,37 +150,38 @@ class _Link:
         ``fail_fast``: return early on a refused connection in the window's first
         half (the call then fails with UNAVAILABLE and its RetryPolicy backs off).
         """
-        with self._changed:
+        with self._lock:
             if self._since is None:
-                self._since, self._state = time.monotonic(), None
-                self.channel.subscribe(self._update, try_to_connect=True)
-            deadline = self._since + timeout
-            while self._state is not grpc.ChannelConnectivity.READY:
-                now = time.monotonic()
-                if now >= deadline:
+                self._since = time.monotonic()
+            since = self._since
+        # A probe call in this thread, not a connectivity subscription: that would
+        # keep a grpc polling thread running, and a fork (DataLoader workers) while
+        # another thread is inside grpc can crash the child.
+        now = time.monotonic()
+        patient = not (fail_fast and now < since + timeout / 2)
+        try:
+            self.channel.unary_unary(self._PROBE)(
+                b"", timeout=max(since + timeout - now, 0.01), wait_for_ready=patient
+            )
+        except grpc.RpcError as error:
+            if error.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
+                with self._lock:
                     self._since = None  # a later call gets a window of its own
-                    self.channel.unsubscribe(self._update)
-                    raise ConnectError(target, timeout=timeout, reason=self._reason())
-                failed = self._state is grpc.ChannelConnectivity.TRANSIENT_FAILURE
-                if fail_fast and failed and now < self._since + timeout / 2:
-                    return
-                self._changed.wait(deadline - now)
-            waited = time.monotonic() - self._since
-        self.channel.unsubscribe(self._update)
+                raise ConnectError(target, timeout=timeout, reason=self._reason()) from None
+            if error.code() is grpc.StatusCode.UNAVAILABLE:
+                return  # refused: the caller's call fails the same way (and may be retried)
         if target not in _reached:
             _reached.add(target)
-            log.debug("connected to %s after %.3fs", target, waited)
+            log.debug("connected to %s after %.3fs", target, time.monotonic() - since)
 
     def _reason(self) -> str:
         """The channel's last connection error (e.g. "Connection refused"), if it has one."""
-        if self._state is not grpc.ChannelConnectivity.TRANSIENT_FAILURE:
-            return "still connecting"
-        probe = self.channel.unary_unary(_SERVICE + "ListDatasets")
         try:
-            probe(b"", timeout=1.0, wait_for_ready=False)
+            self.channel.unary_unary(self._PROBE)(b"", timeout=1.0, wait_for_ready=False)
         except grpc.RpcError as error:
-            return error.details() or error.code().name
-        return ""
+            if error.code() is grpc.StatusCode.UNAVAILABLE:
+                return error.details() or "UNAVAILABLE"
+        return "still connecting"
 
 
 def _link(target: str) -> _Link:
