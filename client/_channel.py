@@ -133,7 +133,7 @@ def keepalive_options() -> tuple[tuple[str, int], ...]:
 
 
 class _Link:
-    """A channel, and whether its first connection came up (see NOTE [ First contact ])."""
+    """A channel, and its first-contact window (see NOTE [ First contact ])."""
 
     # Any answer of the server to this call, even UNIMPLEMENTED or UNAUTHENTICATED,
     # proves a connection; the standard health service answers without work.
@@ -169,7 +169,7 @@ class _Link:
                     self._since = None  # a later call gets a window of its own
                 raise ConnectError(target, timeout=timeout, reason=self._reason()) from None
             if error.code() is grpc.StatusCode.UNAVAILABLE:
-                return  # refused: the caller's call fails the same way (and may be retried)
+                return  # refused (or said by a proxy): the call fails alike, and may be retried
         if target not in _reached:
             _reached.add(target)
             log.debug("connected to %s after %.3fs", target, time.monotonic() - since)
