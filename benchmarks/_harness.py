@@ -44,7 +44,9 @@ SHAPES: dict[str, tuple[int, list[int], str]] = {
 
 def arguments(description: str, **defaults: Any) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes and durations (smoke)")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny sizes; runs end after a few batches (smoke)"
+    )
     parser.add_argument("--duration", type=float, default=defaults.get("duration", 8.0))
     parser.add_argument("--warmup", type=float, default=defaults.get("warmup", 2.0))
     parser.add_argument("--repeats", type=int, default=defaults.get("repeats", 1))
@@ -52,11 +54,21 @@ def arguments(description: str, **defaults: Any) -> argparse.ArgumentParser:
     return parser
 
 
+# Smoke runs (--quick) end after this many batches per client (messages of a bare
+# stream), never after some seconds: a busy machine may deliver nothing in a second.
+QUICK_BATCHES = 8
+
+
 def timing(args: argparse.Namespace) -> tuple[float, float, int]:
-    """(duration, warmup, repeats), shrunk under ``--quick``."""
+    """(duration, warmup, repeats), shrunk under ``--quick`` (see ``stop_after``)."""
     if args.quick:
         return min(args.duration, 0.5), min(args.warmup, 0.2), 1
     return args.duration, args.warmup, args.repeats
+
+
+def stop_after(args: argparse.Namespace) -> int | None:
+    """Batches per client a run measures under ``--quick`` (None: it measures ``duration``)."""
+    return QUICK_BATCHES if args.quick else None
 
 
 # -- configs ----------------------------------------------------------------------
@@ -262,16 +274,21 @@ def _bare_server(port_queue: Any, chunk_bytes: int, options: list[tuple[str, Any
     server.wait_for_termination()
 
 
-def bare_grpc(chunk_bytes: int, seconds: float, *, tuned: bool) -> float:
+def bare_grpc(
+    chunk_bytes: int, seconds: float, *, tuned: bool, messages: int | None = None
+) -> float:
     """Bytes/s of one grpcio stream of ``chunk_bytes`` messages (server in another process).
 
     ``tuned``: batchwire's channel options on both sides; else grpcio's defaults
-    (message size limits lifted only).
+    (message size limits lifted only). ``messages``: stop after that many instead
+    of after ``seconds``.
     """
-    return bare_grpc_run(chunk_bytes, seconds, tuned=tuned)["bytes_per_s"]
+    return bare_grpc_run(chunk_bytes, seconds, tuned=tuned, messages=messages)["bytes_per_s"]
 
 
-def bare_grpc_run(chunk_bytes: int, seconds: float, *, tuned: bool) -> dict[str, float]:
+def bare_grpc_run(
+    chunk_bytes: int, seconds: float, *, tuned: bool, messages: int | None = None
+) -> dict[str, float]:
     """``bare_grpc``'s run, with its message count and each side's CPU seconds.
 
     Server CPU from /proc; client CPU from ``getrusage`` of this process (which
@@ -301,11 +318,13 @@ def bare_grpc_run(chunk_bytes: int, seconds: float, *, tuned: bool) -> dict[str,
             for _ in call((8).to_bytes(8, "little")):  # connect and warm up
                 pass
             server_before, client_before = _cpu(process.pid), client_cpu()
-            messages, started = 0, time.perf_counter()
+            received, started = 0, time.perf_counter()
             stream = call((1 << 40).to_bytes(8, "little"))
             for _ in stream:
-                messages += 1
-                if time.perf_counter() - started >= seconds:
+                received += 1
+                if received == messages or (
+                    messages is None and time.perf_counter() - started >= seconds
+                ):
                     break
             elapsed = time.perf_counter() - started
             stream.cancel()
@@ -315,8 +334,8 @@ def bare_grpc_run(chunk_bytes: int, seconds: float, *, tuned: bool) -> dict[str,
         process.kill()
         process.join()
     return {
-        "messages": messages,
-        "bytes_per_s": messages * chunk_bytes / elapsed,
+        "messages": received,
+        "bytes_per_s": received * chunk_bytes / elapsed,
         "seconds": elapsed,
         "server_cpu_seconds": server_seconds,
         "client_cpu_seconds": client_seconds,

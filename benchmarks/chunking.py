@@ -28,12 +28,19 @@ def main() -> None:
     rows, results = [], {}
     for mib in chunks:
         chunk = mib << 20
-        bare = h.bare_grpc(chunk, duration, tuned=True)
+        bare = h.bare_grpc(chunk, duration, tuned=True, messages=h.stop_after(args))
         measured = {}
         with h.Server(h.server_toml(datasets, chunk_bytes=chunk), workers=2) as server:
             for name in ("imagenet", "big"):
                 runs = [
-                    h.bench(server, name, h.SHAPES[name][0], duration=duration, warmup=warmup)
+                    h.bench(
+                        server,
+                        name,
+                        h.SHAPES[name][0],
+                        duration=duration,
+                        warmup=warmup,
+                        batches=h.stop_after(args),
+                    )
                     for _ in range(repeats)
                 ]
                 measured[name] = h.best(runs)

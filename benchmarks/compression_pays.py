@@ -49,7 +49,13 @@ def main() -> None:
             batch_size = h.SHAPES[shape_name][0]
             for codec in CODECS[:2] if args.quick else CODECS:
                 report = h.bench(
-                    server, name, batch_size, duration=duration, warmup=warmup, compression=codec
+                    server,
+                    name,
+                    batch_size,
+                    duration=duration,
+                    warmup=warmup,
+                    batches=h.stop_after(args),
+                    compression=codec,
                 )
                 ratio = report["bytes"] / max(report["wire_bytes"], 1)
                 rate = report["mb_per_s"]

@@ -32,6 +32,7 @@ def main() -> None:
                         batch_size,
                         duration=duration,
                         warmup=warmup,
+                        batches=h.stop_after(args),
                         clients=n,
                     )
                 )

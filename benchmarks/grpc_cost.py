@@ -12,8 +12,8 @@ from __future__ import annotations
 import _harness as h
 
 
-def measure(size: int, seconds: float) -> dict[str, float]:
-    run = h.bare_grpc_run(size, seconds, tuned=True)
+def measure(size: int, seconds: float, messages: int | None) -> dict[str, float]:
+    run = h.bare_grpc_run(size, seconds, tuned=True, messages=messages)
     messages, gigabytes = run["messages"], run["messages"] * size / 1e9
     return {
         "message_bytes": size,
@@ -32,7 +32,7 @@ def main() -> None:
     args = parser.parse_args()
     duration, _, _ = h.timing(args)
     sizes = [204800] if args.quick else [int(size) for size in args.sizes.split(",")]
-    results = [measure(size, duration) for size in sizes]
+    results = [measure(size, duration, h.stop_after(args)) for size in sizes]
     print(
         h.table(
             f"bare grpcio stream, {duration:g} s per size",

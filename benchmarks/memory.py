@@ -1,6 +1,6 @@
 """Target 6: server memory stays bounded with a slow consumer and returns to baseline after.
 
-    python benchmarks/memory.py [--seconds 30] [--quick]
+    python benchmarks/memory.py [--batches 30] [--quick]
 
 imagenet batches (9.6 MB) from a no-work dataset; a consumer in its own
 process reads one batch per second. The resident memory of the server's gRPC
@@ -20,22 +20,21 @@ import time
 import _harness as h
 
 
-def consume(target: str, seconds: float, batch_size: int) -> None:
+def consume(target: str, batches: int, batch_size: int) -> None:
     from batchwire.client import RemoteDataset
 
     dataset = RemoteDataset(target, "imagenet", batch_size=batch_size)
-    deadline = time.monotonic() + seconds
-    for _ in dataset:
-        if time.monotonic() >= deadline:
+    for count, _ in enumerate(dataset, start=1):
+        if count >= batches:
             return
         time.sleep(1.0)  # a slow trainer: one batch a second
 
 
 def main() -> None:
     parser = h.arguments(__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--batches", type=int, default=30, help="batches consumed, one a second")
     args = parser.parse_args()
-    seconds = 4.0 if args.quick else args.seconds
+    batches = 4 if args.quick else args.batches
     settle = 1.0 if args.quick else 4.0
     batch_size, shape, dtype = h.SHAPES["imagenet"]
     batch_mb = batch_size * (3 * 224 * 224 + 8) / 1e6
@@ -52,7 +51,7 @@ def main() -> None:
             sample("before")
             time.sleep(0.25)
         consumer = mp.get_context("spawn").Process(
-            target=consume, args=(server.target, seconds, batch_size)
+            target=consume, args=(server.target, batches, batch_size)
         )
         consumer.start()
         while consumer.is_alive():
@@ -94,7 +93,7 @@ def main() -> None:
         )
     print(
         h.table(
-            f"server RSS (MB), consumer at 1 batch/s for {seconds:g} s; one batch is "
+            f"server RSS (MB), consumer of {batches} batches at 1 batch/s; one batch is "
             f"{batch_mb:.1f} MB, prefetch_batches={prefetch}",
             ["process", "baseline", "max during", "growth 2nd-1st half", "after", "after-baseline"],
             rows,
@@ -104,7 +103,7 @@ def main() -> None:
         "memory",
         args,
         {
-            "seconds": seconds,
+            "batches": batches,
             "batch_mb": batch_mb,
             "prefetch_batches": prefetch,
             "results": results,

@@ -29,13 +29,20 @@ def main() -> None:
         h.dataset_toml("mnist_synthetic", shape, dtype, source="synthetic", length=1 << 20),
     ]
     batch_bytes = batch_size * (784 * 4 + 8)
-    bare = h.bare_grpc(batch_bytes, duration, tuned=True) / batch_bytes
+    bare = h.bare_grpc(batch_bytes, duration, tuned=True, messages=h.stop_after(args))
+    bare /= batch_bytes
     rows, results = [], {}
     with h.Server(h.server_toml(datasets), workers=args.workers) as server:
         for dataset in ("mnist",) if args.quick else ("mnist", "mnist_synthetic"):
             for k in counts:
                 report = h.bench(
-                    server, dataset, batch_size, duration=duration, warmup=warmup, streams=k
+                    server,
+                    dataset,
+                    batch_size,
+                    duration=duration,
+                    warmup=warmup,
+                    batches=h.stop_after(args),
+                    streams=k,
                 )
                 rate = report["batches_per_s"]
                 results[f"{dataset}/streams={k}"] = {

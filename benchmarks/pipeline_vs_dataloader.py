@@ -61,7 +61,16 @@ class Local(Dataset):
         return self.pipeline.load(index, seed=0, epoch=0)
 
 
-def local_rate(config_path: Path, workers: int, batch_size: int, duration: float, warmup: float):
+def local_rate(
+    config_path: Path,
+    workers: int,
+    batch_size: int,
+    duration: float,
+    warmup: float,
+    batches: int | None = None,
+) -> float:
+    """Samples/s of the local DataLoader after ``warmup`` s, over ``duration`` s (or
+    ``batches`` batches)."""
     from batchwire.server.config import load_config
     from batchwire.server.pipeline import build_pipeline
 
@@ -75,7 +84,7 @@ def local_rate(config_path: Path, workers: int, batch_size: int, duration: float
         persistent_workers=True,
         prefetch_factor=2,
     )
-    samples, started, measuring = 0, time.monotonic(), None
+    samples, measured, started, measuring = 0, 0, time.monotonic(), None
     while True:
         for batch in loader:
             now = time.monotonic()
@@ -84,7 +93,8 @@ def local_rate(config_path: Path, workers: int, batch_size: int, duration: float
                     measuring = now
                 continue
             samples += len(batch[1])
-            if now - measuring >= duration:
+            measured += 1
+            if measured == batches or (batches is None and now - measuring >= duration):
                 return samples / (now - measuring)
 
 
@@ -105,9 +115,18 @@ def main() -> None:
         torch.set_num_threads(1)
         local_runs, remote_runs = [], []
         for _ in range(repeats):  # interleaved
-            local_runs.append(local_rate(config, args.workers, batch_size, duration, warmup))
+            local_runs.append(
+                local_rate(config, args.workers, batch_size, duration, warmup, h.stop_after(args))
+            )
             with h.Server(config.read_text(), workers=args.workers) as server:
-                report = h.bench(server, "images", batch_size, duration=duration, warmup=warmup)
+                report = h.bench(
+                    server,
+                    "images",
+                    batch_size,
+                    duration=duration,
+                    warmup=warmup,
+                    batches=h.stop_after(args),
+                )
             remote_runs.append(report["samples_per_s"])
         local, remote = (
             sorted(local_runs)[len(local_runs) // 2],

@@ -39,12 +39,21 @@ def main() -> None:
             speed = h.iperf3(duration)
             if speed is not None:
                 runs["iperf3"].append(speed)
-            runs["bare_default"].append(h.bare_grpc(CHUNK_BYTES, duration, tuned=False))
-            runs["bare_tuned"].append(h.bare_grpc(CHUNK_BYTES, duration, tuned=True))
+            for tuned in (False, True):
+                runs["bare_tuned" if tuned else "bare_default"].append(
+                    h.bare_grpc(CHUNK_BYTES, duration, tuned=tuned, messages=h.stop_after(args))
+                )
             for name in shapes:
                 batch_size = h.SHAPES[name][0]
                 for variant in (name,) if args.quick else (name, f"{name}_synthetic"):
-                    report = h.bench(server, variant, batch_size, duration=duration, warmup=warmup)
+                    report = h.bench(
+                        server,
+                        variant,
+                        batch_size,
+                        duration=duration,
+                        warmup=warmup,
+                        batches=h.stop_after(args),
+                    )
                     reports.setdefault(variant, []).append(report)
     base = {k: statistics.median(v) if v else None for k, v in runs.items()}
     rows, results = [], {}

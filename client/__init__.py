@@ -8,16 +8,18 @@ for x, y in DevicePrefetcher(ds, "cuda"):
 
 from batchwire.client._channel import BatchClient
 from batchwire.client._dataset import RemoteDataset
-from batchwire.client._errors import BatchwireError, ServerError
+from batchwire.client._errors import BatchwireError, ConnectError, ServerError, TargetError
 from batchwire.client._prefetch import DevicePrefetcher
 from batchwire.client._retry import RetryError, RetryPolicy
 
 __all__ = [
     "BatchClient",
     "BatchwireError",
+    "ConnectError",
     "DevicePrefetcher",
     "RemoteDataset",
     "RetryError",
     "RetryPolicy",
     "ServerError",
+    "TargetError",
 ]

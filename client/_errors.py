@@ -4,6 +4,8 @@ BatchwireError            anything batchwire raises
 ├── ServerError           the server ended a call with a gRPC status
 │   (.code: grpc.StatusCode, .details: the server's message)
 ├── RetryError            reconnecting gave up (.attempts, .elapsed, .last_error)
+├── ConnectError          the server was never reached within the connect timeout (.target)
+├── TargetError           a target gRPC cannot parse (no port, an unknown scheme, ...)
 └── CredentialsError      a BATCHWIRE_TLS_* / BATCHWIRE_TOKEN_FILE setting is unusable
 """
 
@@ -31,3 +33,22 @@ class ServerError(BatchwireError):
         code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
         details = error.details() if hasattr(error, "details") else str(error)
         return cls(code, details or "", target=target)
+
+
+class ConnectError(BatchwireError, ConnectionError):
+    """No connection to ``target`` came up within the connect timeout, and none ever had.
+
+    Not a ``ServerError``: no server answered, and a ``RetryPolicy`` does not retry
+    it (the policy is for outages of a server that was reached).
+    """
+
+    def __init__(self, target: str, *, timeout: float, reason: str = "") -> None:
+        self.target = target
+        self.timeout = timeout
+        self.reason = reason
+        why = f" (no connection within {timeout:g}s" + (f"; {reason})" if reason else ")")
+        super().__init__(f"cannot reach {target}: is 'batchwire serve' running there?{why}")
+
+
+class TargetError(BatchwireError, ValueError):
+    """A server target that cannot be parsed; the message says what a target looks like."""

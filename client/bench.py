@@ -2,7 +2,9 @@
 
 N client processes (spawned, so each has its own GIL and gRPC channel) each
 open k streams of one dataset, start together, and stream for a warm-up and
-then a measured window. Every batch's arrival time and size is recorded in the
+then a measured window: ``duration`` seconds, or (``batches``) until each
+client has received that many batches, which a busy machine cannot leave
+empty. Every batch's arrival time and size is recorded in the
 client; the parent prints a live progress line from shared counters and, at
 the end, a report in the spirit of ghz: throughput, time to first batch,
 latency between batches (percentiles and a histogram), and per-client rates
@@ -31,8 +33,8 @@ from typing import Any, TextIO
 import grpc
 
 from batchwire import wire
-from batchwire.client._channel import BatchClient
-from batchwire.client._errors import BatchwireError, ServerError
+from batchwire.client._channel import BatchClient, check_target, wait_for_server
+from batchwire.client._errors import BatchwireError, ConnectError, ServerError
 from batchwire.compression import NAMES as compression_names
 from batchwire.compression import codec
 from batchwire.v1 import batchwire_pb2 as pb
@@ -40,6 +42,7 @@ from batchwire.v1 import batchwire_pb2 as pb
 JSON_SCHEMA_VERSION = 1
 _START_DELAY = 0.3  # seconds between "all clients ready" and the common start
 _READY_TIMEOUT = 120.0  # seconds a spawned client may take to import torch and connect
+_BATCHES_TIMEOUT = 600.0  # seconds a run by batch count may take before it counts as hung
 
 
 class BenchError(BatchwireError):
@@ -59,10 +62,15 @@ class BenchConfig:
     streams: int = 1
     compression: str = "none"
     shuffle: bool = False
+    batches: int | None = None
+    """Measure until each client has this many batches after the warm-up, instead of
+    for ``duration`` seconds (a run that ends by count, as smoke runs must)."""
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "clients", "streams"):
+        for name in ("batch_size", "clients", "streams", "batches"):
             value = getattr(self, name)
+            if name == "batches" and value is None:
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} should be a positive integer, but got {name}={value!r}")
         if not self.duration > 0:
@@ -73,6 +81,7 @@ class BenchConfig:
             raise ValueError(
                 f"compression should be one of {', '.join(compression_names)}, got {self.compression!r}"
             )
+        check_target(self.target)
 
 
 # -- one client process ---------------------------------------------------------
@@ -90,6 +99,29 @@ class _StreamLog:
     error: str | None = None
 
 
+class _Quota:
+    """Ends a client's streams: at ``end_at``, or once its streams together have
+    ``batches`` batches that arrived at or after ``measure_from``."""
+
+    def __init__(self, end_at: float, measure_from: float, batches: int | None) -> None:
+        self.end_at = end_at
+        self.measure_from = measure_from
+        self.batches = batches
+        self._measured = 0
+        self._lock = threading.Lock()
+        self._done = False
+
+    def arrived(self, now: float) -> bool:
+        """Counts a batch that arrived at ``now``; True when the stream should stop."""
+        if self.batches is None:
+            return now >= self.end_at
+        with self._lock:
+            if now >= self.measure_from:
+                self._measured += 1
+            self._done = self._done or self._measured >= self.batches
+            return self._done
+
+
 def _request(config: BenchConfig, epoch: int, stream: int) -> pb.StreamBatchesRequest:
     return pb.StreamBatchesRequest(
         dataset=config.dataset,
@@ -104,7 +136,7 @@ def _request(config: BenchConfig, epoch: int, stream: int) -> pb.StreamBatchesRe
 
 
 def _run_stream(
-    config: BenchConfig, stream: int, end_at: float, counters: Any, slot: int, log: _StreamLog
+    config: BenchConfig, stream: int, quota: _Quota, counters: Any, slot: int, log: _StreamLog
 ) -> None:
     from batchwire import compression
 
@@ -127,7 +159,7 @@ def _run_stream(
                         log.wire_bytes.append(header.payload_size)
                         counters[slot] += 1
                         counters[slot + 1] += header.raw_size
-                        if now >= end_at:
+                        if quota.arrived(now):
                             return
             finally:
                 call.cancel()
@@ -145,17 +177,16 @@ def _client_main(
     import torch  # noqa: F401  (imported before the start, not inside the measured window)
 
     from batchwire import compression  # noqa: F401  (likewise)
-    from batchwire.client._channel import channel
 
     # Connect before the start: time to first batch is then request -> first batch,
     # not TCP and HTTP/2 set-up (which `ready` would otherwise include).
-    with contextlib.suppress(grpc.FutureTimeoutError):  # the streams will report it
-        grpc.channel_ready_future(channel(config.target)).result(timeout=10.0)
+    with contextlib.suppress(ConnectError):  # the streams will report it
+        wait_for_server(config.target)
     results.put(("ready", index))
     if not go.wait(_READY_TIMEOUT):
         return
     start = start_at.value
-    end_at = start + config.warmup + config.duration
+    quota = _Quota(start + config.warmup + config.duration, start + config.warmup, config.batches)
     while time.monotonic() < start:
         time.sleep(0.001)
     logs = [_StreamLog() for _ in range(config.streams)]
@@ -163,7 +194,7 @@ def _client_main(
     threads = [
         threading.Thread(
             target=_run_stream,
-            args=(config, j, end_at, counters, 2 * index, logs[j]),
+            args=(config, j, quota, counters, 2 * index, logs[j]),
             name=f"bench-client{index}-stream{j}",
             daemon=True,
         )
@@ -194,8 +225,12 @@ def _client_main(
 
 
 def _preflight(config: BenchConfig) -> tuple[pb.DatasetInfo, int]:
-    """Checks the server and dataset before spawning anything; returns info and batch bytes."""
-    client = BatchClient(config.target, timeout=5.0)
+    """Checks the server and dataset before spawning anything; returns info and batch bytes.
+
+    An unreachable server raises ``ConnectError`` (from ``BatchClient``), as it does
+    for every client command.
+    """
+    client = BatchClient(config.target, timeout=30.0)
     try:
         info = client.describe(config.dataset)
         call = client.stream(_request(config, 0, 0))
@@ -208,14 +243,7 @@ def _preflight(config: BenchConfig) -> tuple[pb.DatasetInfo, int]:
     except grpc.RpcError as error:
         raise BenchError(str(ServerError.from_rpc(error, config.target))) from None
     except ServerError as exc:
-        if exc.code.name in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
-            raise BenchError(
-                f"cannot reach a batchwire server at {config.target} "
-                f"({exc.code.name}: {exc.details}); is `batchwire serve` running there?"
-            ) from None
         raise BenchError(str(exc)) from None
-    except Exception as exc:  # a gRPC error outside the typed calls
-        raise BenchError(f"cannot stream from {config.target}: {exc}") from None
     raise BenchError(f"dataset {config.dataset!r} at {config.target} has no batches to stream")
 
 
@@ -241,8 +269,13 @@ class _Progress:
         elapsed = now - start
         phase = "warm-up" if elapsed < self.config.warmup else "measuring"
         total = self.config.warmup + self.config.duration
+        clock = (
+            f"{elapsed:6.1f}s"
+            if self.config.batches  # it ends by count: no known total
+            else f"{min(elapsed, total):6.1f}s/{total:.1f}s"
+        )
         line = (
-            f"[{min(elapsed, total):6.1f}s/{total:.1f}s] {phase:<9} {int(batches):>9} batches  "
+            f"[{clock}] {phase:<9} {int(batches):>9} batches  "
             f"{rate:10.1f} batches/s  {bandwidth / 1e6:9.1f} MB/s"
         )
         if self.tty:
@@ -286,6 +319,8 @@ def run(config: BenchConfig, *, progress: TextIO | None = sys.stderr) -> dict[st
         go.set()
         meter = _Progress(config, counters, progress) if progress is not None else None
         deadline = start + config.warmup + config.duration + max(30.0, config.duration)
+        if config.batches:
+            deadline = start + config.warmup + _BATCHES_TIMEOUT
         while len(records) < config.clients:
             if meter is not None and time.monotonic() >= start:
                 meter.update(start)
@@ -373,25 +408,39 @@ def summarize(
     start: float,
     records: list[dict[str, Any]],
 ) -> dict[str, Any]:
-    """Turns the clients' arrival logs into the report."""
-    window = (start + config.warmup, start + config.warmup + config.duration)
+    """Turns the clients' arrival logs into the report.
+
+    The measured window starts after the warm-up and lasts ``duration`` seconds,
+    or (``batches``) for each client until its ``batches``-th batch; rates are per
+    second of that window ("seconds" in the report: the longest client's window).
+    """
+    opens = start + config.warmup
     errors = [s["error"] for r in records for s in r["streams"] if s["error"]]
     first_batch = [
         s["first"] - s["opened"] for r in records for s in r["streams"] if s["first"] is not None
     ]
     gaps: list[float] = []
     clients = []
+    spans: list[float] = []
     totals = {"batches": 0, "raw_bytes": 0, "wire_bytes": 0}
     for index, record in enumerate(records):
         arrivals: list[tuple[float, int, int]] = []
         for stream in record["streams"]:
             arrivals += zip(stream["times"], stream["raw_bytes"], stream["wire_bytes"], strict=True)
         arrivals.sort()
+        if config.batches:
+            inside = [a for a in arrivals if a[0] >= opens][: config.batches]
+            closes = inside[-1][0] if inside else opens
+            span = max(closes - opens, 1e-9)
+        else:
+            closes, span = opens + config.duration, config.duration
+            inside = [a for a in arrivals if opens <= a[0] < closes]
+        spans.append(span)
         # A trainer sees the batches of all its streams: gaps are between consecutive
         # arrivals at the client, counted when the later one falls in the window.
-        inside = [a for a in arrivals if window[0] <= a[0] < window[1]]
+        measured = set(inside)
         for before, after in itertools.pairwise(arrivals):
-            if window[0] <= after[0] < window[1]:
+            if after in measured:
                 gaps.append(after[0] - before[0])
         batches = len(inside)
         raw = sum(a[1] for a in inside)
@@ -404,13 +453,14 @@ def summarize(
             {
                 "client": index,
                 "batches": batches,
-                "batches_per_s": batches / config.duration,
-                "mb_per_s": raw / config.duration / 1e6,
+                "batches_per_s": batches / span,
+                "mb_per_s": raw / span / 1e6,
                 "time_to_first_batch_s": min(firsts) if firsts else None,
                 "cpu_seconds": record["cpu_seconds"],
                 "errors": [s["error"] for s in record["streams"] if s["error"]],
             }
         )
+    seconds = max(spans, default=config.duration)
     gaps.sort()
     first_batch.sort()
     rates = [c["batches_per_s"] for c in clients]
@@ -424,13 +474,14 @@ def summarize(
             "length": info.length,
             "batch_bytes": batch_bytes,
         },
+        "seconds": seconds,
         "batches": totals["batches"],
-        "samples_per_s": totals["batches"] * config.batch_size / config.duration,
-        "batches_per_s": totals["batches"] / config.duration,
+        "samples_per_s": totals["batches"] * config.batch_size / seconds,
+        "batches_per_s": totals["batches"] / seconds,
         "bytes": totals["raw_bytes"],
         "wire_bytes": totals["wire_bytes"],
-        "mb_per_s": totals["raw_bytes"] / config.duration / 1e6,
-        "wire_mb_per_s": totals["wire_bytes"] / config.duration / 1e6,
+        "mb_per_s": totals["raw_bytes"] / seconds / 1e6,
+        "wire_mb_per_s": totals["wire_bytes"] / seconds / 1e6,
         "time_to_first_batch_s": _stats(first_batch),
         "latency_s": _stats(gaps),
         "latency_histogram": histogram(gaps),
@@ -479,7 +530,9 @@ def format_report(report: dict[str, Any]) -> str:
         f"  Batch:        {config['batch_size']} samples, {dataset['batch_bytes'] / 1e6:.3f} MB",
         f"  Clients:      {config['clients']} x {config['streams']} stream(s)"
         + (f", {config['compression']}" if config["compression"] != "none" else ""),
-        f"  Duration:     {config['duration']:g} s measured after {config['warmup']:g} s warm-up",
+        f"  Duration:     {report['seconds']:.3g} s measured"
+        + (f" ({config['batches']} batches per client)" if config.get("batches") else "")
+        + f" after {config['warmup']:g} s warm-up",
         f"  Batches:      {report['batches']}",
         f"  Batches/s:    {report['batches_per_s']:.1f}",
         f"  Samples/s:    {report['samples_per_s']:.1f}",

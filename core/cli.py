@@ -7,6 +7,7 @@ the client inside its own function, so ``batchwire ls`` never loads server code.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import signal
@@ -16,10 +17,39 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 DEFAULT_TARGET = "localhost:50051"
+LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 
 
 def _target(args: argparse.Namespace) -> str:
-    return args.target or os.environ.get("BATCHWIRE_TARGET") or DEFAULT_TARGET
+    from batchwire.client._channel import check_target
+
+    return check_target(args.target or os.environ.get("BATCHWIRE_TARGET") or DEFAULT_TARGET)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("batchwire")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown"
+
+
+def _number(kind: type, low: float, *, above: bool = False):
+    """An argparse type: ``kind`` values >= ``low`` (> ``low`` if ``above``), saying what it got."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (above and value == low):
+            what = {int: "an integer", float: "a number"}[kind]
+            bound = f"> {low}" if above else f">= {low}"
+            raise argparse.ArgumentTypeError(f"should be {what} {bound}, but got {text!r}")
+        return value
+
+    return parse
 
 
 def _configure_logging(level: str) -> None:
@@ -41,7 +71,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"batchwire serve: bad config: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        print(f"batchwire serve: {exc}", file=sys.stderr)
+        if exc.errno == errno.EADDRINUSE:  # BatchwireServer says "port N is in use"
+            print(f"batchwire serve: {exc.strerror} (pick another, or --port 0)", file=sys.stderr)
+        else:
+            print(f"batchwire serve: {exc}", file=sys.stderr)
         return 1
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -71,11 +104,15 @@ def cmd_ls(args: argparse.Namespace) -> int:
     from batchwire import wire
     from batchwire.client import BatchClient
 
+    rows = [["DATASET", "SOURCE", "SAMPLES", "FIELDS"]]
     for info in BatchClient(_target(args)).list_datasets():
         fields = ", ".join(
             f"{f.name}: {wire.dtype_name(f.dtype)}{list(f.shape)}" for f in info.fields
         )
-        print(f"{info.name}\t{info.source}\t{info.length} samples\t{fields}")
+        rows.append([info.name, info.source, str(info.length), fields])
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        print("  ".join([*(cell.ljust(w) for cell, w in zip(row, widths, strict=False)), row[3]]))
     return 0
 
 
@@ -144,6 +181,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             streams=args.streams,
             compression=args.compression,
             shuffle=args.shuffle,
+            batches=args.batches,
         )
     except ValueError as exc:
         print(f"batchwire bench: {exc}", file=sys.stderr)
@@ -153,34 +191,58 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="batchwire", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"batchwire {_version()}")
+    log_help = "log level (default: $BATCHWIRE_LOG_LEVEL, else the config's, else INFO)"
     parser.add_argument(
         "--log-level",
         default=os.environ.get("BATCHWIRE_LOG_LEVEL"),
         type=str.upper,
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="log level (default: $BATCHWIRE_LOG_LEVEL, else the config's, else INFO)",
+        choices=LOG_LEVELS,
+        help=log_help,
+    )
+    # Global options are accepted after the subcommand too (`batchwire ls --log-level
+    # DEBUG`); SUPPRESS keeps a value given before it when none is given after.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--log-level", default=argparse.SUPPRESS, type=str.upper, choices=LOG_LEVELS, help=log_help
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="serve the datasets of a config file")
+    serve = commands.add_parser(
+        "serve", parents=[common], help="serve the datasets of a config file"
+    )
     serve.add_argument("--config", required=True, help="TOML config file")
     serve.add_argument("--host", help="address to bind (default: the config's, else 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port to bind; 0 picks a free one")
+    port = _number(int, 0)
+    serve.add_argument("--port", type=port, help="port to bind; 0 picks a free one")
     serve.add_argument(
-        "--workers", type=int, help="worker processes (default: the config's, else one per core)"
+        "--workers",
+        type=_number(int, 1),
+        help="worker processes (default: the config's, else one per core)",
     )
     serve.add_argument(
-        "--metrics-port", type=int, help="Prometheus metrics port (default: the config's, else off)"
+        "--metrics-port",
+        type=port,
+        help="Prometheus metrics port (default: the config's, else off)",
     )
     serve.add_argument(
-        "--grace", type=float, help="seconds open streams get at shutdown (default: the config's)"
+        "--grace",
+        type=_number(float, 0),
+        help="seconds open streams get at shutdown (default: the config's)",
     )
     serve.set_defaults(func=cmd_serve)
 
     def client_command(name: str, help_text: str):
-        sub = commands.add_parser(name, help=help_text)
+        sub = commands.add_parser(name, parents=[common], help=help_text)
         sub.add_argument(
             "--target", help=f"server host:port (default: $BATCHWIRE_TARGET or {DEFAULT_TARGET})"
+        )
+        sub.add_argument(
+            "--connect-timeout",
+            type=_number(float, 0, above=True),
+            metavar="S",
+            help="seconds to wait for a server never reached before "
+            "(default: $BATCHWIRE_CONNECT_TIMEOUT_SECONDS, else 5)",
         )
         return sub
 
@@ -195,6 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--clients", type=int, default=1, help="client processes (default 1)")
     bench.add_argument("--duration", type=float, default=10.0, help="measured seconds (10)")
     bench.add_argument("--warmup", type=float, default=2.0, help="seconds before measuring (2)")
+    bench.add_argument(
+        "--batches",
+        type=int,
+        metavar="N",
+        help="measure until each client has N batches, instead of --duration seconds",
+    )
     bench.add_argument("--streams", type=int, default=1, help="parallel streams per client (1)")
     bench.add_argument("--compression", choices=["none", "lz4", "zstd"], default="none")
     bench.add_argument("--shuffle", action="store_true", help="shuffled order (default: in order)")
@@ -214,9 +282,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command != "serve":
         _configure_logging(args.log_level or "WARNING")
         from batchwire.client import BatchwireError
+        from batchwire.client._channel import CONNECT_TIMEOUT_SECONDS_ENV
+        from batchwire.client._errors import TargetError
 
+        if args.connect_timeout is not None:  # the environment: bench's client processes too
+            os.environ[CONNECT_TIMEOUT_SECONDS_ENV] = str(args.connect_timeout)
         try:
             return args.func(args)
+        except TargetError as exc:  # a usage error, as argparse's
+            print(f"batchwire {args.command}: {exc}", file=sys.stderr)
+            return 2
         except BatchwireError as exc:
             print(f"batchwire {args.command}: {exc}", file=sys.stderr)
             return 1

@@ -29,7 +29,9 @@ checks and batch streams alike.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import socket
 import threading
 import time
 from collections.abc import Coroutine
@@ -53,6 +55,20 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 
+def bind_error(host: str, port: int) -> OSError:
+    """Why ``host:port`` could not be bound: ``errno.EADDRINUSE`` when a socket listens there."""
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpc binds
+            probe.bind(address)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            return OSError(errno.EADDRINUSE, f"port {port} is in use")
+        return OSError(exc.errno, f"cannot bind {host}:{port}: {exc.strerror or exc}")
+    return OSError(f"cannot bind {host}:{port}")
+
+
 class BatchwireServer:
     """A server built from a config; ``port`` is the bound port (useful with port 0)."""
 
@@ -72,7 +88,8 @@ class BatchwireServer:
         self.metrics.track_pool(self.pool)
         self.service = BatchService(self.registry, self.pool, settings, self.metrics)
         self.host = host or settings.host
-        address = f"{self.host}:{settings.port if port is None else port}"
+        self._requested_port = settings.port if port is None else port
+        address = f"{self.host}:{self._requested_port}"
         self._stopped = threading.Event()
         self._serving = False  # started and not draining (the pool's health aside)
         self._health_lock = threading.Lock()
@@ -125,12 +142,15 @@ class BatchwireServer:
             ),
             self._grpc,
         )
-        if settings.tls is not None:
-            port = self._grpc.add_secure_port(address, server_credentials(settings.tls))
-        else:
-            port = self._grpc.add_insecure_port(address)
+        try:
+            if settings.tls is not None:
+                port = self._grpc.add_secure_port(address, server_credentials(settings.tls))
+            else:
+                port = self._grpc.add_insecure_port(address)
+        except RuntimeError:  # grpcio's "Failed to bind to address": find out why
+            port = 0
         if port == 0:
-            raise OSError(f"cannot bind {address}")
+            raise bind_error(self.host, self._requested_port)
         return port
 
     def _on_loop(self, coroutine: Coroutine[Any, Any, _T], timeout: float | None = None) -> _T:

@@ -87,10 +87,12 @@ def test_public_exports_are_pinned():
     assert batchwire.client.__all__ == [
         "BatchClient",
         "BatchwireError",
+        "ConnectError",
         "DevicePrefetcher",
         "RemoteDataset",
         "RetryError",
         "RetryPolicy",
         "ServerError",
+        "TargetError",
     ]
     assert batchwire.server.__all__ == ["BatchwireServer", "Config", "ConfigError", "load_config"]

@@ -7,6 +7,9 @@ never by a client.
 from __future__ import annotations
 
 import importlib
+import os
+import sys
+from pathlib import Path
 from typing import Any
 
 from batchwire.server.config import Table
@@ -19,9 +22,14 @@ def import_object(path: str) -> Any:
         raise ValueError(f"expected 'package.module:name', got {path!r}")
     try:
         module = importlib.import_module(module_name)
-    except Exception as exc:  # ImportError, or the module raising on import
+    except Exception as exc:  # not found, or the module raising on import
+        # Where imports look is worth saying only when the module itself (or its
+        # package) is missing, not something it imports.
+        missing = isinstance(exc, ModuleNotFoundError) and exc.name is not None
+        missing = missing and f"{module_name}.".startswith(f"{exc.name}.")
         raise ValueError(
             f"cannot import module {module_name!r}: {type(exc).__name__}: {exc}"
+            + (f"; {_where()}" if missing else "")
         ) from exc
     target: Any = module
     for part in attribute.split("."):
@@ -30,6 +38,27 @@ def import_object(path: str) -> Any:
         except AttributeError:
             raise ValueError(f"module {module_name!r} has no attribute {attribute!r}") from None
     return target
+
+
+def searched_folders() -> list[str]:
+    """The folders an import searches besides the interpreter's own (stdlib, installed
+    packages): the config's ``python_path``, ``$PYTHONPATH``, the script's folder."""
+    own = [Path(p).resolve() for p in {sys.prefix, sys.base_prefix, sys.exec_prefix}]
+    folders = []
+    for entry in sys.path:
+        folder = Path(entry or os.getcwd()).resolve()
+        if not any(folder.is_relative_to(prefix) for prefix in own) and str(folder) not in folders:
+            folders.append(str(folder))
+    return folders
+
+
+def _where() -> str:
+    folders = searched_folders()
+    searched = ", ".join(f if os.path.isdir(f) else f"{f} (no such folder)" for f in folders)
+    return (
+        f"folders searched besides the installed packages: {searched or 'none'}; put the module in "
+        "one of them, or add its folder to python_path in [server] (relative to the config file)"
+    )
 
 
 def build(table: Table) -> Any:

@@ -1,9 +1,14 @@
-"""``batchwire bench`` against a real server: report content, JSON schema, error exits."""
+"""``batchwire bench`` against a real server: report content, JSON schema, error exits.
+
+Runs end by a count of batches (``--batches``), never by seconds, so that a busy
+machine cannot leave a window empty.
+"""
 
 from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +17,7 @@ from _serverproc import ServerProcess, batchwire_command, free_port
 TOP_KEYS = {
     "schema_version": int,
     "config": dict,
+    "seconds": float,
     "dataset": dict,
     "batches": int,
     "batches_per_s": float,
@@ -54,7 +60,7 @@ def report(core_server: ServerProcess, tmp_path_factory: pytest.TempPathFactory)
     result = bench(
         core_server.target,
         *("--dataset", "big", "--batch-size", "2", "--clients", "2", "--streams", "2"),
-        *("--duration", "1.5", "--warmup", "0.5", "--json", str(path)),
+        *("--batches", "6", "--warmup", "0.5", "--json", str(path)),
     )
     return result, json.loads(path.read_text()) if path.exists() else None
 
@@ -97,19 +103,20 @@ def test_json_schema_and_consistency(report) -> None:
         "dataset": "big",
         "batch_size": 2,
         "clients": 2,
-        "duration": 1.5,
+        "duration": 10.0,
         "warmup": 0.5,
         "streams": 2,
         "compression": "none",
         "shuffle": False,
+        "batches": 6,
     }
     assert data["dataset"]["batch_bytes"] == 2 * 1024 * 1024 * 4 + 2 * 8  # images, labels
-    assert data["batches"] > 0
-    assert data["batches"] == sum(c["batches"] for c in data["clients"])
+    assert data["batches"] == 12 == sum(c["batches"] for c in data["clients"])
     assert data["bytes"] == data["batches"] * data["dataset"]["batch_bytes"]
     assert data["wire_bytes"] == data["bytes"]  # no compression asked
-    assert data["batches_per_s"] == pytest.approx(data["batches"] / 1.5)
-    assert data["mb_per_s"] == pytest.approx(data["bytes"] / 1.5 / 1e6)
+    seconds = data["seconds"]  # the longest client's window, to its 6th batch
+    assert data["batches_per_s"] == pytest.approx(data["batches"] / seconds)
+    assert data["mb_per_s"] == pytest.approx(data["bytes"] / seconds / 1e6)
     assert set(data["latency_s"]) == STAT_KEYS == set(data["time_to_first_batch_s"])
     latency = data["latency_s"]
     assert 0 < latency["min"] <= latency["p50"] <= latency["p90"] <= latency["p99"]
@@ -120,7 +127,8 @@ def test_json_schema_and_consistency(report) -> None:
     assert len(data["clients"]) == 2
     for client in data["clients"]:
         assert set(client) == CLIENT_KEYS
-        assert client["batches"] > 0 and client["time_to_first_batch_s"] > 0
+        assert client["batches"] == 6 and client["time_to_first_batch_s"] > 0
+        assert client["batches_per_s"] >= 6 / seconds
     rates = [c["batches_per_s"] for c in data["clients"]]
     assert data["fairness"] == pytest.approx(min(rates) / max(rates))
     assert data["errors"] == []
@@ -131,20 +139,24 @@ def test_compressed_run_reports_wire_bytes(core_server: ServerProcess, tmp_path:
     result = bench(
         core_server.target,
         *("--dataset", "dict", "--batch-size", "8", "--compression", "lz4"),
-        *("--duration", "0.5", "--warmup", "0", "--json", str(path)),
+        *("--batches", "4", "--warmup", "0", "--json", str(path)),
     )
     assert result.returncode == 0, result.stderr
     data = json.loads(path.read_text())
     assert data["config"]["compression"] == "lz4"
-    assert data["batches"] > 0 and data["wire_bytes"] != data["bytes"]
+    assert data["batches"] == 4 and data["wire_bytes"] != data["bytes"]
     assert "wire" in result.stdout
 
 
 def test_unreachable_server_exits_nonzero() -> None:
     target = f"127.0.0.1:{free_port()}"  # nothing listens there
-    result = bench(target, "--dataset", "big", "--batch-size", "2", "--duration", "1")
+    started = time.monotonic()
+    result = bench(target, "--dataset", "big", "--batch-size", "2", "--batches", "1")
+    # The message every client command gives (client/_channel.py), after the 5 s
+    # connect timeout; the bound is generous (process start-up on a busy machine).
+    assert time.monotonic() - started < 25
     assert result.returncode == 1
-    assert f"cannot reach a batchwire server at {target}" in result.stderr
+    assert f"cannot reach {target}: is 'batchwire serve' running there?" in result.stderr
     assert "Summary" not in result.stdout
 
 
@@ -162,7 +174,8 @@ def test_batch_size_over_the_limit_exits_nonzero(core_server: ServerProcess) -> 
 
 
 @pytest.mark.parametrize(
-    ("flag", "value"), [("--batch-size", "0"), ("--clients", "0"), ("--duration", "0")]
+    ("flag", "value"),
+    [("--batch-size", "0"), ("--clients", "0"), ("--duration", "0"), ("--batches", "0")],
 )
 def test_bad_arguments_exit_2(core_server: ServerProcess, flag: str, value: str) -> None:
     args = {"--dataset": "big", "--batch-size": "2", flag: value}
@@ -175,7 +188,7 @@ def test_dataset_failing_mid_run_exits_nonzero(core_server: ServerProcess, tmp_p
     path = tmp_path / "failing.json"
     result = bench(
         core_server.target,
-        *("--dataset", "failing", "--batch-size", "4", "--duration", "1", "--warmup", "0"),
+        *("--dataset", "failing", "--batch-size", "4", "--batches", "50", "--warmup", "0"),
         *("--json", str(path)),
     )
     assert result.returncode == 1

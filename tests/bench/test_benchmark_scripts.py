@@ -1,8 +1,10 @@
-"""A quick smoke run of each benchmark script (tiny durations): it runs, prints a table, writes JSON.
+"""A quick smoke run of each benchmark script (tiny sizes): it runs, prints a table, writes JSON.
 
 The figures themselves are not checked here (benchmarks are not pass/fail;
 see benchmarks/RESULTS.md); only that every script still works end to end
-against a real server with its baselines.
+against a real server with its baselines. Quick runs end after a count of
+batches, not seconds, so that a busy machine slows them down but cannot
+leave a measurement empty.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+QUICK_BATCHES = 8  # benchmarks/_harness.py
 SCRIPTS = {
     "wire_throughput": ["results", "baselines_bytes_per_s"],
     "mnist_rate": ["results", "bare_grpc_messages_per_s"],
@@ -53,3 +56,5 @@ def test_script_runs_quick(name: str, tmp_path: Path) -> None:
     assert data["machine"]["cores"] >= 1
     for key in SCRIPTS[name]:
         assert data[key], f"{name}: {key} is empty"
+    if name == "fairness":  # every client measured exactly the quick count
+        assert [c["batches"] for c in data["per_client"]] == [QUICK_BATCHES] * data["clients"]

@@ -92,8 +92,9 @@ def test_a_frozen_server_is_noticed_within_keepalive_time_and_timeout(
         thaw.join(timeout=30)
     assert noticed_after, "the client never noticed that the server stopped answering"
     # A ping within KEEPALIVE of the last frame, KEEPALIVE for its answer, and slack
-    # for the batches already received and a loaded test machine.
-    assert noticed_after[0] < 2 * KEEPALIVE + 4.0
+    # for the batches already received and a busy machine; without keepalive the
+    # client would never notice (the thaw comes after 20 s regardless).
+    assert noticed_after[0] < 2 * KEEPALIVE + 10.0
     assert received == expected  # and it resumed exactly once the server answered again
 
 
