@@ -83,7 +83,10 @@ class BatchwireServer:
         settings = config.server
         self.config = config
         self.registry = DatasetRegistry(config)  # raises ConfigError before anything starts
-        self.pool = WorkerPool(config, workers or settings.workers, shm_dir=settings.shm_dir)
+        if workers is not None and (isinstance(workers, bool) or workers < 1):
+            raise ValueError(f"workers should be a positive integer, but got workers={workers!r}")
+        workers = settings.workers if workers is None else workers
+        self.pool = WorkerPool(config, workers, shm_dir=settings.shm_dir)
         self.metrics = Metrics()
         self.metrics.track_pool(self.pool)
         self.service = BatchService(self.registry, self.pool, settings, self.metrics)

@@ -167,3 +167,15 @@ def test_an_unimportable_factory_names_python_path_and_the_folders_searched(
     assert "python_path" in result.stderr
     assert str(tmp_path / "mods") in result.stderr
     assert f"{tmp_path / 'missing'} (no such folder)" in result.stderr
+
+
+@pytest.mark.parametrize("workers", [0, -1, True])
+def test_the_server_class_refuses_a_worker_count_below_one(core_config: Path, workers) -> None:
+    # Before: BatchwireServer(config, workers=0) silently used the config's count.
+    from batchwire.server.app import BatchwireServer
+    from batchwire.server.config import load_config
+
+    with pytest.raises(
+        ValueError, match=f"workers should be a positive integer, but got workers={workers!r}"
+    ):
+        BatchwireServer(load_config(core_config), workers=workers)
