@@ -27,7 +27,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-import torch
 from _serverproc import ServerProcess
 from conftest import assert_same_batch
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -123,7 +122,10 @@ def malformed_requests(target: str) -> None:
         (pb.StreamBatchesRequest(dataset="nope", batch_size=4, world_size=1), "NOT_FOUND"),
         (pb.StreamBatchesRequest(dataset="x" * 2**20, batch_size=4, world_size=1), "NOT_FOUND"),
         (pb.StreamBatchesRequest(dataset="good", batch_size=0, world_size=1), "INVALID_ARGUMENT"),
-        (pb.StreamBatchesRequest(dataset="good", batch_size=4, world_size=2, rank=5), "INVALID_ARGUMENT"),
+        (
+            pb.StreamBatchesRequest(dataset="good", batch_size=4, world_size=2, rank=5),
+            "INVALID_ARGUMENT",
+        ),
         (pb.StreamBatchesRequest(dataset="failing", batch_size=4, world_size=1), "INTERNAL"),
     ]
     for request, code in bad:
