@@ -137,6 +137,8 @@ class ServerConfig:
     """Address to bind; "0.0.0.0" to serve other machines."""
     port: int = 50051
     """Port to bind; 0 picks a free one (printed at start-up)."""
+    executor: str = "local"
+    """What builds the batches: "local" (worker processes on this machine; see executor.py)."""
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     """Worker processes that load, transform and collate batches."""
     max_batch_size: int = 65536
@@ -204,6 +206,8 @@ class Config:
 
 _SERVER_KEYS = set(ServerConfig.__dataclass_fields__)
 _LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
+EXECUTORS = ["local"]
+"""The values of ``[server] executor`` (``executor.make_executor`` builds each)."""
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
@@ -258,6 +262,7 @@ def _server_config(table: Table) -> ServerConfig:
     return ServerConfig(
         host=table.get("host", str, defaults.host),
         port=_port(table, defaults.port, "port"),
+        executor=table.choice("executor", EXECUTORS, defaults.executor),
         workers=table.positive_int("workers", defaults.workers),
         max_batch_size=table.positive_int("max_batch_size", defaults.max_batch_size),
         prefetch_batches=table.positive_int("prefetch_batches", defaults.prefetch_batches),
