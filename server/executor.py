@@ -8,8 +8,9 @@ service know only this interface: how batches are built (processes, threads,
 a cluster) and where their bytes live until sent is the executor's business;
 a built batch owns its memory until ``release``.
 
-Engines: ``local`` (``local.LocalExecutor``: worker processes on this
-machine, payloads in /dev/shm) is what ``[server] executor`` chooses;
+Engines, chosen by ``[server] executor``: ``local`` (``local.LocalExecutor``:
+worker processes on this machine, payloads in /dev/shm) and ``ray``
+(``ray_executor.RayExecutor``: actors of a Ray cluster);
 ``inprocess.ThreadExecutor`` builds in threads of the calling process (tests,
 debugging a dataset).
 """
@@ -31,7 +32,7 @@ from batchwire.server._tasks import (
     Unavailable,
     WorkerCrashed,
 )
-from batchwire.server.config import Config
+from batchwire.server.config import Config, ConfigError
 
 __all__ = [
     "BatchFailed",
@@ -104,4 +105,12 @@ def make_executor(config: Config, workers: int | None = None) -> Executor:
         from batchwire.server.local import LocalExecutor
 
         return LocalExecutor(config, workers or settings.workers, shm_dir=settings.shm_dir)
+    if settings.executor == "ray":
+        try:
+            from batchwire.server.ray_executor import RayExecutor
+        except ImportError as exc:  # pragma: no cover - depends on the extra
+            raise ConfigError(
+                config.file, "server.executor", f"'ray' needs pip install 'batchwire[ray]' ({exc})"
+            ) from exc
+        return RayExecutor(config, workers or settings.workers)
     raise ValueError(f"unknown executor {settings.executor!r}")  # config.py checked it already

@@ -8,6 +8,7 @@ dataset's code in a debugger; the GIL makes it slow for real serving.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Iterable
@@ -40,6 +41,9 @@ class ThreadExecutor:
     def __init__(self, config: Config, threads: int = 2) -> None:
         self._config = config
         self._threads = threads
+        for folder in config.server.python_path:  # for `python` sources, as a worker does
+            if folder not in sys.path:
+                sys.path.insert(0, folder)
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="batchwire-build")
         self._local = threading.local()  # each thread's pipelines, by dataset name
         self._lock = threading.Lock()

@@ -6,7 +6,7 @@ through the generated ``add_BatchServiceServicer_to_server``. The wire format
 is unchanged: every frame is a valid ``BatchChunk`` message.
 
 The methods run on the ``grpc.aio`` server's event loop (see NOTE [ The event
-loop ] in app.py): a stream holds no thread while it waits on a worker or on
+loop ] in app.py): a stream holds no thread while it waits on the executor or on
 its client, and anything that may block (planning, describing a dataset,
 compressing) runs in a bounded thread pool, one for streams and one for the
 unary calls, so neither can take the other's threads.
@@ -237,7 +237,7 @@ class BatchService:
         self, request: pb.StreamBatchesRequest, context: grpc.aio.ServicerContext
     ) -> None:
         # Writes with context.write rather than yielding: a cancelled call (the client
-        # went away) raises CancelledError right here, so the slot and the pool's
+        # went away) raises CancelledError right here, so the slot and the executor's
         # pending tasks are given back at once, not when a generator is collected.
         entry, stream = await self._blocking(self._stream_threads, context, self._plan, request)
         try:
