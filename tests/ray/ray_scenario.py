@@ -115,6 +115,33 @@ def check(name: str, got: list[bytes], want: list[bytes]) -> None:
     print(f"{name}: {len(got_batches)} batches byte-identical", flush=True)
 
 
+def served_through_grpc(config, reference) -> None:
+    import grpc
+
+    from batchwire.server.app import BatchwireServer
+    from batchwire.server.requests import plan_stream
+    from batchwire.v1 import batchwire_pb2 as pb
+
+    server = BatchwireServer(config, host="127.0.0.1", port=0)
+    server.start()
+    try:
+        request = pb.StreamBatchesRequest(
+            dataset="images", batch_size=4, shuffle=True, seed=5, epoch=1, world_size=1
+        )
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            call = channel.unary_stream(
+                "/batchwire.v1.BatchService/StreamBatches",
+                request_serializer=pb.StreamBatchesRequest.SerializeToString,
+                response_deserializer=None,
+            )
+            got = list(call(request, timeout=120))
+        plan = plan_stream(request, length=29, max_batch_size=65536).plan
+        want = asyncio.run(stream(reference, "images", plan))
+        check("images through the gRPC server", got, want)
+    finally:
+        server.stop(0)
+
+
 def main() -> None:
     import ray
     from ray.cluster_utils import Cluster
@@ -170,6 +197,9 @@ def main() -> None:
     check("the stream beside the stuck one", other, want)
     print(f"stuck: {message} ({time.monotonic() - started:.1f} s)", flush=True)
     executor.close()
+
+    # The real server with executor = "ray", over gRPC on 127.0.0.1.
+    served_through_grpc(config, reference)
 
     # 3. The node running the actors is removed mid-epoch: the stream completes, exactly once.
     executor = RayExecutor(config, 2)
