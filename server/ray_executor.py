@@ -20,9 +20,9 @@ no task until it can, so its tasks go to the slots that can build them.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
+import shutil
 import threading
 import time
 from collections import deque
@@ -126,7 +126,7 @@ class RayExecutor:
         self._alive = 0
         self._started_ray = False
         self._threads: list[threading.Thread] = []
-        self._actor_ids = itertools.count()
+        self._temp_dir = f"/tmp/bwray-{os.getpid()}"  # short: AF_UNIX paths <= 107 bytes
         self.replaced = 0
 
     # -- lifecycle -----------------------------------------------------------------
@@ -144,7 +144,7 @@ class RayExecutor:
                     object_store_memory=OBJECT_STORE_BYTES,
                     include_dashboard=False,
                     log_to_driver=False,
-                    _temp_dir=f"/tmp/bwray-{os.getpid()}",  # AF_UNIX paths <= 107 bytes
+                    _temp_dir=self._temp_dir,
                 )
                 self._started_ray = True
         self._actor_class = ray.remote(num_cpus=settings.ray_actor_cpus)(Builder)
@@ -178,6 +178,7 @@ class RayExecutor:
             import ray
 
             ray.shutdown()
+            shutil.rmtree(self._temp_dir, ignore_errors=True)  # its session's sockets and logs
 
     # -- tasks ---------------------------------------------------------------------------
 
