@@ -120,16 +120,38 @@ def inside(args) -> None:
         rate = {k: statistics.median(r["batches_per_s"] for r in v) for k, v in by_kind.items()}
         mb = {k: statistics.median(r["mb_per_s"] for r in v) for k, v in by_kind.items()}
         cost_ms = (1 / rate["ray"] - 1 / rate["local"]) * 1e3
-        results[case] = {"batches_per_s": rate, "mb_per_s": mb, "runs": by_kind,
-                         "ray_extra_ms_per_batch": cost_ms}
-        rows.append([case, rate["local"], rate["ray"], rate["ray"] / rate["local"],
-                     mb["local"], mb["ray"], cost_ms])
-    print(h.table(
-        f"local pool vs ray, 2 workers, 1 stream, median of {repeats}",
-        ["case", "local b/s", "ray b/s", "ray/local", "local MB/s", "ray MB/s",
-         "ray extra ms/batch"],
-        rows,
-    ))
+        results[case] = {
+            "batches_per_s": rate,
+            "mb_per_s": mb,
+            "runs": by_kind,
+            "ray_extra_ms_per_batch": cost_ms,
+        }
+        rows.append(
+            [
+                case,
+                rate["local"],
+                rate["ray"],
+                rate["ray"] / rate["local"],
+                mb["local"],
+                mb["ray"],
+                cost_ms,
+            ]
+        )
+    print(
+        h.table(
+            f"local pool vs ray, 2 workers, 1 stream, median of {repeats}",
+            [
+                "case",
+                "local b/s",
+                "ray b/s",
+                "ray/local",
+                "local MB/s",
+                "ray MB/s",
+                "ray extra ms/batch",
+            ],
+            rows,
+        )
+    )
     h.write_json("ray_vs_local", args, {"repeats": repeats, "results": results})
 
 
