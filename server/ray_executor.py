@@ -87,7 +87,7 @@ class Builder:
         payloads: list[np.ndarray] = []
 
         def put(header: pb.BatchHeader, tensors: list[Any]) -> None:
-            payload = np.empty(header.payload_size, np.uint8)
+            payload = np.zeros(header.payload_size, np.uint8)  # alignment gaps too: same bytes
             wire.write_payload(tensors, list(header.tensors), memoryview(payload))
             headers.append(header.SerializeToString())
             payloads.append(payload)

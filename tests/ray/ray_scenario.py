@@ -34,7 +34,7 @@ TIMEOUT = 6.0
 
 CONFIG = f"""
 [server]
-python_path = ["{TESTS / "server"}"]
+python_path = ["{TESTS / "server"}", "{TESTS / "pipeline"}"]
 task_timeout_seconds = {TIMEOUT}
 executor = "ray"
 workers = 2
@@ -58,6 +58,20 @@ kwargs = {{ length = 300 }}
 source = "python"
 factory = "stream_data:numbered"
 kwargs = {{ length = 240, size = 1024, delay = 0.02 }}
+
+[datasets.seqs]
+source = "python"
+factory = "pipeline_data:variable_sequences"
+kwargs = {{ length = 97 }}
+collate = {{ kind = "pad", fields = ["tokens"], padding_value = -1 }}
+sampler = {{ kind = "dynamic", length_field = "tokens", max_tokens = 40 }}
+
+[datasets.noisy]
+source = "python"
+factory = "pipeline_data:slow_range"
+kwargs = {{ length = 60, delay = 0.0 }}
+transforms = [{{ name = "pipeline_data:add_noise" }}]
+collate = "pipeline_data:sum_collate"
 
 [datasets.hangs]
 source = "python"
@@ -170,6 +184,30 @@ def main() -> None:
         ("images", shuffled(29, 5, 8), 4, 3 * 16 * 16 * 4),
         ("small", shuffled(300, 8, 9), 8, 64),
     ]
+    # Plans as the server makes them, for each sampler kind and collate.
+    from batchwire.server.registry import DatasetRegistry
+    from batchwire.server.requests import plan_stream
+    from batchwire.v1 import batchwire_pb2 as pb
+
+    registry = DatasetRegistry(config)
+    for dataset, kind, extra in [
+        ("seqs", "", {}),  # the dataset's own: dynamic, pad collate
+        ("noisy", "distributed", {"rank": 1, "world_size": 3}),  # import-path collate
+        ("small", "random", {}),
+        ("images", "distributed", {"rank": 0, "world_size": 2}),
+    ]:
+        request = pb.StreamBatchesRequest(
+            dataset=dataset, batch_size=6, shuffle=True, seed=11, epoch=3, world_size=1
+        )
+        request.sampler.kind = kind
+        for key, value in extra.items():
+            setattr(request, key, value)
+        entry = registry.get(dataset)
+        plan = plan_stream(
+            request, length=entry.length, max_batch_size=65536, sampler=entry.dataset.sampler
+        ).plan
+        cases.append((dataset, plan, 4, 64))
+        print(f"{dataset}: sampler {kind or 'configured'}, {len(plan)} batches", flush=True)
     for dataset, plan, per_message, batch_bytes in cases:
         got = asyncio.run(
             stream(executor, dataset, plan, per_message=per_message, batch_bytes=batch_bytes)
@@ -177,7 +215,7 @@ def main() -> None:
         want = asyncio.run(
             stream(reference, dataset, plan, per_message=per_message, batch_bytes=batch_bytes)
         )
-        check(f"{dataset} per_message={per_message} grouped={bool(batch_bytes)}", got, want)
+        check(f"{dataset} ({len(plan)} batches) per_message={per_message}", got, want)
 
     # 2. A stuck sample: that stream ends naming dataset, sample and timeout; another goes on.
     async def stuck_and_other():
