@@ -1,8 +1,10 @@
-"""What the pool hands out and keeps per task: finished batches, task records, and failures.
+"""What an executor takes and hands out: task records, built batches, and typed failures.
 
-Each failure is its own type, so that the service maps it to one gRPC status
-(``service.py``): ``BatchFailed``, ``WorkerCrashed`` and ``TaskTimedOut`` end a
-stream with INTERNAL, ``PoolClosed`` and ``PoolFailed`` with UNAVAILABLE.
+Each failure is its own type, and each type ends a stream with one gRPC status
+(the table ``FAILURE_STATUS`` in ``service.py``): a ``BuildError`` (a batch
+failed, its worker kept crashing, it timed out) with INTERNAL, an
+``Unavailable`` (the executor closed or failed: resume elsewhere) with
+UNAVAILABLE.
 """
 
 from __future__ import annotations
@@ -15,15 +17,23 @@ from dataclasses import dataclass
 from batchwire.v1 import batchwire_pb2 as pb
 
 
-class WorkerCrashed(RuntimeError):
+class BuildError(RuntimeError):
+    """A batch could not be built; the message names the dataset and the sample."""
+
+
+class Unavailable(RuntimeError):
+    """This server cannot build batches now; a client resumes on another server."""
+
+
+class WorkerCrashed(BuildError):
     """Workers kept dying while building one batch."""
 
 
-class PoolClosed(RuntimeError):
-    """The pool was shut down before the batch was built."""
+class ExecutorClosed(Unavailable):
+    """The executor was shut down before the batch was built."""
 
 
-class BatchFailed(RuntimeError):
+class BatchFailed(BuildError):
     """The worker reported an error building a batch (message says which sample).
 
     ``built`` holds the task's batches before the one that failed: still good.
@@ -34,21 +44,56 @@ class BatchFailed(RuntimeError):
         self.built = list(built)
 
 
-class TaskTimedOut(RuntimeError):
+class TaskTimedOut(BuildError):
     """A worker spent more than ``task_timeout_seconds`` on one batch and was killed."""
 
 
-class PoolFailed(RuntimeError):
-    """The pool cannot build batches now: no worker can be started, or a pool thread failed."""
+class ExecutorFailed(Unavailable):
+    """The executor cannot build batches now: no worker can be started, or a pool thread failed."""
+
+
+PoolClosed = ExecutorClosed
+PoolFailed = ExecutorFailed
+"""The local pool's names for them."""
+
+
+@dataclass(frozen=True)
+class BatchTask:
+    """Batches of one stream for one executor task, built in order.
+
+    ``batches`` are index lists; ``seed`` and ``epoch`` seed each sample's random
+    transforms (with its index), so a batch is the same wherever it is built.
+    """
+
+    dataset: str
+    batches: Sequence[Sequence[int]]
+    seed: int = 0
+    epoch: int = 0
 
 
 @dataclass
 class BuiltBatch:
-    """A finished batch: its header and its payload, mapped from shared memory."""
+    """A finished batch: its header and its payload, which it owns until ``release``.
+
+    The payload may be a view of shared memory (the local pool maps its workers'
+    files); ``release`` gives that memory back at once, so no traceback or frame
+    that still names the batch keeps it. Release each batch once it is sent or
+    dropped; a released batch has an empty payload.
+    """
 
     header: pb.BatchHeader
     payload: memoryview
     build_seconds: float
+
+    def release(self) -> None:
+        payload, self.payload = self.payload, memoryview(b"")
+        with contextlib.suppress(BufferError):  # exported elsewhere: freed with that export
+            payload.release()
+
+
+def release_all(batches: Iterator[BuiltBatch] | Sequence[BuiltBatch]) -> None:
+    for batch in batches:
+        batch.release()
 
 
 @dataclass
@@ -103,7 +148,7 @@ def split(task: Task, task_ids: Iterator[int]) -> list[Task]:
             if not part.future.done() or part.future.cancelled():
                 return  # not known yet, or the whole task was cancelled
             failure = part.future.exception()
-            if isinstance(failure, PoolClosed | PoolFailed):
+            if isinstance(failure, Unavailable):
                 outcome: BaseException | None = failure  # UNAVAILABLE: resumed elsewhere
             elif failure is not None:
                 outcome = BatchFailed(str(failure), [*built, *getattr(failure, "built", ())])

@@ -1,4 +1,4 @@
-"""Assembles a running server: registry, worker pool, gRPC service, health, reflection, metrics.
+"""Assembles a running server: registry, executor, gRPC service, health, reflection, metrics.
 
 NOTE [ Graceful shutdown ]
 grpcio's own ``server.stop(grace)`` refuses every new call at once (health
@@ -43,8 +43,8 @@ from grpc_reflection.v1alpha import reflection
 
 from batchwire.server.config import Config
 from batchwire.server.decoding import DecodeInterceptor
+from batchwire.server.executor import Executor, make_executor
 from batchwire.server.metrics import Metrics
-from batchwire.server.pool import WorkerPool
 from batchwire.server.registry import DatasetRegistry
 from batchwire.server.security import TokenAuthInterceptor, load_tokens, server_credentials
 from batchwire.server.service import SERVICE_NAME, BatchService
@@ -83,13 +83,10 @@ class BatchwireServer:
         settings = config.server
         self.config = config
         self.registry = DatasetRegistry(config)  # raises ConfigError before anything starts
-        if workers is not None and (isinstance(workers, bool) or workers < 1):
-            raise ValueError(f"workers should be a positive integer, but got workers={workers!r}")
-        workers = settings.workers if workers is None else workers
-        self.pool = WorkerPool(config, workers, shm_dir=settings.shm_dir)
+        self.executor: Executor = make_executor(config, workers)  # [server] executor
         self.metrics = Metrics()
-        self.metrics.track_pool(self.pool)
-        self.service = BatchService(self.registry, self.pool, settings, self.metrics)
+        self.metrics.track_pool(self.executor)
+        self.service = BatchService(self.registry, self.executor, settings, self.metrics)
         self.host = host or settings.host
         self._requested_port = settings.port if port is None else port
         address = f"{self.host}:{self._requested_port}"
@@ -156,6 +153,11 @@ class BatchwireServer:
             raise bind_error(self.host, self._requested_port)
         return port
 
+    @property
+    def pool(self) -> Executor:
+        """The executor (its old name: ``pool.size`` is the workers alive)."""
+        return self.executor
+
     def _on_loop(self, coroutine: Coroutine[Any, Any, _T], timeout: float | None = None) -> _T:
         """Runs ``coroutine`` on the server's event loop and waits for its result."""
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
@@ -165,7 +167,7 @@ class BatchwireServer:
             await self.health.set(service, status)
 
     def _set_serving(self, serving: bool | None = None) -> None:
-        """``serving``: started and not draining (None: unchanged); the pool's health counts too.
+        """``serving``: started and not draining (None: unchanged); the executor's health counts too.
 
         Callable from any thread, the event loop's and the pool's included.
         """
@@ -175,7 +177,7 @@ class BatchwireServer:
             # See NOTE [ Supervision ] in pool.py.
             status = (
                 health_pb2.HealthCheckResponse.SERVING
-                if self._serving and self.pool.failure is None
+                if self._serving and self.executor.failure is None
                 else health_pb2.HealthCheckResponse.NOT_SERVING
             )
         if not self._loop.is_running():
@@ -185,8 +187,8 @@ class BatchwireServer:
         else:
             self._on_loop(self._set_health(status), timeout=10)
 
-    def _pool_health_changed(self, failure: str | None) -> None:
-        """Health follows the pool: NOT_SERVING while it cannot build batches."""
+    def _executor_health_changed(self, failure: str | None) -> None:
+        """Health follows the executor: NOT_SERVING while it cannot build batches."""
         self._set_serving()
 
     def start(self) -> None:
@@ -202,27 +204,12 @@ class BatchwireServer:
             self.metrics_port = self.metrics.serve(
                 settings.metrics_host or self.host, settings.metrics_port
             )
-        self.pool.start()
-        self.pool.on_health_change(self._pool_health_changed)
-        self._warm_up()
+        self.executor.start()
+        self.executor.on_health_change(self._executor_health_changed)
+        # Every worker opens its datasets now, not on some trainer's first batch.
+        self.executor.warm_up(name for name, entry in self.registry.entries.items() if entry.length)
         self.service.open()
         self._set_serving(True)
-
-    def _warm_up(self) -> None:
-        # One single-sample batch per worker and dataset: every worker imports
-        # and opens its datasets now, not on some trainer's first batch.
-        workers = len(self.pool.pids)
-        pending = [
-            (name, self.pool.submit(name, [[0]]))
-            for name, entry in self.registry.entries.items()
-            if entry.length
-            for _ in range(workers)
-        ]
-        for name, future in pending:
-            try:
-                future.result()
-            except Exception as exc:  # a broken item fails its streams later, with INTERNAL
-                log.warning("warm-up of dataset %r failed: %s", name, exc)
 
     def stop(self, grace: float | None = None) -> None:
         """Drains (see NOTE [ Graceful shutdown ]), then stops gRPC, workers and metrics."""
@@ -239,7 +226,7 @@ class BatchwireServer:
                 log.warning("the gRPC server did not stop within 30 seconds")
         self._stop_loop()
         self.service.close()
-        self.pool.close()
+        self.executor.close()
         self.metrics.close()
         self._stopped.set()
 

@@ -161,6 +161,40 @@ class WrittenBatches:
     error: str | None = None
 
 
+Put = Callable[[pb.BatchHeader, list[torch.Tensor]], None]
+"""Where a built batch's bytes go: a payload file, a buffer, an object store."""
+
+
+def build_each(
+    pipeline: Any,
+    name: str,
+    batches: Sequence[Sequence[int]],
+    put: Put,
+    *,
+    seed: int = 0,
+    epoch: int = 0,
+) -> str | None:
+    """Builds ``batches`` in order, handing each header and its tensors to ``put``.
+
+    Building (indices -> header + tensors) knows nothing of where the bytes go.
+    Stops at the first batch that fails and returns why (naming the dataset and
+    the sample); None when all were built.
+    """
+    for indices in batches:
+        try:
+            batch = build_batch(pipeline, name, indices, seed=seed, epoch=epoch)
+            header, tensors = encode_or_blame(
+                pipeline, name, indices, batch, seed=seed, epoch=epoch
+            )
+            put(header, tensors)
+        except BatchBuildError as exc:
+            return str(exc)
+        except ITEM_ERRORS as exc:
+            where = traceback.format_exception_only(exc)[-1].strip()
+            return f"dataset {name!r}: worker failed: {where}"
+    return None
+
+
 def build_and_write(
     pipeline: Any,
     name: str,
@@ -177,25 +211,16 @@ def build_and_write(
     """
     out = PayloadFile(path)
     written = WrittenBatches()
+
+    def put(header: pb.BatchHeader, tensors: list[torch.Tensor]) -> None:
+        base = wire.aligned(written.size)
+        out.write(tensors, header.tensors, base, header.payload_size)
+        written.headers.append(header.SerializeToString())
+        written.offsets.append(base)
+        written.size = base + header.payload_size
+
     try:
-        for indices in batches:
-            try:
-                batch = build_batch(pipeline, name, indices, seed=seed, epoch=epoch)
-                header, tensors = encode_or_blame(
-                    pipeline, name, indices, batch, seed=seed, epoch=epoch
-                )
-                base = wire.aligned(written.size)
-                out.write(tensors, header.tensors, base, header.payload_size)
-            except BatchBuildError as exc:
-                written.error = str(exc)
-                break
-            except ITEM_ERRORS as exc:
-                where = traceback.format_exception_only(exc)[-1].strip()
-                written.error = f"dataset {name!r}: worker failed: {where}"
-                break
-            written.headers.append(header.SerializeToString())
-            written.offsets.append(base)
-            written.size = base + header.payload_size
+        written.error = build_each(pipeline, name, batches, put, seed=seed, epoch=epoch)
     finally:
         out.close(written.size)
     return written

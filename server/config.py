@@ -137,6 +137,15 @@ class ServerConfig:
     """Address to bind; "0.0.0.0" to serve other machines."""
     port: int = 50051
     """Port to bind; 0 picks a free one (printed at start-up)."""
+    executor: str = "local"
+    """What builds the batches: "local" (worker processes on this machine) or "ray" (actors
+    of a Ray cluster, ``workers`` of them; needs ``batchwire[ray]``); see executor.py."""
+    ray_address: str = ""
+    """executor = "ray": "auto", a ``ray://`` address, or empty for a Ray started by the server."""
+    ray_num_cpus: int = 0
+    """CPUs of a Ray started by the server (0: all of this machine's)."""
+    ray_actor_cpus: float = 1.0
+    """CPUs each actor reserves on the cluster."""
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     """Worker processes that load, transform and collate batches."""
     max_batch_size: int = 65536
@@ -204,6 +213,8 @@ class Config:
 
 _SERVER_KEYS = set(ServerConfig.__dataclass_fields__)
 _LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
+EXECUTORS = ["local", "ray"]
+"""The values of ``[server] executor`` (``executor.make_executor`` builds each)."""
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
@@ -258,6 +269,10 @@ def _server_config(table: Table) -> ServerConfig:
     return ServerConfig(
         host=table.get("host", str, defaults.host),
         port=_port(table, defaults.port, "port"),
+        executor=table.choice("executor", EXECUTORS, defaults.executor),
+        ray_address=table.get("ray_address", str, defaults.ray_address),
+        ray_num_cpus=_non_negative_int(table, "ray_num_cpus", defaults.ray_num_cpus),
+        ray_actor_cpus=_positive_number(table, "ray_actor_cpus", defaults.ray_actor_cpus),
         workers=table.positive_int("workers", defaults.workers),
         max_batch_size=table.positive_int("max_batch_size", defaults.max_batch_size),
         prefetch_batches=table.positive_int("prefetch_batches", defaults.prefetch_batches),

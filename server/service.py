@@ -1,4 +1,4 @@
-"""The gRPC face of the server: a thin layer over the registry, the request planner and the pool.
+"""The gRPC face of the server: a thin layer over the registry, the request planner and the executor.
 
 ``StreamBatches`` answers with pre-serialised frames (see ``batchwire.wire``),
 so the method is registered by hand with a pass-through serializer instead of
@@ -6,7 +6,7 @@ through the generated ``add_BatchServiceServicer_to_server``. The wire format
 is unchanged: every frame is a valid ``BatchChunk`` message.
 
 The methods run on the ``grpc.aio`` server's event loop (see NOTE [ The event
-loop ] in app.py): a stream holds no thread while it waits on a worker or on
+loop ] in app.py): a stream holds no thread while it waits on the executor or on
 its client, and anything that may block (planning, describing a dataset,
 compressing) runs in a bounded thread pool, one for streams and one for the
 unary calls, so neither can take the other's threads.
@@ -20,26 +20,38 @@ import itertools
 import logging
 import threading
 import time
-from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import NoReturn, TypeVar
 
 import grpc
 
 from batchwire import compression
 from batchwire.server.config import ServerConfig
+from batchwire.server.executor import (
+    BuildError,
+    BuiltBatch,
+    Executor,
+    ExecutorClosed,
+    ExecutorFailed,
+    Unavailable,
+)
 from batchwire.server.metrics import Metrics
-from batchwire.server.outbox import Outbox
-from batchwire.server.pool import BatchFailed, BuiltBatch, PoolClosed, PoolFailed, WorkerPool
 from batchwire.server.registry import DatasetEntry, DatasetRegistry, DescribeError
 from batchwire.server.requests import InvalidRequest, StreamPlan, echo, plan_stream
+from batchwire.server.stream import (
+    BatchStream,
+    BatchTooLarge,
+    Draining,
+    StreamHooks,
+    StreamLimits,
+    StreamStopped,
+)
 from batchwire.v1 import batchwire_pb2 as pb
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "batchwire.v1.BatchService"
-_POLL_SECONDS = 0.25  # how often a stream waiting on a worker checks that its client is still there
 
 CALL_THREADS = 4
 """Threads for the unary calls' blocking work (planning, describing); more calls queue."""
@@ -51,32 +63,31 @@ _T = TypeVar("_T")
 MAX_BATCHES_PER_MESSAGE = 64
 """Most batches packed in one message, whatever a client accepts."""
 
-TASK_BYTES = 1 << 20
-TASK_SECONDS = 0.005
-MAX_TASK_BATCHES = 16
+FAILURE_STATUS: dict[type[BaseException], grpc.StatusCode] = {
+    Unavailable: grpc.StatusCode.UNAVAILABLE,  # closed, failed, draining: resume elsewhere
+    BatchTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    BuildError: grpc.StatusCode.INTERNAL,  # a batch failed, crashed its worker, timed out
+}
+"""The status a stream ends with, by the type of what stopped it (the first match in its
+MRO); anything else (an executor's bug) is INTERNAL."""
 
 
-def _group_size(batch_bytes: int, build_seconds: float | None) -> int:
-    """Batches per worker task: one, or several small quick ones.
-
-    A task costs about half a millisecond of fixed CPU across the pool and the
-    worker (pipe messages, thread hand-offs, creating and mapping a payload
-    file): as much as building a 200 KB batch (benchmarks/RESULTS.md, mnist).
-    Batches that are small (``TASK_BYTES`` hold several) and quick to build
-    (``TASK_SECONDS`` hold several, by the last task's build time) share a task;
-    slow ones go one per task, so their first batch and their latency do not
-    wait on a group. Until a build time is known, one per task.
-    """
-    if batch_bytes <= 0 or build_seconds is None:
-        return 1
-    by_bytes = TASK_BYTES // batch_bytes
-    by_time = int(TASK_SECONDS / max(build_seconds, 1e-6))
-    return max(1, min(MAX_TASK_BATCHES, by_bytes, by_time))
+def failure_status(failure: BaseException, position: int) -> tuple[grpc.StatusCode, str]:
+    """The status and message that end a stream stopped by ``failure`` at batch ``position``."""
+    code = next(
+        (FAILURE_STATUS[kind] for kind in type(failure).__mro__ if kind in FAILURE_STATUS),
+        grpc.StatusCode.INTERNAL,
+    )
+    if isinstance(failure, ExecutorFailed):
+        return code, _executor_failed(str(failure), position)
+    if isinstance(failure, ExecutorClosed | Draining):
+        return code, f"the server is shutting down; resume at batch {position} on another server"
+    return code, str(failure)
 
 
-def _pool_failed(failure: str, position: int | None = None) -> str:
+def _executor_failed(failure: str, position: int | None = None) -> str:
     where = "try" if position is None else f"resume at batch {position} on"
-    return f"this server's worker pool has failed ({failure}); {where} another server"
+    return f"this server cannot build batches ({failure}); {where} another server"
 
 
 class Refused(Exception):
@@ -92,10 +103,14 @@ class BatchService:
     """Implements ``batchwire.v1.BatchService`` with async methods (see the module docstring)."""
 
     def __init__(
-        self, registry: DatasetRegistry, pool: WorkerPool, settings: ServerConfig, metrics: Metrics
+        self,
+        registry: DatasetRegistry,
+        executor: Executor,
+        settings: ServerConfig,
+        metrics: Metrics,
     ) -> None:
         self._registry = registry
-        self._pool = pool
+        self._executor = executor
         self._settings = settings
         self._metrics = metrics
         self._stream_slots = threading.BoundedSemaphore(settings.max_concurrent_streams)
@@ -134,13 +149,6 @@ class BatchService:
     def _drain_due(self) -> bool:
         deadline = self._drain_deadline
         return deadline is not None and time.monotonic() >= deadline
-
-    def _check_drain(self, position: int) -> None:
-        if self._drain_due():
-            self._refuse(
-                grpc.StatusCode.UNAVAILABLE,
-                f"the server is shutting down; resume at batch {position} on another server",
-            )
 
     def _refuse(self, code: grpc.StatusCode, message: str) -> NoReturn:
         """Counts the error and raises ``Refused``; the method ends the call with it."""
@@ -229,7 +237,7 @@ class BatchService:
         self, request: pb.StreamBatchesRequest, context: grpc.aio.ServicerContext
     ) -> None:
         # Writes with context.write rather than yielding: a cancelled call (the client
-        # went away) raises CancelledError right here, so the slot and the pool's
+        # went away) raises CancelledError right here, so the slot and the executor's
         # pending tasks are given back at once, not when a generator is collected.
         entry, stream = await self._blocking(self._stream_threads, context, self._plan, request)
         try:
@@ -252,16 +260,7 @@ class BatchService:
         sent = {"batches": 0, "bytes": 0}
         status = "OK"
         try:
-            await self._send(
-                entry,
-                stream.plan,
-                stream.positions,
-                context.write,
-                sent,
-                stream_id,
-                request.compression,
-                min(request.max_batches_per_message, MAX_BATCHES_PER_MESSAGE),
-            )
+            await self._stream(entry, stream, request, context, sent, stream_id)
         except Refused as refused:
             status = refused.code.name  # counted by _refuse
             await context.abort(refused.code, refused.message)
@@ -301,9 +300,9 @@ class BatchService:
             self._refuse(
                 grpc.StatusCode.UNAVAILABLE, "the server is shutting down; try another server"
             )
-        failure = self._pool.failure
+        failure = self._executor.failure
         if failure is not None:
-            self._refuse(grpc.StatusCode.UNAVAILABLE, _pool_failed(failure))
+            self._refuse(grpc.StatusCode.UNAVAILABLE, _executor_failed(failure))
         if not self._stream_slots.acquire(blocking=False):
             self._refuse(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -311,30 +310,26 @@ class BatchService:
                 "(max_concurrent_streams); retry later",
             )
 
-    async def _send(
+    async def _stream(
         self,
         entry: DatasetEntry,
-        plan,
-        positions: range,
-        write: Callable[[bytes], Awaitable[None]],
+        stream: StreamPlan,
+        request: pb.StreamBatchesRequest,
+        context: grpc.aio.ServicerContext,
         sent: dict[str, int],
         stream_id: str,
-        codec: int = pb.NONE,
-        per_message: int = 1,
     ) -> None:
-        # Keep about `prefetch_batches` batches in the pool per stream: bounded memory
-        # while the client is slow, and batches are sent in order whatever finishes first.
-        # Small batches go to the workers a few per task (see `_group_size`).
-        batch_bytes = self._batch_bytes(entry, plan, positions)
-        group = 1  # batches per task; grows for small quick batches once one is timed
-        upcoming = iter(positions)
-        pending: deque[tuple[list[int], Future[list[BuiltBatch]]]] = deque()
+        """Runs the stream's ``BatchStream``; a failure that stops it becomes ``Refused``."""
         metrics = self._metrics
-        depth = metrics.queue_depth.labels(stream_id)
         # Labelled children looked up once per stream, not per batch.
+        depth = metrics.queue_depth.labels(stream_id)
         build_seconds = metrics.build_seconds.labels(entry.name)
         batches_sent = metrics.batches_sent.labels(entry.name)
         bytes_sent = metrics.bytes_sent.labels(entry.name)
+
+        def on_built(built: BuiltBatch) -> None:
+            build_seconds.observe(built.build_seconds)
+            metrics.worker_busy.inc(built.build_seconds)
 
         def on_sent(header: pb.BatchHeader) -> None:
             sent["batches"] += 1
@@ -342,115 +337,43 @@ class BatchService:
             batches_sent.inc()
             bytes_sent.inc(header.payload_size)
 
-        outbox = Outbox(self._settings.chunk_bytes, per_message, on_sent)
+        codec = request.compression
 
-        async def send(messages: Iterable[bytes]) -> None:
-            # Outbox calls on_sent once a batch's last message is written.
-            for message in messages:
-                await write(message)
-
-        def refill() -> None:
-            # prefetch_batches bounds single batches; grouped small ones keep 2 tasks going
-            max_tasks = max(1 if group == 1 else 2, -(-self._settings.prefetch_batches // group))
-            while len(pending) < max_tasks:
-                task_positions = list(itertools.islice(upcoming, group))
-                if not task_positions:
-                    return
-                task = self._pool.submit(
-                    entry.name,
-                    [plan[position] for position in task_positions],
-                    seed=plan.seed,
-                    epoch=plan.epoch,
-                )
-                pending.append((task_positions, task))
-
-        try:
-            refill()
-            while pending:
-                # Stays in `pending` while awaited, so a cancelled stream cancels it too.
-                task_positions, future = pending[0]
-                self._check_drain(task_positions[0])
-                built_batches, failure = await self._await(future, task_positions[0])
-                pending.popleft()
-                if built_batches:
-                    build_time = sum(b.build_seconds for b in built_batches) / len(built_batches)
-                    group = _group_size(batch_bytes, build_time)
-                refill()
-                depth.set(sum(len(p) for p, f in pending if f.done()))
-                # Fewer built than asked when one failed: those before it still go out.
-                for position, built in zip(task_positions, built_batches, strict=False):
-                    if self._drain_due():
-                        await send(outbox.flush())  # what is packed goes out before the abort
-                        self._check_drain(position)
-                    header = built.header
-                    header.batch_index = position
-                    build_seconds.observe(built.build_seconds)
-                    metrics.worker_busy.inc(built.build_seconds)
-                    if header.payload_size > self._settings.max_batch_bytes:
-                        await send(outbox.flush())
-                        del built  # no mapping may stay in a refusal's traceback
-                        built_batches.clear()
-                        self._refuse(
-                            grpc.StatusCode.RESOURCE_EXHAUSTED,
-                            f"batch {position} of dataset {entry.name!r} has "
-                            f"{header.payload_size} bytes, over the server's "
-                            f"max_batch_bytes={self._settings.max_batch_bytes}; "
-                            "ask for a smaller batch_size",
-                        )
-                    payload = built.payload
-                    if codec != pb.NONE:
-                        # In a stream thread, off the event loop: lz4/zstd release the GIL, and
-                        # this keeps the worker protocol codec-free (benchmarks/RESULTS.md).
-                        payload = await asyncio.get_running_loop().run_in_executor(
-                            self._stream_threads, compression.compress_batch, header, payload, codec
-                        )
-                    await send(outbox.add(header, payload))
-                    # Drop the shared-memory mapping (payload may be that very view) before
-                    # waiting on the next batch.
-                    del built, payload
-                await send(outbox.flush())
-                # The future (and a failure) hold this very list: emptied, no mapping of a
-                # sent batch outlives the send, even in a refusal's traceback.
-                built_batches.clear()
-                del built_batches, future
-                if failure is not None:
-                    self._refuse(grpc.StatusCode.INTERNAL, str(failure))
-        finally:
-            # The stream is over (finished, cancelled, aborted): batches not yet handed
-            # to a worker are dropped instead of built for nobody.
-            for _, future in pending:
-                future.cancel()
-            # Done ones hold mapped batches, and grpc may keep an abort's traceback (this
-            # frame) until its thread takes the next call: their files stayed in /dev/shm.
-            pending.clear()
-
-    async def _await(
-        self, future: Future[list[BuiltBatch]], position: int
-    ) -> tuple[list[BuiltBatch], BatchFailed | None]:
-        """The task's batches and, if one failed, why; polls the drain deadline meanwhile."""
-        if not future.done():  # often it is: the stream keeps tasks ahead of the client
-            waiter = asyncio.wrap_future(future)
-            try:
-                while not (await asyncio.wait((waiter,), timeout=_POLL_SECONDS))[0]:
-                    self._check_drain(position)
-            finally:
-                # A no-op once done; else (cancelled, draining) the task's result must
-                # not call back into a loop that may be closed by then.
-                waiter.cancel()
-            del waiter  # it holds the result too
-        try:
-            return future.result(), None
-        except BatchFailed as exc:
-            return exc.built, exc
-        except PoolClosed:
-            self._refuse(
-                grpc.StatusCode.UNAVAILABLE,
-                f"the server is shutting down; resume at batch {position} on another server",
+        async def compress(header: pb.BatchHeader, payload: memoryview) -> object:
+            # In a stream thread, off the event loop: lz4/zstd release the GIL, and
+            # this keeps the executors codec-free (benchmarks/RESULTS.md).
+            return await asyncio.get_running_loop().run_in_executor(
+                self._stream_threads, compression.compress_batch, header, payload, codec
             )
-        except PoolFailed as exc:
-            self._refuse(grpc.StatusCode.UNAVAILABLE, _pool_failed(str(exc), position))
-        except Exception as exc:
-            self._refuse(grpc.StatusCode.INTERNAL, str(exc))
+
+        limits = StreamLimits(
+            prefetch_batches=self._settings.prefetch_batches,
+            chunk_bytes=self._settings.chunk_bytes,
+            max_batch_bytes=self._settings.max_batch_bytes,
+            per_message=min(request.max_batches_per_message, MAX_BATCHES_PER_MESSAGE),
+        )
+        hooks = StreamHooks(
+            write=context.write,
+            compress=compress if codec != pb.NONE else None,
+            draining=self._drain_due,
+            on_built=on_built,
+            on_sent=on_sent,
+            on_depth=depth.set,
+        )
+        batches = BatchStream(
+            self._executor,
+            entry.name,
+            stream.plan,
+            stream.positions,
+            limits,
+            hooks,
+            batch_bytes=self._batch_bytes(entry, stream.plan, stream.positions),
+        )
+        try:
+            await batches.run()
+        except StreamStopped as stopped:
+            code, message = failure_status(stopped.failure, stopped.position)
+            self._refuse(code, message)
 
     def _batch_bytes(self, entry: DatasetEntry, plan, positions: range) -> int:
         """Estimated payload bytes of the stream's first batch (0: unknown)."""

@@ -26,6 +26,11 @@ CASES = {
         "datasets.s.length",
         "expected a positive integer, got -3",
     ),
+    "unknown executor": (
+        '[server]\nexecutor = "dask"\n' + SYNTHETIC,
+        "server.executor",
+        "unknown value 'dask'; expected one of local",
+    ),
     "unknown source": (
         '[datasets.s]\nsource = "parqet"\n',
         "datasets.s.source",

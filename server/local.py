@@ -1,0 +1,88 @@
+"""The local executor: this machine's worker processes (``pool.WorkerPool``) behind ``Executor``.
+
+The pool does the work (forkserver workers, payload files in /dev/shm mapped
+here, supervision); this adds what only the local pool knows: how many small
+batches are worth one of its tasks, and how to warm each of its workers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from concurrent.futures import Future
+
+from batchwire.server._tasks import BatchTask, BuiltBatch
+from batchwire.server.config import Config
+from batchwire.server.executor import HealthListener
+from batchwire.server.pool import WorkerPool
+
+log = logging.getLogger(__name__)
+
+TASK_BYTES = 1 << 20
+TASK_SECONDS = 0.005
+MAX_TASK_BATCHES = 16
+
+
+def group_size(batch_bytes: int, build_seconds: float | None) -> int:
+    """Batches per worker task: one, or several small quick ones.
+
+    A task costs about half a millisecond of fixed CPU across the pool and the
+    worker (pipe messages, thread hand-offs, creating and mapping a payload
+    file): as much as building a 200 KB batch (benchmarks/RESULTS.md, mnist).
+    Batches that are small (``TASK_BYTES`` hold several) and quick to build
+    (``TASK_SECONDS`` hold several, by the last task's build time) share a task;
+    slow ones go one per task, so their first batch and their latency do not
+    wait on a group. Until a build time is known, one per task.
+    """
+    if batch_bytes <= 0 or build_seconds is None:
+        return 1
+    by_bytes = TASK_BYTES // batch_bytes
+    by_time = int(TASK_SECONDS / max(build_seconds, 1e-6))
+    return max(1, min(MAX_TASK_BATCHES, by_bytes, by_time))
+
+
+class LocalExecutor:
+    """``Executor`` over a ``WorkerPool`` of ``num_workers`` processes."""
+
+    def __init__(self, config: Config, num_workers: int, *, shm_dir: str = "") -> None:
+        self.pool = WorkerPool(config, num_workers, shm_dir=shm_dir)
+
+    def start(self) -> None:
+        self.pool.start()
+
+    def warm_up(self, datasets: Iterable[str]) -> None:
+        # One single-sample batch per worker and dataset: every worker imports
+        # and opens its datasets now, not on some trainer's first batch.
+        workers = len(self.pool.pids)
+        pending = [
+            (name, self.pool.submit(name, [[0]])) for name in datasets for _ in range(workers)
+        ]
+        for name, future in pending:
+            try:
+                future.result()
+            except Exception as exc:  # a broken item fails its streams later, with INTERNAL
+                log.warning("warm-up of dataset %r failed: %s", name, exc)
+
+    def submit(self, task: BatchTask) -> Future[list[BuiltBatch]]:
+        return self.pool.submit(task.dataset, task.batches, seed=task.seed, epoch=task.epoch)
+
+    def group_size(self, batch_bytes: int, build_seconds: float | None) -> int:
+        return group_size(batch_bytes, build_seconds)
+
+    @property
+    def failure(self) -> str | None:
+        return self.pool.failure
+
+    def on_health_change(self, listener: HealthListener) -> None:
+        self.pool.on_health_change(listener)
+
+    @property
+    def size(self) -> int:
+        return self.pool.size
+
+    @property
+    def replaced(self) -> int:
+        return self.pool.replaced
+
+    def close(self) -> None:
+        self.pool.close()
