@@ -95,8 +95,9 @@ def test_requests_for_huge_plans_are_not_kept():
     budget = PLANS.max_bytes
     PLANS.resize(1 << 20)  # below the 8 MiB plan
     try:
+        before = PLANS.kept_bytes  # other tests of this process may have left small plans
         plan = plan_stream(request, length=10, max_batch_size=64).plan
-        assert plan.nbytes == 8 << 20 and len(PLANS) == 0
+        assert plan.nbytes == 8 << 20 and PLANS.kept_bytes <= before
     finally:
         PLANS.resize(budget)
 
