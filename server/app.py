@@ -40,8 +40,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from batchwire.server.config import Config
+from batchwire.server.dashboard import DashboardPages
 from batchwire.server.decoding import DecodeInterceptor
 from batchwire.server.metrics import Metrics
+from batchwire.server.monitor import Monitor
 from batchwire.server.pool import WorkerPool
 from batchwire.server.registry import DatasetRegistry
 from batchwire.server.security import TokenAuthInterceptor, load_tokens, server_credentials
@@ -70,6 +72,7 @@ class BatchwireServer:
         self.pool = WorkerPool(config, workers or settings.workers, shm_dir=settings.shm_dir)
         self.metrics = Metrics()
         self.metrics.track_pool(self.pool)
+        self.monitor = Monitor(self.metrics, summary_seconds=settings.summary_seconds)
         self.service = BatchService(self.registry, self.pool, settings, self.metrics)
         self.host = host or settings.host
         address = f"{self.host}:{settings.port if port is None else port}"
@@ -177,8 +180,11 @@ class BatchwireServer:
         self._on_loop(self._grpc.start())
         if settings.metrics_port is not None:
             self.metrics_port = self.metrics.serve(
-                settings.metrics_host or self.host, settings.metrics_port
+                settings.metrics_host or self.host,
+                settings.metrics_port,
+                DashboardPages(self.monitor),
             )
+        self.monitor.start()
         self.pool.start()
         self.pool.on_health_change(self._pool_health_changed)
         self._warm_up()
@@ -217,6 +223,7 @@ class BatchwireServer:
         self._stop_loop()
         self.service.close()
         self.pool.close()
+        self.monitor.close()
         self.metrics.close()
         self._stopped.set()
 

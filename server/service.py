@@ -15,7 +15,6 @@ unary calls, so neither can take the other's threads.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import threading
@@ -29,7 +28,7 @@ import grpc
 
 from batchwire import compression
 from batchwire.server.config import ServerConfig
-from batchwire.server.metrics import Metrics
+from batchwire.server.metrics import Metrics, StreamMeter
 from batchwire.server.outbox import Outbox
 from batchwire.server.pool import BatchFailed, BuiltBatch, PoolClosed, PoolFailed, WorkerPool
 from batchwire.server.registry import DatasetEntry, DatasetRegistry, DescribeError
@@ -247,7 +246,9 @@ class BatchService:
         log.info("stream start %s", parameters)
         with self._active_lock:
             self._active += 1
-        self._metrics.active_streams.inc()
+        meter = self._metrics.open_stream(
+            stream_id, entry.name, context.peer(), pb.Compression.Name(request.compression).lower()
+        )
         started = time.monotonic()
         sent = {"batches": 0, "bytes": 0}
         status = "OK"
@@ -258,7 +259,7 @@ class BatchService:
                 stream.positions,
                 context.write,
                 sent,
-                stream_id,
+                meter,
                 request.compression,
                 min(request.max_batches_per_message, MAX_BATCHES_PER_MESSAGE),
             )
@@ -277,9 +278,7 @@ class BatchService:
             self._stream_slots.release()
             with self._active_lock:
                 self._active -= 1
-            self._metrics.active_streams.dec()
-            with contextlib.suppress(KeyError):
-                self._metrics.queue_depth.remove(stream_id)
+            meter.close()
             log.info(
                 "stream end %s batches=%d bytes=%d seconds=%.3f status=%s",
                 parameters,
@@ -318,7 +317,7 @@ class BatchService:
         positions: range,
         write: Callable[[bytes], Awaitable[None]],
         sent: dict[str, int],
-        stream_id: str,
+        meter: StreamMeter,
         codec: int = pb.NONE,
         per_message: int = 1,
     ) -> None:
@@ -329,18 +328,11 @@ class BatchService:
         group = 1  # batches per task; grows for small quick batches once one is timed
         upcoming = iter(positions)
         pending: deque[tuple[list[int], Future[list[BuiltBatch]]]] = deque()
-        metrics = self._metrics
-        depth = metrics.queue_depth.labels(stream_id)
-        # Labelled children looked up once per stream, not per batch.
-        build_seconds = metrics.build_seconds.labels(entry.name)
-        batches_sent = metrics.batches_sent.labels(entry.name)
-        bytes_sent = metrics.bytes_sent.labels(entry.name)
 
         def on_sent(header: pb.BatchHeader) -> None:
             sent["batches"] += 1
             sent["bytes"] += header.payload_size
-            batches_sent.inc()
-            bytes_sent.inc(header.payload_size)
+            meter.sent(header.payload_size)
 
         outbox = Outbox(self._settings.chunk_bytes, per_message, on_sent)
 
@@ -370,13 +362,16 @@ class BatchService:
                 # Stays in `pending` while awaited, so a cancelled stream cancels it too.
                 task_positions, future = pending[0]
                 self._check_drain(task_positions[0])
+                waited = time.monotonic()
                 built_batches, failure = await self._await(future, task_positions[0])
+                waited = time.monotonic() - waited
+                meter.waited(waited)
                 pending.popleft()
                 if built_batches:
                     build_time = sum(b.build_seconds for b in built_batches) / len(built_batches)
                     group = _group_size(batch_bytes, build_time)
                 refill()
-                depth.set(sum(len(p) for p, f in pending if f.done()))
+                meter.set_depth(sum(len(p) for p, f in pending if f.done()))
                 # Fewer built than asked when one failed: those before it still go out.
                 for position, built in zip(task_positions, built_batches, strict=False):
                     if self._drain_due():
@@ -384,8 +379,11 @@ class BatchService:
                         self._check_drain(position)
                     header = built.header
                     header.batch_index = position
-                    build_seconds.observe(built.build_seconds)
-                    metrics.worker_busy.inc(built.build_seconds)
+                    # What the client's stats tell its data-wait by (issue 16): the wait
+                    # on a task counts once, on its first batch.
+                    header.build_seconds = built.build_seconds
+                    header.wait_seconds, waited = waited, 0.0
+                    meter.built(built.build_seconds)
                     if header.payload_size > self._settings.max_batch_bytes:
                         await send(outbox.flush())
                         del built  # no mapping may stay in a refusal's traceback

@@ -178,7 +178,7 @@ class NodeMap(_message.Message):
     def __init__(self, keys: _Optional[_Iterable[str]] = ..., values: _Optional[_Iterable[_Union[Node, _Mapping]]] = ...) -> None: ...
 
 class BatchHeader(_message.Message):
-    __slots__ = ("batch_index", "payload_size", "tensors", "structure", "compression", "raw_size", "num_samples")
+    __slots__ = ("batch_index", "payload_size", "tensors", "structure", "compression", "raw_size", "num_samples", "build_seconds", "wait_seconds")
     BATCH_INDEX_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_SIZE_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
@@ -186,6 +186,8 @@ class BatchHeader(_message.Message):
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     RAW_SIZE_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    BUILD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     batch_index: int
     payload_size: int
     tensors: _containers.RepeatedCompositeFieldContainer[TensorMeta]
@@ -193,7 +195,9 @@ class BatchHeader(_message.Message):
     compression: Compression
     raw_size: int
     num_samples: int
-    def __init__(self, batch_index: _Optional[int] = ..., payload_size: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorMeta, _Mapping]]] = ..., structure: _Optional[_Union[Node, _Mapping]] = ..., compression: _Optional[_Union[Compression, str]] = ..., raw_size: _Optional[int] = ..., num_samples: _Optional[int] = ...) -> None: ...
+    build_seconds: float
+    wait_seconds: float
+    def __init__(self, batch_index: _Optional[int] = ..., payload_size: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorMeta, _Mapping]]] = ..., structure: _Optional[_Union[Node, _Mapping]] = ..., compression: _Optional[_Union[Compression, str]] = ..., raw_size: _Optional[int] = ..., num_samples: _Optional[int] = ..., build_seconds: _Optional[float] = ..., wait_seconds: _Optional[float] = ...) -> None: ...
 
 class BatchChunk(_message.Message):
     __slots__ = ("header", "data", "packed")
