@@ -11,6 +11,7 @@ from batchwire.client._dataset import RemoteDataset
 from batchwire.client._errors import BatchwireError, ServerError
 from batchwire.client._prefetch import DevicePrefetcher
 from batchwire.client._retry import RetryError, RetryPolicy
+from batchwire.client._stats import StreamStats, enable_metrics
 
 __all__ = [
     "BatchClient",
@@ -20,4 +21,6 @@ __all__ = [
     "RetryError",
     "RetryPolicy",
     "ServerError",
+    "StreamStats",
+    "enable_metrics",
 ]

@@ -86,7 +86,7 @@ class StreamStats:
         text = (
             f"{what}: data wait {self.data_wait_fraction:.0%} of step time "
             f"(waited {self.wait_seconds:.2f} s, computed {self.compute_seconds:.2f} s; "
-            f"{self.batches} batches, {self.bytes / 1e6:.2f} MB, {self.reconnects} reconnects, "
+            f"{self.batches} batches, {_size(self.bytes)}, {self.reconnects} reconnects, "
             f"{self.transport})"
         )
         bottleneck = self.bottleneck
@@ -100,6 +100,13 @@ class StreamStats:
             NETWORK: "the server had batches ready; more streams or compression may help",
         }[bottleneck]
         return f"{text}; bottleneck: {bottleneck} (of the wait: {detail}); {advice}"
+
+
+def _size(count: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count} B"
 
 
 def transport(target: str, compression: int) -> str:

@@ -92,5 +92,7 @@ def test_public_exports_are_pinned():
         "RetryError",
         "RetryPolicy",
         "ServerError",
+        "StreamStats",
+        "enable_metrics",
     ]
     assert batchwire.server.__all__ == ["BatchwireServer", "Config", "ConfigError", "load_config"]
