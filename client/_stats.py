@@ -200,8 +200,13 @@ class _Exported:
             ["dataset"],
             registry=registry,
         )
+        self._datasets: set[str] = set()
 
     def add(self, dataset: str, deltas: dict[str, float]) -> None:
+        if dataset not in self._datasets:  # every series from the start, at 0
+            self._datasets.add(dataset)
+            for counter in self._counters.values():
+                counter.labels(dataset)
         for key, value in deltas.items():
             counter = self._counters.get(key)
             if counter is not None and value:
