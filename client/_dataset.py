@@ -430,9 +430,11 @@ class RemoteDataset(IterableDataset):
             opened += 1
             if opened > 1:
                 self._stats.reconnected()
-            return self._client.batches(
-                self.request(epoch, first, batch_stride=stride), self._stats
-            )
+            request = self.request(epoch, first, batch_stride=stride)
+            report = self._stats.take_report()  # the previous pass, for the server's dashboard
+            if report is not None:
+                request.trainer_report.CopyFrom(report)
+            return self._client.batches(request, self._stats)
 
         return resuming_batches(
             open_stream,

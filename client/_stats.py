@@ -123,6 +123,7 @@ class StatsRecorder:
     def __init__(self, dataset: str, transport: str) -> None:
         self._lock = threading.Lock()
         self._stats = StreamStats(dataset, None, transport=transport)
+        self._unreported: StreamStats | None = None  # a finished pass the server has not heard of
 
     def __getstate__(self) -> dict[str, Any]:  # a DataLoader worker gets its own lock
         return {"stats": self._stats}
@@ -130,6 +131,7 @@ class StatsRecorder:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self._lock = threading.Lock()
         self._stats = state["stats"]
+        self._unreported = None
 
     def stats(self) -> StreamStats:
         with self._lock:
@@ -167,11 +169,24 @@ class StatsRecorder:
 
     def end(self) -> StreamStats:
         """The pass is over: logs its line and returns its figures."""
-        stats = self.stats()
+        with self._lock:
+            stats = self._unreported = self._stats
         log.info("%s", stats.line())
         if _exported is not None:
             _exported.fraction(stats)
         return stats
+
+    def take_report(self) -> pb.TrainerReport | None:
+        """The last finished pass for the server (``trainer_report``), once."""
+        with self._lock:
+            stats, self._unreported = self._unreported, None
+        if stats is None:
+            return None
+        return pb.TrainerReport(
+            wait_seconds=stats.wait_seconds,
+            compute_seconds=stats.compute_seconds,
+            batches=stats.batches,
+        )
 
 
 class _Exported:

@@ -3,7 +3,8 @@
 The page is one HTML file with inline CSS and JS and no external assets, so it
 works offline: it polls ``/dashboard/data`` (the monitor's samples, as JSON)
 every second and draws throughput over time on a canvas, per-dataset and
-per-stream rates, worker busy %, queue depth and build-time percentiles.
+per-stream rates, worker busy %, queue depth, build-time percentiles, and the
+data wait trainers report (``StreamBatchesRequest.trainer_report``).
 """
 
 from __future__ import annotations
@@ -91,6 +92,8 @@ th{background:#f0f0f0}
 <canvas id="chart" width="900" height="220"></canvas>
 <h2 style="font-size:15px">datasets (batches/s, last sample)</h2>
 <table id="datasets"><tr><th>dataset</th><th>batches/s</th></tr></table>
+<h2 style="font-size:15px">trainers: data wait (share of step time, as reported for their last pass)</h2>
+<table id="trainers"><tr><th>dataset</th><th>data wait</th><th>reports</th></tr></table>
 <h2 style="font-size:15px">open streams</h2>
 <table id="open"><tr><th>stream</th><th>dataset</th><th>transport</th><th>batches</th>
 <th>MB</th><th>batches/s</th><th>waited on workers (s)</th><th>queue</th></tr></table>
@@ -142,6 +145,8 @@ async function tick(){
     document.getElementById("wait").textContent = last ? fmt(last.worker_wait_per_s, 2) : "-";
     rows(document.getElementById("datasets"), null,
          last ? Object.entries(last.datasets).sort().map(([k, v]) => [k, fmt(v, 1)]) : []);
+    rows(document.getElementById("trainers"), null, Object.entries(d.trainers).map(
+         ([k, v]) => [k, fmt(v.data_wait_fraction * 100, 0) + " %", v.reports]));
     rows(document.getElementById("open"), null, d.streams.map(t => [t.stream, t.dataset,
          t.transport + (t.compression !== "none" ? "+" + t.compression : ""), t.batches,
          fmt(t.bytes / 1e6, 2), fmt(t.batches_per_s, 1), fmt(t.worker_wait_seconds, 2), t.queue_depth]));

@@ -8,6 +8,8 @@ Exposed over HTTP when ``metrics_port`` is set. Names:
     batchwire_queue_depth{dataset}               built batches waiting to be sent, over a dataset's open streams
     batchwire_stream_worker_wait_seconds_total{dataset}  time streams waited for a worker to finish a batch
     batchwire_transport_bytes_sent_total{transport,compression}  payload bytes by transport (tcp, unix, ...)
+    batchwire_trainer_data_wait_seconds_total{dataset}  trainer-reported: training loops waited for data
+    batchwire_trainer_compute_seconds_total{dataset}    trainer-reported: training loops computed
     batchwire_worker_busy_seconds_total          time worker processes spent building batches
     batchwire_batch_build_seconds{dataset}       histogram: time to load, transform and collate a batch
     batchwire_errors_total{code}                 calls ended with an error, by gRPC status code
@@ -17,6 +19,7 @@ Exposed over HTTP when ``metrics_port`` is set. Names:
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -76,6 +79,20 @@ class Metrics:
         self.errors = Counter(
             "batchwire_errors", "Calls ended with an error, by status code.", ["code"], registry=r
         )
+        self.trainer_wait = Counter(
+            "batchwire_trainer_data_wait_seconds",
+            "Trainer-reported (previous pass): time training loops waited for the next batch.",
+            ["dataset"],
+            registry=r,
+        )
+        self.trainer_compute = Counter(
+            "batchwire_trainer_compute_seconds",
+            "Trainer-reported (previous pass): time training loops spent between batches.",
+            ["dataset"],
+            registry=r,
+        )
+        # dataset -> (data-wait fraction of the last report, reports); datasets are configured
+        self.trainer_reports: dict[str, tuple[float, int]] = {}
         self._http = None
         self._streams_lock = threading.Lock()
         self.streams: dict[str, StreamMeter] = {}  # open ones; at most max_concurrent_streams
@@ -87,6 +104,20 @@ class Metrics:
             self.streams[stream_id] = meter
         self.active_streams.inc()
         return meter
+
+    def trainer_reported(self, dataset: str, wait_seconds: float, compute_seconds: float) -> None:
+        """A trainer's timing of its previous pass (``StreamBatchesRequest.trainer_report``)."""
+        # Whatever a client sends: only finite, non-negative figures count.
+        if not all(math.isfinite(v) and 0 <= v < 1e9 for v in (wait_seconds, compute_seconds)):
+            return
+        if wait_seconds + compute_seconds <= 0:
+            return
+        self.trainer_wait.labels(dataset).inc(wait_seconds)
+        self.trainer_compute.labels(dataset).inc(compute_seconds)
+        with self._streams_lock:
+            _, reports = self.trainer_reports.get(dataset, (0.0, 0))
+            fraction = wait_seconds / (wait_seconds + compute_seconds)
+            self.trainer_reports[dataset] = (fraction, reports + 1)
 
     def open_streams(self) -> list[StreamMeter]:
         with self._streams_lock:

@@ -206,7 +206,12 @@ class Monitor:
             }
             for m in self._metrics.open_streams()
         ]
+        trainers = {
+            dataset: {"data_wait_fraction": fraction, "reports": reports}
+            for dataset, (fraction, reports) in sorted(self._metrics.trainer_reports.items())
+        }
         return {
+            "trainers": trainers,
             "samples": [asdict(r) for r in history],
             "window": window,
             "streams": streams,

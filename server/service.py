@@ -236,6 +236,9 @@ class BatchService:
         except Refused as refused:
             await context.abort(refused.code, refused.message)
         stream_id = str(next(self._stream_ids))
+        if request.HasField("trainer_report"):
+            report = request.trainer_report
+            self._metrics.trainer_reported(entry.name, report.wait_seconds, report.compute_seconds)
         parameters = (
             f"peer={context.peer()} stream={stream_id} dataset={entry.name} "
             f"batch_size={request.batch_size} shuffle={request.shuffle} seed={request.seed} "

@@ -69,6 +69,13 @@ def test_dashboard_updates_live_in_a_headless_browser(tmp_path: Path) -> None:
                     "return document.getElementById('datasets').rows[1].cells[0].textContent"
                 )
                 assert datasets == "dict"
+                # Each finished pass reports its data wait with the next pass's request.
+                trainers = _wait_for(
+                    browser,
+                    "const t = document.getElementById('trainers');"
+                    "return t.rows.length > 1 ? t.rows[1].cells[0].textContent : null;",
+                )
+                assert trainers == "dict"
         finally:
             stop.set()
             streamer.join(timeout=120)

@@ -77,3 +77,28 @@ def test_series_stay_bounded_across_1000_streams_and_serve_logs_a_summary(tmp_pa
             time.sleep(0.2)
     summaries = [line for line in server.output if "summary last" in line]
     assert any("batches/s" in line and "workers busy" in line for line in summaries), summaries
+
+
+def test_trainers_report_their_data_wait_to_the_server(tmp_path: Path) -> None:
+    from batchwire.client import RemoteDataset
+
+    metrics_port = free_port()
+    config = write_config(tmp_path)
+    with ServerProcess(config, workers=1, extra=["--metrics-port", str(metrics_port)]) as server:
+        ds = RemoteDataset(server.target, "dict", batch_size=16)
+        assert sum(1 for _ in ds) == 4
+        first = ds.stats()
+        assert ("batchwire_trainer_data_wait_seconds_total", (("dataset", "dict"),)) not in scrape(
+            metrics_port
+        )
+        assert sum(1 for _ in ds) == 4  # this pass's request carries the first pass's figures
+        after = scrape(metrics_port)
+        dataset = (("dataset", "dict"),)
+        assert after[("batchwire_trainer_data_wait_seconds_total", dataset)] == first.wait_seconds
+        assert after[("batchwire_trainer_compute_seconds_total", dataset)] == first.compute_seconds
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{metrics_port}/dashboard/data", timeout=5
+        ) as reply:
+            trainers = json.load(reply)["trainers"]
+        assert trainers["dict"]["reports"] == 1
+        assert trainers["dict"]["data_wait_fraction"] == first.data_wait_fraction

@@ -59,3 +59,12 @@ def test_summary_seconds_must_not_be_negative(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match="summary_seconds"):
         load_config(config)
+
+
+def test_trainer_reports_ignore_nonsense() -> None:
+    metrics = Metrics()
+    for wait, compute in ((float("nan"), 1.0), (-1.0, 1.0), (1.0, float("inf")), (0.0, 0.0)):
+        metrics.trainer_reported("d", wait, compute)
+    assert metrics.trainer_reports == {}
+    metrics.trainer_reported("d", 1.0, 3.0)
+    assert metrics.trainer_reports == {"d": (0.25, 1)}
