@@ -119,6 +119,10 @@ class Metrics:
             fraction = wait_seconds / (wait_seconds + compute_seconds)
             self.trainer_reports[dataset] = (fraction, reports + 1)
 
+    def trainer_report_items(self) -> list[tuple[str, tuple[float, int]]]:
+        with self._streams_lock:
+            return sorted(self.trainer_reports.items())
+
     def open_streams(self) -> list[StreamMeter]:
         with self._streams_lock:
             return list(self.streams.values())

@@ -175,7 +175,9 @@ class Monitor:
                 self._history.append(rates(last, now, at - last_at))
             last, last_at = now, at
             if self._summary_seconds and at - summary_at >= self._summary_seconds:
-                log.info("summary %s", rates(summary_from, now, at - summary_at).line())
+                summary = rates(summary_from, now, at - summary_at)
+                if summary.batches_per_s or summary.streams:  # an idle server says nothing
+                    log.info("summary %s", summary.line())
                 summary_from, summary_at = now, at
 
     def data(self) -> dict[str, Any]:
@@ -208,7 +210,7 @@ class Monitor:
         ]
         trainers = {
             dataset: {"data_wait_fraction": fraction, "reports": reports}
-            for dataset, (fraction, reports) in sorted(self._metrics.trainer_reports.items())
+            for dataset, (fraction, reports) in self._metrics.trainer_report_items()
         }
         return {
             "trainers": trainers,
