@@ -79,7 +79,10 @@ class Browser:
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(
-            self._base + path, data=data, method=method, headers={"Content-Type": "application/json"}
+            self._base + path,
+            data=data,
+            method=method,
+            headers={"Content-Type": "application/json"},
         )
         with urllib.request.urlopen(request, timeout=120) as reply:
             return json.load(reply)["value"]
