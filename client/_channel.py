@@ -11,6 +11,7 @@ import re
 import threading
 import time
 from collections.abc import Iterator
+from typing import Protocol
 
 import grpc
 
@@ -213,6 +214,10 @@ def wait_for_server(target: str, timeout: float | None = None, *, fail_fast: boo
     )
 
 
+class BatchObserver(Protocol):
+    def batch(self, header: pb.BatchHeader, decode_seconds: float) -> None: ...
+
+
 class BatchClient:
     """Typed calls to one server; errors become ``ServerError``.
 
@@ -277,8 +282,12 @@ class BatchClient:
         )
         return call(request)
 
-    def batches(self, request: pb.StreamBatchesRequest) -> Iterator[tuple[int, object]]:
+    def batches(
+        self, request: pb.StreamBatchesRequest, observer: BatchObserver | None = None
+    ) -> Iterator[tuple[int, object]]:
         """Yields ``(batch_index, batch)`` for one stream; raises ``ServerError`` if it fails.
+
+        ``observer.batch(header, decode_seconds)`` hears of each batch (see ``_stats``).
 
         The call is cancelled only once the stream is over or its consumer went
         away, so a CANCELLED status raised here is never the client's own doing.
@@ -287,8 +296,12 @@ class BatchClient:
         assembler = wire.BatchAssembler(compression.decompress)
         try:
             for chunk in call:
+                decoding = time.perf_counter()
                 for header, batch in assembler.feed(chunk):
+                    if observer is not None:
+                        observer.batch(header, time.perf_counter() - decoding)
                     yield header.batch_index, batch
+                    decoding = time.perf_counter()
             if assembler.pending:
                 raise StreamCutShort(
                     "the stream ended without an error in the middle of a batch", target=self.target

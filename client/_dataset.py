@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -16,6 +17,7 @@ from batchwire.client._ledger import PassLedger
 from batchwire.client._parallel import merge_in_order
 from batchwire.client._resume import resuming_batches
 from batchwire.client._retry import RetryPolicy, call_with_retry
+from batchwire.client._stats import StatsRecorder, StreamStats, transport
 from batchwire.compression import codec as compression_codec
 from batchwire.v1 import batchwire_pb2 as pb
 
@@ -114,6 +116,7 @@ class RemoteDataset(IterableDataset):
         self.buffer = buffer
         self.retry = retry or RetryPolicy()
         self._client = BatchClient(target, timeout=timeout)
+        self._stats = StatsRecorder(dataset, transport(target, self.compression))
         self._ledger = PassLedger()  # the next pass, shared with DataLoader workers
         # (epoch, next batch) of the pass underway in this process; in a DataLoader
         # worker the batch is the next one of the worker's share (w, w + k, ...).
@@ -353,11 +356,29 @@ class RemoteDataset(IterableDataset):
                 stacklevel=2,
             )
 
+    def stats(self) -> StreamStats:
+        """This process's figures for the pass underway (live), else the last pass.
+
+        Data wait (the loop waiting in ``next()``) against compute (the loop's time
+        between batches), batches, bytes, reconnects, transport, and what the server
+        reported; each pass also logs them in one line (see ``_stats``). In a
+        DataLoader worker they are that worker's own.
+        """
+        return self._stats.stats()
+
     def _pass(self, epoch: int, start: int, stride: int, number: int) -> Iterator[Any]:
+        stats, clock = self._stats, time.perf_counter
+        stats.begin(epoch)
         try:
+            asked = clock()
             for index, batch in self._batches(epoch, start, stride):
                 self._position = (epoch, index + stride)
+                got = clock()
+                stats.waited(got - asked)
                 yield batch
+                asked = clock()
+                stats.computed(asked - got)
+            stats.end()
         except GeneratorExit:
             raise  # the consumer stopped early: the next pass is the next epoch
         except BaseException:
@@ -402,8 +423,18 @@ class RemoteDataset(IterableDataset):
         what: str,
         stop: threading.Event | None = None,
     ) -> Iterator[tuple[int, Any]]:
+        opened = 0
+
         def open_stream(first: int) -> Iterator[tuple[int, Any]]:
-            return self._client.batches(self.request(epoch, first, batch_stride=stride))
+            nonlocal opened
+            opened += 1
+            if opened > 1:
+                self._stats.reconnected()
+            request = self.request(epoch, first, batch_stride=stride)
+            report = self._stats.take_report()  # the previous pass, for the server's dashboard
+            if report is not None:
+                request.trainer_report.CopyFrom(report)
+            return self._client.batches(request, self._stats)
 
         return resuming_batches(
             open_stream,

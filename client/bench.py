@@ -40,6 +40,8 @@ from batchwire.compression import codec
 from batchwire.v1 import batchwire_pb2 as pb
 
 JSON_SCHEMA_VERSION = 1
+TIMELINE_BINS = 50
+"""The measured window in this many bins: each client's throughput over time (``--plot``)."""
 _START_DELAY = 0.3  # seconds between "all clients ready" and the common start
 _READY_TIMEOUT = 120.0  # seconds a spawned client may take to import torch and connect
 _BATCHES_TIMEOUT = 600.0  # seconds a run by batch count may take before it counts as hung
@@ -422,6 +424,7 @@ def summarize(
     gaps: list[float] = []
     clients = []
     spans: list[float] = []
+    measured_arrivals: list[list[float]] = []  # per client, for the timeline
     totals = {"batches": 0, "raw_bytes": 0, "wire_bytes": 0}
     for index, record in enumerate(records):
         arrivals: list[tuple[float, int, int]] = []
@@ -442,6 +445,7 @@ def summarize(
         for before, after in itertools.pairwise(arrivals):
             if after in measured:
                 gaps.append(after[0] - before[0])
+        measured_arrivals.append([a[0] for a in inside])
         batches = len(inside)
         raw = sum(a[1] for a in inside)
         wire_bytes = sum(a[2] for a in inside)
@@ -461,6 +465,14 @@ def summarize(
             }
         )
     seconds = max(spans, default=config.duration)
+    bins = TIMELINE_BINS
+    bin_s = max(seconds, 1e-9) / bins
+    timeline: list[list[float]] = []  # per client: batches/s in each bin of the window
+    for times in measured_arrivals:
+        counts = [0] * bins
+        for arrival in times:
+            counts[min(int((arrival - opens) / bin_s), bins - 1)] += 1
+        timeline.append([count / bin_s for count in counts])
     gaps.sort()
     first_batch.sort()
     rates = [c["batches_per_s"] for c in clients]
@@ -485,6 +497,7 @@ def summarize(
         "time_to_first_batch_s": _stats(first_batch),
         "latency_s": _stats(gaps),
         "latency_histogram": histogram(gaps),
+        "timeline": {"bin_s": bin_s, "batches_per_s": timeline},
         "clients": clients,
         "fairness": fairness,
         "errors": errors,
@@ -578,13 +591,26 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(config: BenchConfig, *, json_path: str | None = None, out: TextIO = sys.stdout) -> int:
-    """The CLI's body: run, print, write JSON; 0 when every batch arrived without error."""
+def main(
+    config: BenchConfig,
+    *,
+    json_path: str | None = None,
+    plot_path: str | None = None,
+    out: TextIO = sys.stdout,
+) -> int:
+    """The CLI's body: run, print, write JSON and a plot; 0 when every batch arrived without error."""
+    if plot_path:
+        from batchwire.client import bench_plot
+
+        bench_plot.check()  # before the run: a missing matplotlib should not cost a benchmark
     report = run(config)
     print(format_report(report), file=out)
     if json_path:
         with open(json_path, "w") as f:
             json.dump(report, f, indent=2)
+    if plot_path:
+        bench_plot.plot(report, plot_path)
+        print(f"plot: {plot_path}", file=out)
     if report["errors"]:
         print(f"batchwire bench: {len(report['errors'])} stream(s) failed", file=sys.stderr)
         return 1

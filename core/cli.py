@@ -186,7 +186,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"batchwire bench: {exc}", file=sys.stderr)
         return 2
-    return bench.main(config, json_path=args.json)
+    return bench.main(config, json_path=args.json, plot_path=args.plot)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -267,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--compression", choices=["none", "lz4", "zstd"], default="none")
     bench.add_argument("--shuffle", action="store_true", help="shuffled order (default: in order)")
     bench.add_argument("--json", metavar="FILE", help="also write the full report as JSON")
+    bench.add_argument(
+        "--plot", metavar="FILE.png", help="draw throughput over time and latency (matplotlib)"
+    )
     bench.set_defaults(func=cmd_bench)
     health = client_command("health", "exit 0 only when the server is SERVING")
     health.add_argument(

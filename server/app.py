@@ -42,9 +42,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from batchwire.server.config import Config
+from batchwire.server.dashboard import DashboardPages
 from batchwire.server.decoding import DecodeInterceptor
 from batchwire.server.executor import Executor, make_executor
 from batchwire.server.metrics import Metrics
+from batchwire.server.monitor import Monitor
 from batchwire.server.registry import DatasetRegistry
 from batchwire.server.security import TokenAuthInterceptor, load_tokens, server_credentials
 from batchwire.server.service import SERVICE_NAME, BatchService
@@ -86,6 +88,7 @@ class BatchwireServer:
         self.executor: Executor = make_executor(config, workers)  # [server] executor
         self.metrics = Metrics()
         self.metrics.track_pool(self.executor)
+        self.monitor = Monitor(self.metrics, summary_seconds=settings.summary_seconds)
         self.service = BatchService(self.registry, self.executor, settings, self.metrics)
         self.host = host or settings.host
         self._requested_port = settings.port if port is None else port
@@ -202,8 +205,11 @@ class BatchwireServer:
         self._on_loop(self._grpc.start())
         if settings.metrics_port is not None:
             self.metrics_port = self.metrics.serve(
-                settings.metrics_host or self.host, settings.metrics_port
+                settings.metrics_host or self.host,
+                settings.metrics_port,
+                DashboardPages(self.monitor),
             )
+        self.monitor.start()
         self.executor.start()
         self.executor.on_health_change(self._executor_health_changed)
         # Every worker opens its datasets now, not on some trainer's first batch.
@@ -227,6 +233,7 @@ class BatchwireServer:
         self._stop_loop()
         self.service.close()
         self.executor.close()
+        self.monitor.close()
         self.metrics.close()
         self._stopped.set()
 

@@ -180,6 +180,9 @@ class ServerConfig:
     """Port of the Prometheus endpoint (0: a free one); none when unset."""
     metrics_host: str = ""
     """Address of the Prometheus endpoint; defaults to ``host``."""
+    summary_seconds: float = 60.0
+    """Log a one-line summary of throughput, worker busy %, queue depth and build times
+    this often (0: never)."""
     log_level: str = "INFO"
     """DEBUG, INFO, WARNING or ERROR; ``--log-level`` overrides."""
     tls: TlsConfig | None = None
@@ -297,6 +300,9 @@ def _server_config(table: Table) -> ServerConfig:
         ),
         metrics_port=_port(table, None, "metrics_port"),
         metrics_host=table.get("metrics_host", str, defaults.metrics_host),
+        summary_seconds=_positive_number(
+            table, "summary_seconds", defaults.summary_seconds, allow_zero=True
+        ),
         log_level=table.choice("log_level", _LOG_LEVELS, defaults.log_level),
         tls=_tls_config(table.table("tls")) if "tls" in table.data else None,
         auth=_auth_config(table.table("auth")) if "auth" in table.data else None,

@@ -15,7 +15,6 @@ unary calls, so neither can take the other's threads.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import threading
@@ -36,7 +35,7 @@ from batchwire.server.executor import (
     ExecutorFailed,
     Unavailable,
 )
-from batchwire.server.metrics import Metrics
+from batchwire.server.metrics import Metrics, StreamMeter
 from batchwire.server.registry import DatasetEntry, DatasetRegistry, DescribeError
 from batchwire.server.requests import InvalidRequest, StreamPlan, echo, plan_stream
 from batchwire.server.stream import (
@@ -245,6 +244,9 @@ class BatchService:
         except Refused as refused:
             await context.abort(refused.code, refused.message)
         stream_id = str(next(self._stream_ids))
+        if request.HasField("trainer_report"):
+            report = request.trainer_report
+            self._metrics.trainer_reported(entry.name, report.wait_seconds, report.compute_seconds)
         parameters = (
             f"peer={context.peer()} stream={stream_id} dataset={entry.name} "
             f"batch_size={request.batch_size} shuffle={request.shuffle} seed={request.seed} "
@@ -255,12 +257,14 @@ class BatchService:
         log.info("stream start %s", parameters)
         with self._active_lock:
             self._active += 1
-        self._metrics.active_streams.inc()
+        meter = self._metrics.open_stream(
+            stream_id, entry.name, context.peer(), pb.Compression.Name(request.compression).lower()
+        )
         started = time.monotonic()
         sent = {"batches": 0, "bytes": 0}
         status = "OK"
         try:
-            await self._stream(entry, stream, request, context, sent, stream_id)
+            await self._stream(entry, stream, request, context, sent, meter)
         except Refused as refused:
             status = refused.code.name  # counted by _refuse
             await context.abort(refused.code, refused.message)
@@ -276,9 +280,7 @@ class BatchService:
             self._stream_slots.release()
             with self._active_lock:
                 self._active -= 1
-            self._metrics.active_streams.dec()
-            with contextlib.suppress(KeyError):
-                self._metrics.queue_depth.remove(stream_id)
+            meter.close()
             log.info(
                 "stream end %s batches=%d bytes=%d seconds=%.3f status=%s",
                 parameters,
@@ -317,25 +319,17 @@ class BatchService:
         request: pb.StreamBatchesRequest,
         context: grpc.aio.ServicerContext,
         sent: dict[str, int],
-        stream_id: str,
+        meter: StreamMeter,
     ) -> None:
         """Runs the stream's ``BatchStream``; a failure that stops it becomes ``Refused``."""
-        metrics = self._metrics
-        # Labelled children looked up once per stream, not per batch.
-        depth = metrics.queue_depth.labels(stream_id)
-        build_seconds = metrics.build_seconds.labels(entry.name)
-        batches_sent = metrics.batches_sent.labels(entry.name)
-        bytes_sent = metrics.bytes_sent.labels(entry.name)
 
         def on_built(built: BuiltBatch) -> None:
-            build_seconds.observe(built.build_seconds)
-            metrics.worker_busy.inc(built.build_seconds)
+            meter.built(built.build_seconds)
 
         def on_sent(header: pb.BatchHeader) -> None:
             sent["batches"] += 1
             sent["bytes"] += header.payload_size
-            batches_sent.inc()
-            bytes_sent.inc(header.payload_size)
+            meter.sent(header.payload_size)
 
         codec = request.compression
 
@@ -358,7 +352,8 @@ class BatchService:
             draining=self._drain_due,
             on_built=on_built,
             on_sent=on_sent,
-            on_depth=depth.set,
+            on_depth=meter.set_depth,
+            on_waited=meter.waited,
         )
         batches = BatchStream(
             self._executor,

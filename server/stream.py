@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import Future
@@ -80,6 +81,8 @@ class StreamHooks:
     on_sent: Callable[[pb.BatchHeader], None] = lambda header: None
     on_depth: Callable[[int], None] = lambda depth: None
     """Batches built and waiting to be sent, after each task arrives."""
+    on_waited: Callable[[float], None] = lambda seconds: None
+    """Seconds the stream waited on the executor for a task."""
 
 
 class BatchStream:
@@ -115,7 +118,10 @@ class BatchStream:
             while pending:
                 # Stays in `pending` while awaited, so a cancelled stream cancels it too.
                 positions, future = pending[0]
+                waited = time.monotonic()
                 built, failure = await self._await(future, positions[0])
+                waited = time.monotonic() - waited
+                self._hooks.on_waited(waited)
                 pending.popleft()
                 try:
                     if built:
@@ -125,6 +131,10 @@ class BatchStream:
                     self._hooks.on_depth(sum(len(p) for p, f in pending if f.done()))
                     # Fewer built than asked when one failed: those before it still go out.
                     for position, batch in zip(positions, built, strict=False):
+                        # What the client's stats tell its data-wait by (issue 16): the
+                        # wait on a task counts once, on its first batch.
+                        batch.header.build_seconds = batch.build_seconds
+                        batch.header.wait_seconds, waited = waited, 0.0
                         await self._send(position, batch)
                     await self._flush()
                 finally:

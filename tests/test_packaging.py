@@ -94,5 +94,7 @@ def test_public_exports_are_pinned():
         "RetryPolicy",
         "ServerError",
         "TargetError",
+        "StreamStats",
+        "enable_metrics",
     ]
     assert batchwire.server.__all__ == ["BatchwireServer", "Config", "ConfigError", "load_config"]

@@ -84,7 +84,7 @@ class DatasetInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., length: _Optional[int] = ..., fields: _Optional[_Iterable[_Union[FieldInfo, _Mapping]]] = ..., source: _Optional[str] = ..., transforms: _Optional[_Iterable[str]] = ..., sampler: _Optional[_Union[SamplerSpec, _Mapping]] = ...) -> None: ...
 
 class StreamBatchesRequest(_message.Message):
-    __slots__ = ("dataset", "batch_size", "shuffle", "seed", "epoch", "rank", "world_size", "drop_last", "start_batch", "end_batch", "batch_stride", "compression", "sampler", "max_batches_per_message")
+    __slots__ = ("dataset", "batch_size", "shuffle", "seed", "epoch", "rank", "world_size", "drop_last", "start_batch", "end_batch", "batch_stride", "compression", "sampler", "max_batches_per_message", "trainer_report")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     SHUFFLE_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +99,7 @@ class StreamBatchesRequest(_message.Message):
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     SAMPLER_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCHES_PER_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    TRAINER_REPORT_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     batch_size: int
     shuffle: bool
@@ -113,7 +114,18 @@ class StreamBatchesRequest(_message.Message):
     compression: Compression
     sampler: SamplerSpec
     max_batches_per_message: int
-    def __init__(self, dataset: _Optional[str] = ..., batch_size: _Optional[int] = ..., shuffle: _Optional[bool] = ..., seed: _Optional[int] = ..., epoch: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., drop_last: _Optional[bool] = ..., start_batch: _Optional[int] = ..., end_batch: _Optional[int] = ..., batch_stride: _Optional[int] = ..., compression: _Optional[_Union[Compression, str]] = ..., sampler: _Optional[_Union[SamplerSpec, _Mapping]] = ..., max_batches_per_message: _Optional[int] = ...) -> None: ...
+    trainer_report: TrainerReport
+    def __init__(self, dataset: _Optional[str] = ..., batch_size: _Optional[int] = ..., shuffle: _Optional[bool] = ..., seed: _Optional[int] = ..., epoch: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., drop_last: _Optional[bool] = ..., start_batch: _Optional[int] = ..., end_batch: _Optional[int] = ..., batch_stride: _Optional[int] = ..., compression: _Optional[_Union[Compression, str]] = ..., sampler: _Optional[_Union[SamplerSpec, _Mapping]] = ..., max_batches_per_message: _Optional[int] = ..., trainer_report: _Optional[_Union[TrainerReport, _Mapping]] = ...) -> None: ...
+
+class TrainerReport(_message.Message):
+    __slots__ = ("wait_seconds", "compute_seconds", "batches")
+    WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    BATCHES_FIELD_NUMBER: _ClassVar[int]
+    wait_seconds: float
+    compute_seconds: float
+    batches: int
+    def __init__(self, wait_seconds: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., batches: _Optional[int] = ...) -> None: ...
 
 class SamplerSpec(_message.Message):
     __slots__ = ("kind", "num_samples", "without_replacement", "max_tokens", "max_items")
@@ -178,7 +190,7 @@ class NodeMap(_message.Message):
     def __init__(self, keys: _Optional[_Iterable[str]] = ..., values: _Optional[_Iterable[_Union[Node, _Mapping]]] = ...) -> None: ...
 
 class BatchHeader(_message.Message):
-    __slots__ = ("batch_index", "payload_size", "tensors", "structure", "compression", "raw_size", "num_samples")
+    __slots__ = ("batch_index", "payload_size", "tensors", "structure", "compression", "raw_size", "num_samples", "build_seconds", "wait_seconds")
     BATCH_INDEX_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_SIZE_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
@@ -186,6 +198,8 @@ class BatchHeader(_message.Message):
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     RAW_SIZE_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    BUILD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     batch_index: int
     payload_size: int
     tensors: _containers.RepeatedCompositeFieldContainer[TensorMeta]
@@ -193,7 +207,9 @@ class BatchHeader(_message.Message):
     compression: Compression
     raw_size: int
     num_samples: int
-    def __init__(self, batch_index: _Optional[int] = ..., payload_size: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorMeta, _Mapping]]] = ..., structure: _Optional[_Union[Node, _Mapping]] = ..., compression: _Optional[_Union[Compression, str]] = ..., raw_size: _Optional[int] = ..., num_samples: _Optional[int] = ...) -> None: ...
+    build_seconds: float
+    wait_seconds: float
+    def __init__(self, batch_index: _Optional[int] = ..., payload_size: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorMeta, _Mapping]]] = ..., structure: _Optional[_Union[Node, _Mapping]] = ..., compression: _Optional[_Union[Compression, str]] = ..., raw_size: _Optional[int] = ..., num_samples: _Optional[int] = ..., build_seconds: _Optional[float] = ..., wait_seconds: _Optional[float] = ...) -> None: ...
 
 class BatchChunk(_message.Message):
     __slots__ = ("header", "data", "packed")

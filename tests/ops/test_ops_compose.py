@@ -46,7 +46,8 @@ def test_compose_file_is_valid() -> None:
     )
     assert result.returncode == 0, result.stderr
     resolved = yaml.safe_load(result.stdout)
-    assert set(resolved["services"]) == {"server", "trainer", "loadtest"}
+    # docker-compose 1.x lists every profile's services here.
+    assert {"server", "trainer", "loadtest"} <= set(resolved["services"])
 
 
 def test_compose_declares_the_stack(compose: dict) -> None:

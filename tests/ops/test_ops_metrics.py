@@ -39,8 +39,9 @@ def test_metrics_move_after_a_stream(tmp_path: Path) -> None:
         assert after[("batchwire_errors_total", (("code", "NOT_FOUND"),))] == 1
         assert after[("batchwire_active_streams", ())] == 0
         assert after[("batchwire_workers_replaced_total", ())] == 0
-        # A finished stream leaves no per-stream series behind.
-        assert not [key for key in after if key[0] == "batchwire_stream_queue_depth"]
+        # No series per stream (issue 16): no label names one, and the queue is empty.
+        assert not [key for key in after if any(name == "stream" for name, _ in key[1])]
+        assert after[("batchwire_queue_depth", dataset)] == 0
 
 
 def test_a_taken_metrics_port_stops_serve_with_a_message(tmp_path: Path) -> None:
