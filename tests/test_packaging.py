@@ -93,8 +93,8 @@ def test_public_exports_are_pinned():
         "RetryError",
         "RetryPolicy",
         "ServerError",
-        "TargetError",
         "StreamStats",
+        "TargetError",
         "enable_metrics",
     ]
     assert batchwire.server.__all__ == ["BatchwireServer", "Config", "ConfigError", "load_config"]
