@@ -29,6 +29,7 @@ from batchwire.server.config import load_config  # noqa: E402
 from batchwire.server.inprocess import ThreadExecutor  # noqa: E402
 from batchwire.server.samplers import BatchPlan  # noqa: E402
 from batchwire.server.stream import BatchStream, StreamHooks, StreamLimits, StreamStopped  # noqa: E402
+from batchwire.v1 import batchwire_pb2 as pb  # noqa: E402
 
 TIMEOUT = 6.0
 
@@ -87,7 +88,12 @@ def batches_of(messages: list[bytes]) -> list[tuple[bytes, bytes]]:
         chunk = wire.parse_chunk(message)
         for part in (chunk, *chunk.packed):
             if part.header is not None:
-                out.append((part.header.SerializeToString(), bytearray()))
+                header = pb.BatchHeader()
+                header.CopyFrom(part.header)
+                # Measurements of this run (issue 16's data-wait), not the batch's content.
+                header.ClearField("build_seconds")
+                header.ClearField("wait_seconds")
+                out.append((header.SerializeToString(), bytearray()))
             out[-1][1].extend(part.data)
     return [(header, bytes(payload)) for header, payload in out]
 
@@ -134,7 +140,6 @@ def served_through_grpc(config, reference) -> None:
 
     from batchwire.server.app import BatchwireServer
     from batchwire.server.requests import plan_stream
-    from batchwire.v1 import batchwire_pb2 as pb
 
     server = BatchwireServer(config, host="127.0.0.1", port=0)
     server.start()
@@ -187,7 +192,6 @@ def main() -> None:
     # Plans as the server makes them, for each sampler kind and collate.
     from batchwire.server.registry import DatasetRegistry
     from batchwire.server.requests import plan_stream
-    from batchwire.v1 import batchwire_pb2 as pb
 
     registry = DatasetRegistry(config)
     for dataset, kind, extra in [
