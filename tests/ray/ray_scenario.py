@@ -74,6 +74,18 @@ kwargs = {{ length = 60, delay = 0.0 }}
 transforms = [{{ name = "pipeline_data:add_noise" }}]
 collate = "pipeline_data:sum_collate"
 
+[datasets.weighted]
+source = "python"
+factory = "stream_data:numbered"
+kwargs = {{ length = 300 }}
+sampler = {{ kind = "weighted", weights = "weights.npy", num_samples = 120 }}
+
+[datasets.subset]
+source = "python"
+factory = "stream_data:numbered"
+kwargs = {{ length = 300 }}
+sampler = {{ kind = "subset", indices = "subset.npy" }}
+
 [datasets.hangs]
 source = "python"
 factory = "pool_data:hangs_at"
@@ -169,6 +181,8 @@ def main() -> None:
 
     work = Path(sys.argv[1])
     make_image_folder(work / "images", {"cat": 13, "dog": 7, "emu": 9})
+    np.save(work / "weights.npy", np.linspace(0.1, 2.0, 300))
+    np.save(work / "subset.npy", np.arange(3, 300, 7))
     (work / "ray.toml").write_text(CONFIG)
     config = load_config(work / "ray.toml")
     reference = ThreadExecutor(config, threads=2)
@@ -198,6 +212,8 @@ def main() -> None:
         ("seqs", "", {}),  # the dataset's own: dynamic, pad collate
         ("noisy", "distributed", {"rank": 1, "world_size": 3}),  # import-path collate
         ("small", "random", {}),
+        ("weighted", "", {}),  # the dataset's own: weighted, with replacement
+        ("subset", "", {"rank": 1, "world_size": 2}),  # the dataset's own: subset
         ("images", "distributed", {"rank": 0, "world_size": 2}),
     ]:
         request = pb.StreamBatchesRequest(
