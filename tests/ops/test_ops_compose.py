@@ -31,21 +31,26 @@ def compose() -> dict:
     return yaml.safe_load(COMPOSE_FILE.read_text())
 
 
-def test_compose_file_is_valid() -> None:
+def compose_config(profile: str) -> dict:
+    """``docker-compose --profile PROFILE config``, parsed (skips without docker-compose)."""
     binary = shutil.which("docker-compose")
     if binary is None:
         if os.environ.get("BATCHWIRE_REQUIRE_COMPOSE"):
             pytest.fail("docker-compose is not installed (.ci/run installs Debian's package)")
         pytest.skip("docker-compose is not installed (apt-get install docker-compose)")
     result = subprocess.run(
-        [binary, "-f", str(COMPOSE_FILE), "--profile", "loadtest", "config"],
+        [binary, "-f", str(COMPOSE_FILE), "--profile", profile, "config"],
         capture_output=True,
         text=True,
         timeout=60,
         cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr
-    resolved = yaml.safe_load(result.stdout)
+    return yaml.safe_load(result.stdout)
+
+
+def test_compose_file_is_valid() -> None:
+    resolved = compose_config("loadtest")
     # docker-compose 1.x lists every profile's services here.
     assert {"server", "trainer", "loadtest"} <= set(resolved["services"])
 

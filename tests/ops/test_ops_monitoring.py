@@ -9,16 +9,14 @@ what a live server (and a trainer with metrics on) really exports.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 from _serverproc import ServerProcess, free_port
 from ops_support import scrape
+from test_ops_compose import compose_config
 from test_ops_health import write_config
 
 from batchwire.client import RemoteDataset
@@ -126,17 +124,5 @@ def test_every_dashboard_metric_is_exported(tmp_path: Path) -> None:
 
 
 def test_compose_config_with_the_monitoring_profile() -> None:
-    binary = shutil.which("docker-compose")
-    if binary is None:
-        if os.environ.get("BATCHWIRE_REQUIRE_COMPOSE"):
-            pytest.fail("docker-compose is not installed (.ci/run installs Debian's package)")
-        pytest.skip("docker-compose is not installed (apt-get install docker-compose)")
-    result = subprocess.run(
-        [binary, "-f", str(COMPOSE_FILE), "--profile", "monitoring", "config"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-    )
-    assert result.returncode == 0, result.stderr
-    assert {"server", "prometheus", "grafana"} <= set(yaml.safe_load(result.stdout)["services"])
+    services = compose_config("monitoring")["services"]
+    assert {"server", "prometheus", "grafana"} <= set(services)
