@@ -38,6 +38,7 @@ from batchwire.server.executor import (
 from batchwire.server.metrics import Metrics, StreamMeter
 from batchwire.server.registry import DatasetEntry, DatasetRegistry, DescribeError
 from batchwire.server.requests import InvalidRequest, StreamPlan, echo, plan_stream
+from batchwire.server.shared_builds import SharedBuilds
 from batchwire.server.stream import (
     BatchStream,
     BatchTooLarge,
@@ -110,6 +111,10 @@ class BatchService:
     ) -> None:
         self._registry = registry
         self._executor = executor
+        # Streams build through it: identical batches of concurrent streams are built once.
+        self._builds = SharedBuilds(
+            executor, on_shared=lambda dataset: metrics.shared_batches.labels(dataset).inc()
+        )
         self._settings = settings
         self._metrics = metrics
         self._stream_slots = threading.BoundedSemaphore(settings.max_concurrent_streams)
@@ -355,8 +360,9 @@ class BatchService:
             on_depth=meter.set_depth,
             on_waited=meter.waited,
         )
+        builds = self._builds.stream()
         batches = BatchStream(
-            self._executor,
+            builds,
             entry.name,
             stream.plan,
             stream.positions,
@@ -369,6 +375,8 @@ class BatchService:
         except StreamStopped as stopped:
             code, message = failure_status(stopped.failure, stopped.position)
             self._refuse(code, message)
+        finally:
+            builds.close()  # what was held for this stream alone goes
 
     def _batch_bytes(self, entry: DatasetEntry, plan, positions: range) -> int:
         """Estimated payload bytes of the stream's first batch (0: unknown)."""
