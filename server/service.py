@@ -360,7 +360,7 @@ class BatchService:
             on_depth=meter.set_depth,
             on_waited=meter.waited,
         )
-        builds = self._builds.stream()
+        builds = self._builds.stream(stream.plan, stream.positions)
         batches = BatchStream(
             builds,
             entry.name,

@@ -28,11 +28,15 @@ recycled) once the last view is gone.
 *Bounded, and no stream waits on another.* A stream's task resolves as soon
 as its batches are built, whoever asked first: a slow stream's reading never
 holds up a fast one. Entries live while being built (at most the streams'
-prefetch), then, once built, only while some open stream of the same family
-(dataset, seed, epoch) has not taken a copy yet, within ``HELD_BYTES`` over
-the whole server (oldest dropped first). So a stream that falls behind reuses
-what is still held, and builds the rest itself; a solo stream holds nothing
-beyond its own prefetch; when the streams end, nothing is held.
+prefetch), then, once built, only while an open stream of the same plan (the
+plan cache hands identical requests one plan object) still has the batch's
+position ahead of it, within ``HELD_BYTES`` over the whole server (oldest
+dropped first). So a stream that falls behind, or starts later, reuses what is
+still held and builds the rest itself; a solo stream, the ranks of a DDP job
+(different plans) and a trainer's parallel streams (disjoint positions) hold
+nothing beyond their prefetch; when the streams end, nothing is held. A held
+batch of a grouped task keeps that task's payload file mapped (at most 1 MiB:
+only small batches are grouped).
 
 *Failures.* A batch that fails fails every stream waiting on it (a copy of
 the exception each) and is not kept: a later request builds it again. Batches
@@ -44,7 +48,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import itertools
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
@@ -67,7 +70,6 @@ _Outcome = BuiltBatch | BaseException | None  # a request's slot: a copy, a fail
 class _Request:
     """One task a stream submitted: its entries, and what each has given it so far."""
 
-    stream: int
     future: Future[list[BuiltBatch]]
     entries: list[_Entry] = dataclasses.field(default_factory=list)
     slots: list[_Outcome] = dataclasses.field(default_factory=list)
@@ -88,13 +90,14 @@ class _Entry:
     """One batch, by identity: being built (``build``), or built (``batch``)."""
 
     key: tuple[Hashable, bytes]
-    family: Hashable
     dataset: str
     indices: Sequence[int]
     build: _Build | None = None
     batch: BuiltBatch | None = None
     waiting: list[tuple[_Request, int]] = dataclasses.field(default_factory=list)
-    takers: set[int] = dataclasses.field(default_factory=set)  # streams that got a copy
+    handed: int = 0  # copies handed out: all but the first are shared hits
+    places: set[tuple[int, int]] = dataclasses.field(default_factory=set)
+    """(plan id, position) of each stream that asked for it: who else may want it."""
 
 
 def _family(task: BatchTask) -> Hashable:
@@ -136,14 +139,20 @@ class SharedBuilds:
         self._held_limit = held_bytes
         self._lock = threading.Lock()
         self._entries: dict[tuple[Hashable, bytes], _Entry] = {}
-        self._families: dict[Hashable, set[int]] = {}  # family -> its open streams
+        self._plans: dict[int, set[StreamBuilds]] = {}  # id(plan) -> its open streams
         self._held: OrderedDict[tuple[Hashable, bytes], _Entry] = OrderedDict()
         self._held_bytes = 0
-        self._stream_ids = itertools.count()
 
-    def stream(self) -> StreamBuilds:
-        """The handle one stream submits through; close it when the stream ends."""
-        return StreamBuilds(self, next(self._stream_ids))
+    def stream(self, plan: object, positions: range) -> StreamBuilds:
+        """The handle of one stream sending ``positions`` of ``plan``; close it when it ends.
+
+        The stream must submit its positions in order (``BatchStream`` does): that is
+        how a batch's position is known, to hold it for the streams that have it ahead.
+        """
+        handle = StreamBuilds(self, plan, positions)
+        with self._lock:
+            self._plans.setdefault(id(plan), set()).add(handle)
+        return handle
 
     @property
     def held(self) -> tuple[int, int]:
@@ -155,24 +164,22 @@ class SharedBuilds:
 
     def _submit(self, handle: StreamBuilds, task: BatchTask) -> Future[list[BuiltBatch]]:
         family = _family(task)
-        request = _Request(handle.id, Future(), slots=[None] * len(task.batches))
+        request = _Request(Future(), slots=[None] * len(task.batches))
         fresh: list[_Entry] = []
         drop: list[BuiltBatch] = []
         hits = 0
         with self._lock:
-            if family not in handle.families:
-                handle.families.add(family)
-                self._families.setdefault(family, set()).add(handle.id)
             for slot, indices in enumerate(task.batches):
                 key = (family, np.asarray(indices, dtype=np.int64).tobytes())
                 entry = self._entries.get(key)
                 if entry is None:
-                    entry = _Entry(key, family, task.dataset, indices)
+                    entry = _Entry(key, task.dataset, indices)
                     self._entries[key] = entry
                     fresh.append(entry)
+                entry.places.add((id(handle.plan), handle.advance()))
                 request.entries.append(entry)
                 if entry.batch is not None:
-                    request.slots[slot], hit = self._take(entry, request.stream)
+                    request.slots[slot], hit = self._take(entry)
                     hits += hit
                     self._keep_or_drop(entry, drop)
                 else:
@@ -188,13 +195,13 @@ class SharedBuilds:
     def _close(self, handle: StreamBuilds) -> None:
         """The stream ended: batches held only for it go."""
         drop: list[BuiltBatch] = []
+        plan = id(handle.plan)
         with self._lock:
-            for family in handle.families:
-                streams = self._families.get(family, set())
-                streams.discard(handle.id)
-                if not streams:
-                    self._families.pop(family, None)
-            for entry in [e for e in self._held.values() if e.family in handle.families]:
+            streams = self._plans.get(plan, set())
+            streams.discard(handle)
+            if not streams:
+                self._plans.pop(plan, None)
+            for entry in [e for e in self._held.values() if any(p == plan for p, _ in e.places)]:
                 self._keep_or_drop(entry, drop)
         release_all(drop)
 
@@ -242,7 +249,7 @@ class SharedBuilds:
                 if i < len(built):
                     entry.batch = built[i]
                     for request, slot in waiting:
-                        request.slots[slot], hit = self._take(entry, request.stream)
+                        request.slots[slot], hit = self._take(entry)
                         hits += hit
                     self._keep_or_drop(entry, drop)
                 elif failure is not None and (
@@ -267,21 +274,24 @@ class SharedBuilds:
 
     # -- under the lock ----------------------------------------------------------
 
-    def _take(self, entry: _Entry, stream: int) -> tuple[BuiltBatch, int]:
-        """A copy of a built entry for ``stream``, and 1 if another stream had one (a hit).
+    def _take(self, entry: _Entry) -> tuple[BuiltBatch, int]:
+        """A copy of a built entry for a stream, and 1 if another stream had one (a hit).
 
         The caller then keeps or drops the entry (``_keep_or_drop``).
         """
         assert entry.batch is not None
-        hit = 1 if entry.takers else 0
-        entry.takers.add(stream)
-        return _copy(entry.batch), hit
+        entry.handed += 1
+        return _copy(entry.batch), int(entry.handed > 1)
 
     def _keep_or_drop(self, entry: _Entry, drop: list[BuiltBatch]) -> None:
-        """Holds a built entry while an open stream of its family has not taken it."""
+        """Holds a built entry while an open stream of its plan has its position ahead."""
         if entry.waiting or entry.batch is None:
             return
-        if self._families.get(entry.family, set()) <= entry.takers:
+        if not any(
+            stream.ahead(position)
+            for plan, position in entry.places
+            for stream in self._plans.get(plan, ())
+        ):
             self._forget(entry, drop)
             return
         if entry.key not in self._held:
@@ -369,10 +379,20 @@ class StreamBuilds:
     """One stream's way to the executor through ``SharedBuilds``: ``submit`` and ``group_size``
     as ``Executor`` has them; ``close`` (or ``with``) when the stream ends."""
 
-    def __init__(self, shared: SharedBuilds, stream_id: int) -> None:
-        self.id = stream_id
-        self.families: set[Hashable] = set()
+    def __init__(self, shared: SharedBuilds, plan: object, positions: range) -> None:
+        self.plan = plan
+        self._positions = positions
+        self._submitted = 0  # positions submitted so far, in order
         self._shared = shared
+
+    def advance(self) -> int:
+        """The position of the next batch submitted (past the end: -1, wanted by nobody)."""
+        index, self._submitted = self._submitted, self._submitted + 1
+        return self._positions[index] if index < len(self._positions) else -1
+
+    def ahead(self, position: int) -> bool:
+        """Whether this stream has yet to submit ``position``."""
+        return position in self._positions and self._positions.index(position) >= self._submitted
 
     def submit(self, task: BatchTask) -> Future[list[BuiltBatch]]:
         return self._shared._submit(self, task)

@@ -9,6 +9,7 @@ seconds. The real server is checked in test_shared_builds_server.py.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -47,8 +48,8 @@ class _Run:
     ) -> None:
         self.client = _Client()
         self.built: list[BuiltBatch] = []
-        plan = BatchPlan.fixed(torch.arange(LENGTH).numpy(), BATCH, False, seed=seed, epoch=1)
-        self.handle = shared.stream()
+        plan = _plan(seed)
+        self.handle = shared.stream(plan, positions)
         self.stream = BatchStream(
             self.handle,
             dataset,
@@ -64,6 +65,12 @@ class _Run:
             await self.stream.run()
         finally:
             self.handle.close()
+
+
+@functools.cache
+def _plan(seed: int) -> BatchPlan:
+    """One plan object per seed, as the server's plan cache hands identical requests."""
+    return BatchPlan.fixed(torch.arange(LENGTH).numpy(), BATCH, False, seed=seed, epoch=1)
 
 
 def _loads(tmp_path: Path) -> int:
@@ -193,4 +200,29 @@ def test_a_late_stream_reuses_what_is_still_held(executor: ThreadExecutor, tmp_p
     assert [p for p, _ in second.client.batches()] == list(range(BATCHES))
     assert _loads(tmp_path) < 2 * LENGTH - 10 * BATCH
     assert len(hits) >= 10
+    assert shared.held == (0, 0)
+
+
+def test_streams_that_never_want_a_batch_hold_none(executor: ThreadExecutor) -> None:
+    # A trainer's parallel streams (disjoint positions of one plan), and another seed:
+    # nobody else will ask for what each builds, so nothing is held for later.
+    shared = SharedBuilds(executor)
+    runs = [
+        _Run(shared, "counted", positions=range(0, BATCHES, 2)),
+        _Run(shared, "counted", positions=range(1, BATCHES, 2)),
+        _Run(shared, "counted", seed=4),
+    ]
+    most = 0
+
+    async def scenario() -> None:
+        nonlocal most
+        task = asyncio.ensure_future(_gather(*runs))
+        while not task.done():
+            most = max(most, shared.held[1])
+            await asyncio.sleep(0.001)
+        await task
+
+    asyncio.run(scenario())
+    assert most == 0
+    assert [p for p, _ in runs[1].client.batches()] == list(range(1, BATCHES, 2))
     assert shared.held == (0, 0)
