@@ -17,7 +17,8 @@ size, drop_last, start, stride), two streams share a batch exactly when its
 bytes are the same; a different seed never shares, even in the same order.
 Compression, packing, framing and the per-stream header fields (batch index,
 wait and build seconds) happen in each stream, on its own copy of the header.
-A field added to ``BatchTask`` joins the key by itself.
+A field added to ``BatchTask`` joins the key by itself; it must be per task
+(tasks are split into batches and regrouped here), which a test checks.
 
 *Ownership.* An entry owns the ``BuiltBatch`` its build returned; each stream
 gets a copy: its own header, and its own view (a slice) of the same payload

@@ -9,6 +9,7 @@ seconds. The real server is checked in test_shared_builds_server.py.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 import torch
 from test_stream import LENGTH, _Client, _config, _expected
 
-from batchwire.server._tasks import BatchFailed, BuiltBatch
+from batchwire.server._tasks import BatchFailed, BatchTask, BuiltBatch
 from batchwire.server.inprocess import ThreadExecutor
 from batchwire.server.samplers import BatchPlan
 from batchwire.server.shared_builds import SharedBuilds
@@ -226,3 +227,11 @@ def test_streams_that_never_want_a_batch_hold_none(executor: ThreadExecutor) -> 
     assert most == 0
     assert [p for p, _ in runs[1].client.batches()] == list(range(1, BATCHES, 2))
     assert shared.held == (0, 0)
+
+
+def test_every_field_of_a_task_is_in_the_key() -> None:
+    # SharedBuilds keys a batch by its indices and every other BatchTask field, and
+    # splits and regroups tasks: a new field must be per task (hashable), not per batch.
+    # When this fails, check NOTE [ Shared builds ] before adding the field here.
+    fields = {field.name for field in dataclasses.fields(BatchTask)}
+    assert fields == {"dataset", "batches", "seed", "epoch"}
