@@ -20,6 +20,13 @@ wait and build seconds) happen in each stream, on its own copy of the header.
 A field added to ``BatchTask`` joins the key by itself; it must be per task
 (tasks are split into batches and regrouped here), which a test checks.
 
+*Only where it can pay.* Streams share batches when their requests differ at
+most in start, end and stride: the plan cache hands such requests one plan
+object while any of them is open. A stream that is the only open one of its
+plan submits straight to the executor (about 20 us per batch less in the gRPC
+process); once a second stream of that plan opens, both go through here (the
+tasks already submitted are not shared: at most a prefetch window per stream).
+
 *Ownership.* An entry owns the ``BuiltBatch`` its build returned; each stream
 gets a copy: its own header, and its own view (a slice) of the same payload
 memory, which it releases once sent, as before. The entry releases the
@@ -101,9 +108,12 @@ class _Entry:
     """(plan id, position) of each stream that asked for it: who else may want it."""
 
 
+_TASK_FIELDS = tuple(f.name for f in dataclasses.fields(BatchTask) if f.name != "batches")
+
+
 def _family(task: BatchTask) -> Hashable:
     """Everything but the index lists that a task's batches are built from."""
-    return tuple(getattr(task, f.name) for f in dataclasses.fields(task) if f.name != "batches")
+    return tuple([getattr(task, name) for name in _TASK_FIELDS])
 
 
 def _copy(batch: BuiltBatch) -> BuiltBatch:
@@ -164,6 +174,13 @@ class SharedBuilds:
     # -- a stream's side ----------------------------------------------------------
 
     def _submit(self, handle: StreamBuilds, task: BatchTask) -> Future[list[BuiltBatch]]:
+        with self._lock:
+            alone = len(self._plans.get(id(handle.plan), ())) < 2
+            if alone:  # nobody to share with: straight to the executor, at no cost
+                for _ in task.batches:
+                    handle.advance()
+        if alone:
+            return self.executor.submit(task)
         family = _family(task)
         request = _Request(Future(), slots=[None] * len(task.batches))
         fresh: list[_Entry] = []
