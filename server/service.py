@@ -115,6 +115,8 @@ class BatchService:
         self._builds = SharedBuilds(
             executor, on_shared=lambda dataset: metrics.shared_batches.labels(dataset).inc()
         )
+        for name in registry.names():  # a series per dataset from the start, at 0
+            metrics.shared_batches.labels(name)
         self._settings = settings
         self._metrics = metrics
         self._stream_slots = threading.BoundedSemaphore(settings.max_concurrent_streams)
