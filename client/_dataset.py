@@ -184,15 +184,26 @@ class RemoteDataset(IterableDataset):
     # starts a new "segment" at the samples consumed: (epoch, consumed, 0). Without a
     # change the segment starts at 0 and states look as they did when positions
     # counted batches (which still load: their sample is 0).
-    def set_batch_size(self, batch_size: int) -> None:
+    def set_batch_size(self, batch_size: int, *, at: Mapping[str, Any] | None = None) -> bool:
         """Continues with ``batch_size`` samples per batch, from the same sample.
 
         Between two batches of a pass, the next batch the dataset hands out has
         the new size and starts at the first sample not yet handed out (batches
-        already read ahead, by a ``DevicePrefetcher`` or ``streams``, are dropped
-        and streamed again at the new size). Between passes, the next pass uses
-        it. With DataLoader workers it takes effect at the workers' next pass.
-        ``len()`` then counts the batches left under the new size.
+        that ``streams`` read ahead are dropped and streamed again at the new
+        size). Between passes, the next pass uses it. With DataLoader workers
+        it takes effect at the workers' next pass. ``len()`` then counts the
+        batches left under the new size. Every rank of an ``"elastic"`` job
+        must change at the same step.
+
+        Args:
+            at: a ``state_dict()`` this dataset gave during the pass underway:
+                continue from there rather than after the last batch handed out.
+                A consumer that reads ahead passes the state of the batch its
+                loop holds (``DevicePrefetcher.set_batch_size`` does).
+
+        Returns:
+            True when the pass underway continues from ``at``: the batches
+            handed out after it are to be dropped.
 
         Raises:
             ValueError: not a positive integer; or the ``"dynamic"`` sampler in the
@@ -203,10 +214,15 @@ class RemoteDataset(IterableDataset):
                 f"batch_size should be a positive integer value, but got batch_size={batch_size}"
             )
         if batch_size == self.batch_size:
-            return
+            return False
+        rewound = False
         if self._position is not None and get_worker_info() is None:
             epoch, sample, batch = self._position  # the pass underway: a new segment
-            self._position = (epoch, self._consumed(sample, batch), 0)
+            held = self.batch_size
+            if at is not None and at[self.EPOCH_KEY] == epoch:  # else the pass is at its end
+                sample, batch = at.get(self.SAMPLE_KEY, 0), at[self.BATCH_KEY]
+                held, rewound = at[self.CONFIG_KEY]["batch_size"], True
+            self._position = (epoch, self._consumed(sample, batch, batch_size=held), 0)
             self._reshapes += 1
         else:
             epoch, sample, batch = self._ledger.base()
@@ -214,6 +230,7 @@ class RemoteDataset(IterableDataset):
                 self._ledger.rebase(epoch, 0, self._consumed(sample, batch))
         self.batch_size = batch_size
         self._ledger.set_batch_size(batch_size)
+        return rewound
 
     def _consumed(
         self, sample: int, batch: int, *, batch_size: int = 0, world_size: int = 0
