@@ -433,13 +433,16 @@ class RemoteDataset(IterableDataset):
             raise ValueError(f"state's config should be a mapping, but got {config!r}")
         mine = self._config()
         differ = [key for key in mine if config.get(key) != mine[key]]
-        refused = [key for key in differ if key not in self._RESHAPABLE_ELASTIC]
-        if differ and not refused:  # only the shape: allowed where positions count samples
+        allowed: frozenset[str] = frozenset()
+        if worker_state is None and self._RESHAPABLE_ELASTIC & set(differ):
+            # The shape may change where positions count samples: not for "dynamic"
+            # batches, nor for a DataLoader worker's share of the batches.
             kind = self._kind()
-            allowed = self._RESHAPABLE_ELASTIC if kind == "elastic" else self._RESHAPABLE
-            if kind == "dynamic" or worker_state is not None:
-                allowed = set()  # batches, or a worker's share of them, are not samples
-            refused = [key for key in differ if key not in allowed]
+            if kind == "elastic":
+                allowed = self._RESHAPABLE_ELASTIC
+            elif kind != "dynamic":
+                allowed = self._RESHAPABLE
+        refused = [key for key in differ if key not in allowed]
         if refused:
             raise ValueError(
                 "state was saved by a RemoteDataset with other settings, so resuming "
