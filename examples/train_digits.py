@@ -147,7 +147,9 @@ def run(target: str, args: argparse.Namespace, device: torch.device) -> float:
 def batch_sizes(text: str) -> list[int]:
     sizes = [int(part) for part in text.split(",")]
     if not sizes or min(sizes) <= 0:
-        raise argparse.ArgumentTypeError(f"expected positive batch sizes like 32,64,128, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected positive batch sizes like 32,64,128, got {text!r}"
+        )
     return sizes
 
 

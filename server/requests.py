@@ -189,7 +189,9 @@ def _elastic_plan(request: pb.StreamBatchesRequest, length: int) -> BatchPlan:
     )
 
     def order() -> BatchPlan:
-        indices = global_order(length, shuffle=request.shuffle, seed=request.seed, epoch=request.epoch)
+        indices = global_order(
+            length, shuffle=request.shuffle, seed=request.seed, epoch=request.epoch
+        )
         return BatchPlan.fixed(indices, max(1, length), False)
 
     def share() -> BatchPlan:

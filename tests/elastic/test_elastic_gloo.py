@@ -68,7 +68,14 @@ def run_job(
 ) -> list[list[list[int]]]:
     """Runs a gloo job of ``world_size`` processes; returns each rank's batches (indices)."""
     port = free_port()
-    args = [str(batch_size), str(steps), str(ramp[0]), str(ramp[1]), str(load or ""), str(save or "")]
+    args = [
+        str(batch_size),
+        str(steps),
+        str(ramp[0]),
+        str(ramp[1]),
+        str(load or ""),
+        str(save or ""),
+    ]
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", RANK_SCRIPT, target, *args],

@@ -78,13 +78,11 @@ def planned(
 
 # 48 configurations: lengths with and without a short last step, fewer samples
 # left than ranks, one rank, batches of one, starts in the middle of a step.
+SHAPES = [(103, 4, 8), (50, 3, 5), (7, 8, 1), (64, 2, 16), (1, 1, 3), (0, 2, 2)]
+ORDERS = [(False, 0, 0, 0), (True, 3, 1, 0), (True, 5, 2, 13), (False, 0, 0, 37)]
 CONFIGS = [
-    (length, world_size, batch_size, drop_last, shuffle, seed, epoch, start)
-    for (length, world_size, batch_size), drop_last, (shuffle, seed, epoch, start) in itertools.product(
-        [(103, 4, 8), (50, 3, 5), (7, 8, 1), (64, 2, 16), (1, 1, 3), (0, 2, 2)],
-        [False, True],
-        [(False, 0, 0, 0), (True, 3, 1, 0), (True, 5, 2, 13), (False, 0, 0, 37)],
-    )
+    (*shape, drop_last, *order)
+    for shape, drop_last, order in itertools.product(SHAPES, [False, True], ORDERS)
 ]
 
 
@@ -123,7 +121,11 @@ def test_elastic_order_does_not_depend_on_the_shape():
 
 def test_start_sample_is_checked():
     request = pb.StreamBatchesRequest(
-        dataset="d", batch_size=4, world_size=1, start_sample=-1, sampler=pb.SamplerSpec(kind="elastic")
+        dataset="d",
+        batch_size=4,
+        world_size=1,
+        start_sample=-1,
+        sampler=pb.SamplerSpec(kind="elastic"),
     )
     with pytest.raises(InvalidRequest, match="start_sample should be non-negative"):
         plan_stream(request, length=10, max_batch_size=64)

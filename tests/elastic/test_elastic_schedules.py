@@ -59,7 +59,9 @@ PROPERTY = settings(
 )
 
 
-def check_epoch(steps: list[list[list[int]]], last: Segment, *, seed: int, epoch: int, drop_last: bool):
+def check_epoch(
+    steps: list[list[list[int]]], last: Segment, *, seed: int, epoch: int, drop_last: bool
+):
     order = global_order(LENGTH, shuffle=True, seed=seed, epoch=epoch).tolist()
     delivered = [i for step in steps for batch in step for i in batch]
     assert delivered == order[: len(delivered)], "not the schedule-free global order"
