@@ -11,7 +11,7 @@ from typing import Any
 from google.protobuf import json_format
 from torch.utils.data import IterableDataset, get_worker_info
 
-from batchwire.client import _ranks
+from batchwire.client import _position, _ranks
 from batchwire.client._channel import BatchClient
 from batchwire.client._ledger import PassLedger
 from batchwire.client._parallel import merge_in_order
@@ -39,7 +39,7 @@ class RemoteDataset(IterableDataset):
     restart. Positions count samples, so ``set_batch_size`` may change the
     batch size between any two batches, and a checkpoint resumes with another
     batch size (and, for the ``"elastic"`` sampler, another world size): see
-    NOTE [ Positions in samples ]. Inside
+    NOTE [ Positions in samples ] in ``_position``. Inside
     ``DataLoader(ds, batch_size=None, num_workers=k)`` worker ``w`` streams
     batches ``w, w + k, ...`` and the DataLoader hands them out in order; the
     passes count across the workers (see NOTE [ Passes across DataLoader
@@ -175,15 +175,6 @@ class RemoteDataset(IterableDataset):
         if (epoch, self._ledger.passes()) != (self._ledger.base()[0], 0):
             self._ledger.rebase(epoch, 0)
 
-    # NOTE [ Positions in samples ]
-    # A position is (epoch, sample, batch): the next batch is batch `batch` of the
-    # batches cut from sample `sample` of the epoch on (StreamBatchesRequest.start_sample),
-    # so the samples consumed are sample + batch * batch_size, or, for the "elastic"
-    # sampler, whose positions are global, sample + batch * batch_size * world_size.
-    # The rank's order of samples does not depend on batch_size, so a new batch size
-    # starts a new "segment" at the samples consumed: (epoch, consumed, 0). Without a
-    # change the segment starts at 0 and states look as they did when positions
-    # counted batches (which still load: their sample is 0).
     def set_batch_size(self, batch_size: int, *, at: Mapping[str, Any] | None = None) -> bool:
         """Continues with ``batch_size`` samples per batch, from the same sample.
 
@@ -235,18 +226,17 @@ class RemoteDataset(IterableDataset):
     def _consumed(
         self, sample: int, batch: int, *, batch_size: int = 0, world_size: int = 0
     ) -> int:
-        """Samples consumed at batch ``batch`` counted from ``sample`` (see NOTE above)."""
-        if not batch:
-            return sample
-        if self._kind() == "dynamic":
-            raise ValueError(
-                f"dataset {self.dataset!r}: the 'dynamic' sampler packs batches for the whole "
-                "epoch, so its batch size can change only between epochs"
+        """Samples consumed at batch ``batch`` counted from ``sample`` (NOTE in ``_position``)."""
+        try:
+            return _position.consumed(
+                self._kind() if batch else "",
+                sample,
+                batch,
+                batch_size or self.batch_size,
+                world_size or self.world_size,
             )
-        step = (batch_size or self.batch_size) * (
-            (world_size or self.world_size) if self._kind() == "elastic" else 1
-        )
-        return sample + batch * step
+        except ValueError as exc:
+            raise ValueError(f"dataset {self.dataset!r}: {exc}") from None
 
     def _kind(self) -> str:
         """The sampler kind the requests resolve to (the config's default when not chosen)."""
@@ -421,10 +411,6 @@ class RemoteDataset(IterableDataset):
             self._worker_resume = None
             self._ledger.rebase(epoch, batch, sample)
 
-    # Settings a state may differ in: the position moves to samples (see NOTE above).
-    _RESHAPABLE = frozenset({"batch_size"})
-    _RESHAPABLE_ELASTIC = frozenset({"batch_size", "rank", "world_size"})
-
     def _check_config(
         self, config: Mapping[str, Any], sample: int, batch: int, *, worker_state: object
     ) -> tuple[int, int]:
@@ -432,17 +418,9 @@ class RemoteDataset(IterableDataset):
         if not isinstance(config, Mapping):
             raise ValueError(f"state's config should be a mapping, but got {config!r}")
         mine = self._config()
-        differ = [key for key in mine if config.get(key) != mine[key]]
-        allowed: frozenset[str] = frozenset()
-        if worker_state is None and self._RESHAPABLE_ELASTIC & set(differ):
-            # The shape may change where positions count samples: not for "dynamic"
-            # batches, nor for a DataLoader worker's share of the batches.
-            kind = self._kind()
-            if kind == "elastic":
-                allowed = self._RESHAPABLE_ELASTIC
-            elif kind != "dynamic":
-                allowed = self._RESHAPABLE
-        refused = [key for key in differ if key not in allowed]
+        refused = _position.refused_settings(
+            config, mine, self._kind, worker=worker_state is not None
+        )
         if refused:
             raise ValueError(
                 "state was saved by a RemoteDataset with other settings, so resuming "
@@ -451,7 +429,7 @@ class RemoteDataset(IterableDataset):
                     f"{key}={config.get(key)!r} (this dataset: {mine[key]!r})" for key in refused
                 )
             )
-        if {"batch_size", "world_size"} & set(differ):
+        if (config["batch_size"], config["world_size"]) != (self.batch_size, self.world_size):
             sample = self._consumed(
                 sample, batch, batch_size=config["batch_size"], world_size=config["world_size"]
             )
