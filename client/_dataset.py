@@ -217,8 +217,8 @@ class RemoteDataset(IterableDataset):
             self._reshapes += 1
         else:
             epoch, sample, batch = self._ledger.base()
-            if batch and not self._ledger.passes():  # a loaded position, not yet streamed
-                self._ledger.rebase(epoch, 0, self._consumed(sample, batch))
+            if batch:  # a loaded position: counted in samples, it holds at any batch size
+                self._ledger.reposition(self._consumed(sample, batch), 0)
         self.batch_size = batch_size
         self._ledger.set_batch_size(batch_size)
         return rewound

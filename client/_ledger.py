@@ -105,6 +105,10 @@ class PassLedger:
         self._t[_BASE_EPOCH], self._t[_BASE_SAMPLE], self._t[_BASE_BATCH] = epoch, sample, batch
         self._t[_SLOTS:] = 0
 
+    def reposition(self, sample: int, batch: int) -> None:
+        """The same base position counted another way (a new batch size); passes are kept."""
+        self._t[_BASE_SAMPLE], self._t[_BASE_BATCH] = sample, batch
+
     def start_main_pass(self) -> int:
         """Counts a pass in a process without workers; returns its number since the base."""
         number = self.passes()

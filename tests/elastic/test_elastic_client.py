@@ -92,6 +92,16 @@ def test_dataloader_workers_take_the_new_batch_size_at_their_next_pass(
     assert [b["index"].tolist() for b in loader] == cut(rank_order(4), 9)
 
 
+def test_a_new_batch_size_after_a_resumed_pass_starts_the_next_epoch(core_server: ServerProcess):
+    ds = RemoteDataset(core_server.target, "dict", batch_size=4, **SETTINGS)
+    ds.load_state_dict({**ds.state_dict(), "epoch": 3, "batch": 12})  # the last of 13 batches
+    loader = DataLoader(ds, batch_size=None, num_workers=2)
+    assert [b["index"].tolist() for b in loader] == cut(rank_order(3)[48:], 4)
+    ds.set_batch_size(9)  # the resumed position, 12 batches of 4, is 48 samples: 6 at 9
+    assert ds.epoch == 4
+    assert [b["index"].tolist() for b in loader] == cut(rank_order(4), 9)
+
+
 def test_dynamic_batches_change_size_only_between_epochs(core_server: ServerProcess):
     ds = RemoteDataset(core_server.target, "dict", batch_size=4, sampler="dynamic")
     for number, _ in enumerate(ds, 1):
