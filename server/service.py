@@ -258,7 +258,8 @@ class BatchService:
             f"peer={context.peer()} stream={stream_id} dataset={entry.name} "
             f"batch_size={request.batch_size} shuffle={request.shuffle} seed={request.seed} "
             f"epoch={request.epoch} rank={request.rank}/{request.world_size} "
-            f"drop_last={request.drop_last} start={request.start_batch} end={request.end_batch} "
+            f"drop_last={request.drop_last} sample={request.start_sample} "
+            f"start={request.start_batch} end={request.end_batch} "
             f"stride={request.batch_stride}"
         )
         log.info("stream start %s", parameters)

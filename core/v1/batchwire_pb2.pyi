@@ -84,7 +84,7 @@ class DatasetInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., length: _Optional[int] = ..., fields: _Optional[_Iterable[_Union[FieldInfo, _Mapping]]] = ..., source: _Optional[str] = ..., transforms: _Optional[_Iterable[str]] = ..., sampler: _Optional[_Union[SamplerSpec, _Mapping]] = ...) -> None: ...
 
 class StreamBatchesRequest(_message.Message):
-    __slots__ = ("dataset", "batch_size", "shuffle", "seed", "epoch", "rank", "world_size", "drop_last", "start_batch", "end_batch", "batch_stride", "compression", "sampler", "max_batches_per_message", "trainer_report")
+    __slots__ = ("dataset", "batch_size", "shuffle", "seed", "epoch", "rank", "world_size", "drop_last", "start_batch", "end_batch", "batch_stride", "compression", "sampler", "max_batches_per_message", "trainer_report", "start_sample")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     SHUFFLE_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +100,7 @@ class StreamBatchesRequest(_message.Message):
     SAMPLER_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCHES_PER_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     TRAINER_REPORT_FIELD_NUMBER: _ClassVar[int]
+    START_SAMPLE_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     batch_size: int
     shuffle: bool
@@ -115,7 +116,8 @@ class StreamBatchesRequest(_message.Message):
     sampler: SamplerSpec
     max_batches_per_message: int
     trainer_report: TrainerReport
-    def __init__(self, dataset: _Optional[str] = ..., batch_size: _Optional[int] = ..., shuffle: _Optional[bool] = ..., seed: _Optional[int] = ..., epoch: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., drop_last: _Optional[bool] = ..., start_batch: _Optional[int] = ..., end_batch: _Optional[int] = ..., batch_stride: _Optional[int] = ..., compression: _Optional[_Union[Compression, str]] = ..., sampler: _Optional[_Union[SamplerSpec, _Mapping]] = ..., max_batches_per_message: _Optional[int] = ..., trainer_report: _Optional[_Union[TrainerReport, _Mapping]] = ...) -> None: ...
+    start_sample: int
+    def __init__(self, dataset: _Optional[str] = ..., batch_size: _Optional[int] = ..., shuffle: _Optional[bool] = ..., seed: _Optional[int] = ..., epoch: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., drop_last: _Optional[bool] = ..., start_batch: _Optional[int] = ..., end_batch: _Optional[int] = ..., batch_stride: _Optional[int] = ..., compression: _Optional[_Union[Compression, str]] = ..., sampler: _Optional[_Union[SamplerSpec, _Mapping]] = ..., max_batches_per_message: _Optional[int] = ..., trainer_report: _Optional[_Union[TrainerReport, _Mapping]] = ..., start_sample: _Optional[int] = ...) -> None: ...
 
 class TrainerReport(_message.Message):
     __slots__ = ("wait_seconds", "compute_seconds", "batches")
