@@ -5,13 +5,16 @@ See NOTE [ First contact ] for how an unreachable server is told from an outage.
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import logging
 import os
 import re
+import socket
 import threading
 import time
-from collections.abc import Iterator
-from typing import Protocol
+from collections.abc import Iterator, Sequence
+from typing import Protocol, Union
 
 import grpc
 
@@ -29,6 +32,36 @@ _OPTIONS = [
     # Large windows keep multi-MiB chunks flowing at full speed over loopback and LAN.
     ("grpc.http2.lookahead_bytes", 16 << 20),
 ]
+
+# NOTE [ Replicas ]
+# A target may name several servers with the same config (a list of host:port,
+# a DNS name with many addresses such as a Kubernetes headless Service, or
+# ipv4:a:p,b:p). gRPC's round_robin policy keeps a connection to each and gives
+# every call (one stream, one CountBatches) to the next ready one, so a rank's
+# `streams=k` spread over the replicas. Client-side health checking watches each
+# replica's grpc.health.v1 status for the batch service and skips those that say
+# NOT_SERVING (starting, draining, a failed worker pool). A replica lost
+# mid-stream is a retryable UNAVAILABLE: the stream resumes at its owed batch on
+# the next ready replica (_resume). The DatasetInfo fingerprint keeps replicas
+# with different configs from being mixed (RemoteDataset).
+# A DNS name is resolved again when a connection ends (a server's
+# max_connection_age, a replica gone), at most every DNS_MIN_RESOLVE_SECONDS, so
+# replicas that joined receive streams; a list is fixed when the channel opens.
+SERVICE_CONFIG = json.dumps(
+    {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "healthCheckConfig": {"serviceName": "batchwire.v1.BatchService"},
+    }
+)
+DNS_MIN_RESOLVE_SECONDS = 5.0
+_BALANCING = [
+    ("grpc.service_config", SERVICE_CONFIG),
+    ("grpc.service_config_disable_resolution", 1),  # never a service config from DNS TXT
+    ("grpc.dns_min_time_between_resolutions_ms", int(DNS_MIN_RESOLVE_SECONDS * 1000)),
+]
+
+Target = Union[str, Sequence[str]]
+"""One ``host:port``, a list of them (or one string of them, comma-separated), or a gRPC name."""
 
 # Keepalive pings find a server host that vanished without a TCP reset (partition,
 # power loss): without them a stream would wait for its next chunk forever. The
@@ -62,9 +95,84 @@ _reached: set[str] = set()  # targets this process (or its parent before a fork)
 _SCHEMES = frozenset({"dns", "ipv4", "ipv6", "unix", "unix-abstract", "vsock", "xds", "google-c2p"})
 _HOST_PORT = re.compile(r"(?P<host>\[[0-9A-Fa-f:.%\w-]+\]|[\w.-]+):(?P<port>\d+)")
 TARGET_FORMS = (
-    "host:port (localhost:50051), [::1]:50051, or a gRPC name such as "
-    "dns:///host:port, ipv4:10.0.0.1:50051,10.0.0.2:50051 or unix:/path/to/socket"
+    "host:port (localhost:50051), [::1]:50051, a list of them (replicas), or a gRPC "
+    "name such as dns:///host:port, ipv4:10.0.0.1:50051,10.0.0.2:50051 or unix:/path/to/socket"
 )
+
+
+def grpc_target(target: Target) -> str:
+    """The gRPC target string for ``target``; raises ``TargetError`` naming a bad entry.
+
+    A list of ``host:port`` (a Python sequence, or one string with commas and
+    no scheme) becomes ``ipv4:a:p,b:p`` (or ``ipv6:``): one channel, balanced
+    round robin. Host names in a list are resolved once, here (IPv4 preferred);
+    give a ``dns:///`` name to have them re-resolved. With TLS, set
+    ``BATCHWIRE_TLS_SERVER_NAME`` for a list: the certificate cannot be checked
+    against an address.
+    """
+    if isinstance(target, str):
+        scheme = target.partition(":")[0]
+        if "," not in target or scheme in _SCHEMES:
+            return check_target(target)
+        entries = [entry.strip() for entry in target.split(",")]
+    elif isinstance(target, Sequence) and not isinstance(target, bytes):
+        entries = list(target)
+    else:
+        raise TargetError(f"a target should be a string or a list of them, but got {target!r}")
+    if not entries:
+        raise TargetError(f"the target list is empty; a target looks like {TARGET_FORMS}")
+    for i, entry in enumerate(entries):
+        try:
+            if not isinstance(entry, str) or not _HOST_PORT.fullmatch(check_target(entry)):
+                raise TargetError(f"{entry!r} is not host:port")
+        except TargetError as error:
+            raise TargetError(
+                f"bad target list {target!r}: entry {i} ({entry!r}): {error}; "
+                "a list holds host:port entries such as 10.0.0.1:50051"
+            ) from None
+    if len(entries) == 1:
+        return entries[0]
+    return _address_list(entries)
+
+
+def _address_list(entries: list[str]) -> str:
+    """``ipv4:a:p,b:p`` (or ``ipv6:[a]:p,...``) for host:port entries, resolving host names."""
+    families: list[dict[int, str]] = []
+    for entry in entries:
+        match = _HOST_PORT.fullmatch(entry)
+        host, port = match["host"].strip("[]"), match["port"]
+        try:
+            infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise TargetError(f"cannot resolve {host!r} of the target list entry {entry!r}: {exc}")
+        found: dict[int, str] = {}
+        for family, _, _, _, address in infos:
+            found.setdefault(family, address[0])
+        families.append(
+            {f: (a if f == socket.AF_INET else f"[{a}]") + f":{port}" for f, a in found.items()}
+        )
+    for family, scheme in ((socket.AF_INET, "ipv4"), (socket.AF_INET6, "ipv6")):
+        if all(family in found for found in families):
+            return scheme + ":" + ",".join(found[family] for found in families)
+    raise TargetError(
+        f"the target list {entries!r} mixes IPv4-only and IPv6-only servers; "
+        "gRPC balances over one address family"
+    )
+
+
+def describe_target(target: Target) -> str:
+    """How errors name ``target``: a list as its entries, comma-separated."""
+    if isinstance(target, str):
+        return target
+    return ", ".join(str(entry) for entry in target)
+
+
+def is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
 
 
 def check_target(target: str) -> str:
@@ -140,17 +248,39 @@ class _Link:
     # proves a connection; the standard health service answers without work.
     _PROBE = "/grpc.health.v1.Health/Check"
 
-    def __init__(self, channel: grpc.Channel) -> None:
+    def __init__(self, channel: grpc.Channel, open_probe) -> None:
         self.channel = channel
         self._lock = threading.Lock()
         self._since: float | None = None  # start of the current first-contact window
+        # The probe has a channel of its own, without health checking: a server that
+        # answers NOT_SERVING (starting, draining) is reached all the same, while the
+        # balanced channel would wait for it to turn SERVING (NOTE [ Replicas ]).
+        self._open_probe = open_probe
+        self._probe: grpc.Channel | None = None
 
-    def wait_connected(self, target: str, timeout: float, *, fail_fast: bool) -> None:
+    def _probe_channel(self) -> grpc.Channel:
+        with self._lock:
+            if self._probe is None:
+                self._probe = self._open_probe()
+            return self._probe
+
+    def _close_probe(self) -> None:
+        with self._lock:
+            probe, self._probe = self._probe, None
+        if probe is not None:
+            probe.close()
+
+    def wait_connected(
+        self, target: str, timeout: float, *, fail_fast: bool, name: str | None = None
+    ) -> None:
         """Returns once connected; raises ``ConnectError`` after ``timeout`` (see the NOTE).
+
+        ``name``: how the error names the target (a list as given; default ``target``).
 
         ``fail_fast``: return early on a refused connection in the window's first
         half (the call then fails with UNAVAILABLE and its RetryPolicy backs off).
         """
+        name = name or target
         with self._lock:
             if self._since is None:
                 self._since = time.monotonic()
@@ -161,24 +291,27 @@ class _Link:
         now = time.monotonic()
         patient = not (fail_fast and now < since + timeout / 2)
         try:
-            self.channel.unary_unary(self._PROBE)(
+            self._probe_channel().unary_unary(self._PROBE)(
                 b"", timeout=max(since + timeout - now, 0.01), wait_for_ready=patient
             )
         except grpc.RpcError as error:
             if error.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
                 with self._lock:
                     self._since = None  # a later call gets a window of its own
-                raise ConnectError(target, timeout=timeout, reason=self._reason()) from None
+                reason = self._reason()
+                self._close_probe()
+                raise ConnectError(name, timeout=timeout, reason=reason) from None
             if error.code() is grpc.StatusCode.UNAVAILABLE:
                 return  # refused (or said by a proxy): the call fails alike, and may be retried
+        self._close_probe()
         if target not in _reached:
             _reached.add(target)
-            log.debug("connected to %s after %.3fs", target, time.monotonic() - since)
+            log.debug("connected to %s after %.3fs", name, time.monotonic() - since)
 
     def _reason(self) -> str:
         """The channel's last connection error (e.g. "Connection refused"), if it has one."""
         try:
-            self.channel.unary_unary(self._PROBE)(b"", timeout=1.0, wait_for_ready=False)
+            self._probe_channel().unary_unary(self._PROBE)(b"", timeout=1.0, wait_for_ready=False)
         except grpc.RpcError as error:
             if error.code() is grpc.StatusCode.UNAVAILABLE:
                 return error.details() or "UNAVAILABLE"
@@ -190,28 +323,49 @@ def _link(target: str) -> _Link:
     key = (os.getpid(), target, _credentials.environment(), keepalive)
     with _lock:
         if key not in _links:
-            _links[key] = _Link(_credentials.open_channel(target, [*_OPTIONS, *keepalive]))
+            _links[key] = _Link(
+                _credentials.open_channel(target, [*_OPTIONS, *_BALANCING, *keepalive]),
+                lambda: _credentials.open_channel(target, _OPTIONS),
+            )
         return _links[key]
 
 
-def channel(target: str) -> grpc.Channel:
+def channel(target: Target) -> grpc.Channel:
     """The shared channel to ``target`` for this process (a forked child makes its own).
 
     TLS and token settings come from the environment (see ``_credentials``), and so
-    do the keepalive settings (see ``keepalive_options``).
+    do the keepalive settings (see ``keepalive_options``). Calls are balanced over
+    the servers the target names (NOTE [ Replicas ]).
     """
-    return _link(check_target(target)).channel
+    return _link(grpc_target(target)).channel
 
 
-def wait_for_server(target: str, timeout: float | None = None, *, fail_fast: bool = False) -> None:
+def wait_for_server(
+    target: Target, timeout: float | None = None, *, fail_fast: bool = False
+) -> None:
     """Returns at once if this process was ever connected to ``target``; else waits
     for a connection up to ``timeout`` (default ``connect_timeout()``) and raises
-    ``ConnectError`` naming the target if none comes (see NOTE [ First contact ])."""
-    if target in _reached:
+    ``ConnectError`` naming the target if none comes (see NOTE [ First contact ]).
+    For several servers, one that answers is enough."""
+    resolved = grpc_target(target)
+    if resolved in _reached:
         return
-    _link(check_target(target)).wait_connected(
-        target, connect_timeout() if timeout is None else timeout, fail_fast=fail_fast
+    _link(resolved).wait_connected(
+        resolved,
+        connect_timeout() if timeout is None else timeout,
+        fail_fast=fail_fast,
+        name=describe_target(target),
     )
+
+
+def _wait(client: BatchClient, *, fail_fast: bool) -> None:
+    if client.target not in _reached:
+        _link(client.target).wait_connected(
+            client.target,
+            connect_timeout() if client.connect_timeout is None else client.connect_timeout,
+            fail_fast=fail_fast,
+            name=client.name,
+        )
 
 
 class BatchObserver(Protocol):
@@ -224,18 +378,20 @@ class BatchClient:
     ``target`` is checked at once (``TargetError``); a server that this process
     never reached fails the first call within ``connect_timeout`` seconds
     (default ``BATCHWIRE_CONNECT_TIMEOUT_SECONDS``, 5) with ``ConnectError``.
+    ``target`` may name several replicas (NOTE [ Replicas ]): each call goes to one.
     """
 
     def __init__(
-        self, target: str, *, timeout: float = 30.0, connect_timeout: float | None = None
+        self, target: Target, *, timeout: float = 30.0, connect_timeout: float | None = None
     ) -> None:
-        self.target = check_target(target)
+        self.target = grpc_target(target)
+        self.name = describe_target(target)  # the target as given, for messages
         self.timeout = timeout
         self.connect_timeout = connect_timeout
 
     def _unary(self, method: str, request, response_type, *, wait_for_ready: bool = True):
-        wait_for_server(self.target, self.connect_timeout, fail_fast=not wait_for_ready)
-        call = channel(self.target).unary_unary(
+        _wait(self, fail_fast=not wait_for_ready)
+        call = _link(self.target).channel.unary_unary(
             _SERVICE + method,
             request_serializer=type(request).SerializeToString,
             response_deserializer=response_type.FromString,
@@ -243,7 +399,7 @@ class BatchClient:
         try:
             return call(request, timeout=self.timeout, wait_for_ready=wait_for_ready)
         except grpc.RpcError as error:
-            raise ServerError.from_rpc(error, self.target) from None
+            raise ServerError.from_rpc(error, self.name) from None
 
     def list_datasets(self) -> list[pb.DatasetInfo]:
         return list(
@@ -274,8 +430,8 @@ class BatchClient:
             packed.CopyFrom(request)
             packed.max_batches_per_message = wire.MAX_BATCHES_PER_MESSAGE
             request = packed
-        wait_for_server(self.target, self.connect_timeout, fail_fast=True)
-        call = channel(self.target).unary_stream(
+        _wait(self, fail_fast=True)
+        call = _link(self.target).channel.unary_stream(
             _SERVICE + "StreamBatches",
             request_serializer=pb.StreamBatchesRequest.SerializeToString,
             response_deserializer=wire.parse_chunk,
@@ -304,9 +460,9 @@ class BatchClient:
                     decoding = time.perf_counter()
             if assembler.pending:
                 raise StreamCutShort(
-                    "the stream ended without an error in the middle of a batch", target=self.target
+                    "the stream ended without an error in the middle of a batch", target=self.name
                 )
         except grpc.RpcError as error:
-            raise ServerError.from_rpc(error, self.target) from None
+            raise ServerError.from_rpc(error, self.name) from None
         finally:
             call.cancel()

@@ -33,7 +33,7 @@ from typing import Any, TextIO
 import grpc
 
 from batchwire import wire
-from batchwire.client._channel import BatchClient, check_target, wait_for_server
+from batchwire.client._channel import BatchClient, grpc_target, wait_for_server
 from batchwire.client._errors import BatchwireError, ConnectError, ServerError
 from batchwire.compression import NAMES as compression_names
 from batchwire.compression import codec
@@ -83,7 +83,7 @@ class BenchConfig:
             raise ValueError(
                 f"compression should be one of {', '.join(compression_names)}, got {self.compression!r}"
             )
-        check_target(self.target)
+        grpc_target(self.target)
 
 
 # -- one client process ---------------------------------------------------------

@@ -21,9 +21,10 @@ LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 
 
 def _target(args: argparse.Namespace) -> str:
-    from batchwire.client._channel import check_target
+    """The gRPC target: one host:port, replicas comma-separated, or a gRPC name (dns:///...)."""
+    from batchwire.client._channel import grpc_target
 
-    return check_target(args.target or os.environ.get("BATCHWIRE_TARGET") or DEFAULT_TARGET)
+    return grpc_target(args.target or os.environ.get("BATCHWIRE_TARGET") or DEFAULT_TARGET)
 
 
 def _version() -> str:
@@ -235,7 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     def client_command(name: str, help_text: str):
         sub = commands.add_parser(name, parents=[common], help=help_text)
         sub.add_argument(
-            "--target", help=f"server host:port (default: $BATCHWIRE_TARGET or {DEFAULT_TARGET})"
+            "--target",
+            help="server host:port, replicas as host:port,host:port, or a gRPC name "
+            f"such as dns:///name:port (default: $BATCHWIRE_TARGET or {DEFAULT_TARGET})",
         )
         sub.add_argument(
             "--connect-timeout",
