@@ -5,7 +5,6 @@ See NOTE [ First contact ] for how an unreachable server is told from an outage.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import os
@@ -14,7 +13,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from typing import Protocol, Union
+from typing import Protocol
 
 import grpc
 
@@ -60,7 +59,7 @@ _BALANCING = [
     ("grpc.dns_min_time_between_resolutions_ms", int(DNS_MIN_RESOLVE_SECONDS * 1000)),
 ]
 
-Target = Union[str, Sequence[str]]
+Target = str | Sequence[str]
 """One ``host:port``, a list of them (or one string of them, comma-separated), or a gRPC name."""
 
 # Keepalive pings find a server host that vanished without a TCP reset (partition,
@@ -144,7 +143,9 @@ def _address_list(entries: list[str]) -> str:
         try:
             infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
         except OSError as exc:
-            raise TargetError(f"cannot resolve {host!r} of the target list entry {entry!r}: {exc}")
+            raise TargetError(
+                f"cannot resolve {host!r} of the target list entry {entry!r}: {exc}"
+            ) from None
         found: dict[int, str] = {}
         for family, _, _, _, address in infos:
             found.setdefault(family, address[0])
@@ -165,14 +166,6 @@ def describe_target(target: Target) -> str:
     if isinstance(target, str):
         return target
     return ", ".join(str(entry) for entry in target)
-
-
-def is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return False
-    return True
 
 
 def check_target(target: str) -> str:
