@@ -399,9 +399,13 @@ class BatchClient:
             self._unary("ListDatasets", pb.ListDatasetsRequest(), pb.ListDatasetsResponse).datasets
         )
 
-    def describe(self, dataset: str) -> pb.DatasetInfo:
+    def describe(self, dataset: str, *, wait_for_ready: bool = True) -> pb.DatasetInfo:
+        """``wait_for_ready=False``: fail fast (UNAVAILABLE) while the server is down."""
         return self._unary(
-            "DescribeDataset", pb.DescribeDatasetRequest(dataset=dataset), pb.DatasetInfo
+            "DescribeDataset",
+            pb.DescribeDatasetRequest(dataset=dataset),
+            pb.DatasetInfo,
+            wait_for_ready=wait_for_ready,
         )
 
     def count_batches(self, request: pb.StreamBatchesRequest) -> pb.BatchCount:

@@ -25,6 +25,7 @@ from batchwire.compression import codec as compression_codec
 from batchwire.v1 import batchwire_pb2 as pb
 
 _COUNTS_KEPT = 8  # epochs whose batch count is remembered
+_FINGERPRINT_LOCK = threading.Lock()  # module-wide: a dataset pickles into DataLoader workers
 
 
 class RemoteDataset(IterableDataset):
@@ -174,13 +175,20 @@ class RemoteDataset(IterableDataset):
     def fingerprint(self) -> str:
         """The dataset fingerprint this dataset's batches come from (asked of the server once,
         or restored by ``load_state_dict``; empty from a server older than fingerprints)."""
-        if self._fingerprint is None:
-            info = call_with_retry(
-                self.describe, policy=self.retry, what=f"describing dataset {self.dataset!r}"
-            )
-            self._fingerprint = info.fingerprint
-            self._fingerprint_from = f"replica {info.replica}" if info.replica else "the server"
-        return self._fingerprint
+        return call_with_retry(
+            self._known_fingerprint, policy=self.retry, what=f"describing {self.dataset!r}"
+        )
+
+    def _known_fingerprint(self) -> str:
+        """The fingerprint, asked of the server if not known yet. Fails fast (UNAVAILABLE)
+        while no server answers: the caller's retry loop (a stream's, a count's) waits."""
+        with _FINGERPRINT_LOCK:  # parallel streams: one answer, never one per stream
+            if self._fingerprint is None:
+                info = self._client.describe(self.dataset, wait_for_ready=False)
+                self._info = self._info or info
+                self._fingerprint = info.fingerprint
+                self._fingerprint_from = f"replica {info.replica}" if info.replica else "the server"
+            return self._fingerprint
 
     def _mismatch(self, error: BaseException) -> FingerprintMismatch | None:
         """The ``FingerprintMismatch`` a server's refusal means, if it is one."""
@@ -249,7 +257,7 @@ class RemoteDataset(IterableDataset):
             # Under the streams' retry policy: a restart between epochs is an outage to sit out.
             try:
                 self._counts[epoch] = call_with_retry(
-                    lambda: self._client.count_batches(self.request(epoch)).num_batches,
+                    lambda: self._count(epoch),
                     policy=self.retry,
                     what=f"counting the batches of {self._what(epoch)}",
                 )
@@ -259,6 +267,10 @@ class RemoteDataset(IterableDataset):
                     raise
                 raise mismatch from error
         return self._counts[epoch]
+
+    def _count(self, epoch: int) -> int:
+        self._known_fingerprint()  # the request carries it
+        return self._client.count_batches(self.request(epoch)).num_batches
 
     def request(
         self, epoch: int, start_batch: int = 0, *, batch_stride: int = 1
@@ -392,7 +404,6 @@ class RemoteDataset(IterableDataset):
         # The pass is counted (and its position set) here, not when the generator
         # starts: a DataLoader worker and StatefulDataLoader read the state in between.
         worker = get_worker_info()
-        self.fingerprint()  # before any request: they all carry it
         if worker is None:
             epoch, start = self._next_pass(ask=True)
             self._ledger.start_main_pass()
@@ -502,6 +513,7 @@ class RemoteDataset(IterableDataset):
             opened += 1
             if opened > 1:
                 self._stats.reconnected()
+            self._known_fingerprint()  # under the share's retry policy, as the stream
             request = self.request(epoch, first, batch_stride=stride)
             report = self._stats.take_report()  # the previous pass, for the server's dashboard
             if report is not None:

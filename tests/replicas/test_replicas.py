@@ -11,8 +11,10 @@ check compares batches with a local DataLoader, tensor for tensor.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -38,7 +40,7 @@ CONFIG = """
 [server]
 python_path = ["{tests}", "{tests}/server"]
 summary_seconds = 0
-grace_seconds = 1
+grace_seconds = {grace}
 max_connection_age_seconds = 5
 max_connection_age_grace_seconds = 1
 
@@ -121,8 +123,11 @@ class Replicas:
         self.dns.close()
 
 
-def write_config(path: Path, *, length: int = LENGTH, sampler: str = SAMPLER) -> Path:
-    path.write_text(CONFIG.format(tests=TESTS_DIR, length=length, slow=SLOW, sampler=sampler))
+def write_config(
+    path: Path, *, length: int = LENGTH, sampler: str = SAMPLER, grace: float = 1
+) -> Path:
+    text = CONFIG.format(tests=TESTS_DIR, length=length, slow=SLOW, sampler=sampler, grace=grace)
+    path.write_text(text)
     return path
 
 
@@ -327,6 +332,49 @@ def test_a_checkpoint_is_not_resumed_against_a_changed_dataset(replicas, odd_rep
     with pytest.raises(FingerprintMismatch, match="the checkpoint was saved against") as info:
         list(changed)
     assert info.value.expected == state["fingerprint"] != info.value.actual
+
+
+# -- client-side health checking ------------------------------------------------------------
+
+
+def health(target: str) -> str:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        request = health_pb2.HealthCheckRequest(service="batchwire.v1.BatchService")
+        reply = health_pb2_grpc.HealthStub(channel).Check(request, timeout=10)
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+def test_a_draining_replica_is_skipped(replicas):
+    config = write_config(replicas.folder / "draining.toml", grace=60)
+    [draining] = replicas.start(["127.0.0.6"], config)
+    good = replicas.targets[0]
+    both = [good, draining.target]
+    client = BatchClient(both)
+    assert {client.describe("items").replica for _ in range(6)} == set(both)
+    # A stream open on it keeps it draining (up to grace_seconds) once it has SIGTERM.
+    held = BatchClient(draining.target).batches(
+        pb.StreamBatchesRequest(dataset="slow", batch_size=4, world_size=1)
+    )
+    next(held)
+    draining.process.send_signal(signal.SIGTERM)
+    try:
+        deadline = time.monotonic() + 60  # bounds a hang only
+        while health(draining.target) != "NOT_SERVING":
+            assert time.monotonic() < deadline, "the replica never turned NOT_SERVING"
+            time.sleep(0.05)
+        # Client-side health checking: NOT_SERVING takes the replica out of the rotation
+        # (once its health watch tells the client, a moment after): 10 calls in a row go
+        # to the other one. Round robin without health checks would alternate.
+        answered: list[str] = []
+        while answered[-10:] != [good] * 10:
+            assert len(answered) < 200, f"the draining replica still answers: {answered[-10:]}"
+            answered.append(client.describe("items").replica)
+    finally:
+        held.close()
+        draining.stop()
 
 
 # -- 3. a replica that joins, found again through DNS --------------------------------------
