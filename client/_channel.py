@@ -5,6 +5,7 @@ See NOTE [ First contact ] for how an unreachable server is told from an outage.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
@@ -46,18 +47,42 @@ _OPTIONS = [
 # A DNS name is resolved again when a connection ends (a server's
 # max_connection_age, a replica gone), at most every DNS_MIN_RESOLVE_SECONDS, so
 # replicas that joined receive streams; a list is fixed when the channel opens.
+# A target that can only be one server (an IP address or localhost, and a port) is
+# not health-checked: a call then reaches it whatever it reports, and fails with its
+# own message ("starting", "resume at batch N on another server") rather than
+# gRPC's "backend unhealthy".
 SERVICE_CONFIG = json.dumps(
     {
         "loadBalancingConfig": [{"round_robin": {}}],
         "healthCheckConfig": {"serviceName": "batchwire.v1.BatchService"},
     }
 )
+ONE_SERVER_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
 DNS_MIN_RESOLVE_SECONDS = 5.0
-_BALANCING = [
-    ("grpc.service_config", SERVICE_CONFIG),
-    ("grpc.service_config_disable_resolution", 1),  # never a service config from DNS TXT
-    ("grpc.dns_min_time_between_resolutions_ms", int(DNS_MIN_RESOLVE_SECONDS * 1000)),
-]
+
+
+def _balancing(target: str) -> list[tuple[str, object]]:
+    """Channel options of NOTE [ Replicas ] for a gRPC target string."""
+    match = _HOST_PORT.fullmatch(target)
+    one = target.startswith(("unix:", "unix-abstract:", "vsock:")) or (
+        match is not None and _one_host(match["host"])
+    )
+    return [
+        ("grpc.service_config", ONE_SERVER_CONFIG if one else SERVICE_CONFIG),
+        ("grpc.service_config_disable_resolution", 1),  # never a service config from DNS TXT
+        ("grpc.dns_min_time_between_resolutions_ms", int(DNS_MIN_RESOLVE_SECONDS * 1000)),
+    ]
+
+
+def _one_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False  # a name: DNS may give several addresses (compose --scale, a headless Service)
+    return True
+
 
 Target = str | Sequence[str]
 """One ``host:port``, a list of them (or one string of them, comma-separated), or a gRPC name."""
@@ -110,10 +135,9 @@ def grpc_target(target: Target) -> str:
     against an address.
     """
     if isinstance(target, str):
-        scheme = target.partition(":")[0]
-        if "," not in target or scheme in _SCHEMES:
+        if len(list_entries(target)) == 1:
             return check_target(target)
-        entries = [entry.strip() for entry in target.split(",")]
+        entries = list_entries(target)
     elif isinstance(target, Sequence) and not isinstance(target, bytes):
         entries = list(target)
     else:
@@ -132,6 +156,13 @@ def grpc_target(target: Target) -> str:
     if len(entries) == 1:
         return entries[0]
     return _address_list(entries)
+
+
+def list_entries(target: str) -> list[str]:
+    """The servers of a comma-separated list (``a:1,b:2``); any other target is one entry."""
+    if "," not in target or target.partition(":")[0] in _SCHEMES:
+        return [target]
+    return [entry.strip() for entry in target.split(",")]
 
 
 def _address_list(entries: list[str]) -> str:
@@ -317,7 +348,7 @@ def _link(target: str) -> _Link:
     with _lock:
         if key not in _links:
             _links[key] = _Link(
-                _credentials.open_channel(target, [*_OPTIONS, *_BALANCING, *keepalive]),
+                _credentials.open_channel(target, [*_OPTIONS, *_balancing(target), *keepalive]),
                 lambda: _credentials.open_channel(target, _OPTIONS),
             )
         return _links[key]

@@ -151,21 +151,27 @@ def cmd_health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    from batchwire.client._channel import list_entries
     from batchwire.client._credentials import open_channel
 
-    target = _target(args)
-    try:
-        with open_channel(target) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            reply = stub.Check(
-                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
-            )
-    except grpc.RpcError as error:
-        print(f"{target}: {error.code().name}: {error.details()}", file=sys.stderr)
-        return 1
-    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-    print(f"{target}: {status}")
-    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+    _target(args)  # refuses a bad target, or a bad entry of a list
+    failed = 0
+    # Replicas given as a list: each one's health; exit 0 only when all serve.
+    for target in list_entries(args.target or os.environ.get("BATCHWIRE_TARGET") or DEFAULT_TARGET):
+        try:
+            with open_channel(target) as channel:
+                stub = health_pb2_grpc.HealthStub(channel)
+                reply = stub.Check(
+                    health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+                )
+        except grpc.RpcError as error:
+            print(f"{target}: {error.code().name}: {error.details()}", file=sys.stderr)
+            failed += 1
+            continue
+        status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+        print(f"{target}: {status}")
+        failed += reply.status != health_pb2.HealthCheckResponse.SERVING
+    return 1 if failed else 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
