@@ -167,9 +167,10 @@ class RemoteDataset(IterableDataset):
     def __getstate__(self) -> dict[str, Any]:
         self._ranks()  # DataLoader workers get the resolved share, never their own guess
         if self._fingerprint is None and get_worker_info() is None:
-            # Likewise one fingerprint for all workers, so that none starts on another config.
+            # Likewise one fingerprint for all workers, so that none starts on another config
+            # (one try, no retries: a server that is down is the workers' streams' to wait for).
             with contextlib.suppress(BatchwireError):
-                self.fingerprint()
+                self._known_fingerprint()
         return self.__dict__.copy()
 
     def fingerprint(self) -> str:

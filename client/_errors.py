@@ -90,7 +90,8 @@ class FingerprintMismatch(BatchwireError):
         if expected_from == CHECKPOINT:
             why = (
                 f"the checkpoint was saved against fingerprint {expected}: the dataset's config "
-                "changed since, so resuming would not give the batches the checkpoint counted on"
+                "changed since, so resuming would not give the batches the checkpoint counted on "
+                "(to resume all the same, drop the state's 'fingerprint')"
             )
         else:
             why = (
