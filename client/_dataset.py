@@ -14,13 +14,14 @@ from google.protobuf import json_format
 from torch.utils.data import IterableDataset, get_worker_info
 
 from batchwire.client import _ranks
-from batchwire.client._channel import BatchClient, Target
+from batchwire.client._channel import BatchClient
 from batchwire.client._errors import CHECKPOINT, BatchwireError, FingerprintMismatch, ServerError
 from batchwire.client._ledger import PassLedger
 from batchwire.client._parallel import merge_in_order
 from batchwire.client._resume import resuming_batches
 from batchwire.client._retry import RetryPolicy, call_with_retry
 from batchwire.client._stats import StatsRecorder, StreamStats, transport
+from batchwire.client._targets import Target
 from batchwire.compression import codec as compression_codec
 from batchwire.v1 import batchwire_pb2 as pb
 

@@ -22,7 +22,7 @@ LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 
 def _target(args: argparse.Namespace) -> str:
     """The gRPC target: one host:port, replicas comma-separated, or a gRPC name (dns:///...)."""
-    from batchwire.client._channel import grpc_target
+    from batchwire.client._targets import grpc_target
 
     return grpc_target(args.target or os.environ.get("BATCHWIRE_TARGET") or DEFAULT_TARGET)
 
@@ -151,8 +151,8 @@ def cmd_health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from batchwire.client._channel import list_entries
     from batchwire.client._credentials import open_channel
+    from batchwire.client._targets import list_entries
 
     _target(args)  # refuses a bad target, or a bad entry of a list
     failed = 0

@@ -11,7 +11,7 @@ import pytest
 from _serverproc import free_port
 
 from batchwire.client import BatchClient, ConnectError, TargetError
-from batchwire.client._channel import grpc_target
+from batchwire.client._targets import grpc_target
 from batchwire.server import fingerprint
 from batchwire.server.app import connection_age_options
 from batchwire.server.config import ConfigError, DatasetConfig, load_config
