@@ -261,6 +261,16 @@ def test_three_replicas_stream_what_one_server_and_a_local_dataloader_do(replica
     assert all(count > 0 for count in served), f"streams per replica: {served}"
 
 
+def test_dataloader_workers_share_the_replicas_and_one_fingerprint(replicas):
+    ds = RemoteDataset(replicas.targets, "items", batch_size=8, shuffle=True, seed=2, streams=2)
+    list(ds)  # the parent's channel is open, health watches included, when the workers fork
+    ds.set_epoch(1)
+    loader = DataLoader(ds, batch_size=None, num_workers=2)
+    expected = local_batches("distributed", batch_size=8, seed=2, epoch=1, drop_last=False)
+    assert_batches(list(loader), expected, "2 DataLoader workers x 2 streams")
+    assert ds.state_dict()["fingerprint"] == ds.fingerprint()
+
+
 # -- 4. fingerprints --------------------------------------------------------------------------
 
 
