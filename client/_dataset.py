@@ -2,26 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import grpc
 from google.protobuf import json_format
 from torch.utils.data import IterableDataset, get_worker_info
 
 from batchwire.client import _position, _ranks
 from batchwire.client._channel import BatchClient
+from batchwire.client._errors import CHECKPOINT, BatchwireError, FingerprintMismatch, ServerError
 from batchwire.client._ledger import PassLedger
 from batchwire.client._parallel import merge_in_order
 from batchwire.client._resume import resuming_batches
 from batchwire.client._retry import RetryPolicy, call_with_retry
 from batchwire.client._stats import StatsRecorder, StreamStats, transport
+from batchwire.client._targets import Target
 from batchwire.compression import codec as compression_codec
 from batchwire.v1 import batchwire_pb2 as pb
 
 _COUNTS_KEPT = 8  # epochs whose batch count is remembered
+_FINGERPRINT_LOCK = threading.Lock()  # module-wide: a dataset pickles into DataLoader workers
 
 
 class RemoteDataset(IterableDataset):
@@ -46,8 +51,18 @@ class RemoteDataset(IterableDataset):
     workers ] in ``_ledger``), and each worker's ``state_dict()`` is its own
     share's, which torchdata's ``StatefulDataLoader`` checkpoints and restores.
 
+    Replicas: ``target`` may name several servers with the same config (a list of
+    ``host:port``, or a name such as ``dns:///data.ns.svc:50051``); each stream
+    goes to one of them (round robin over those that report SERVING), and a
+    stream whose replica is lost resumes on another. The dataset's fingerprint
+    (``DatasetInfo.fingerprint``, recorded at the first pass and in
+    ``state_dict()``) goes with every request: a replica with another config, or
+    a dataset changed since a checkpoint, is refused with ``FingerprintMismatch``.
+
     Args:
-        target: the server's ``host:port``.
+        target: the server's ``host:port``; or replicas: a list of ``host:port``
+            (or one comma-separated string), or a gRPC name (``dns:///name:port``,
+            ``ipv4:10.0.0.5:50051,10.0.0.6:50051``).
         dataset: a dataset name the server lists.
         batch_size: samples per batch.
         shuffle, seed: as for ``DistributedSampler``.
@@ -76,11 +91,12 @@ class RemoteDataset(IterableDataset):
     BATCH_KEY = "batch"
     SAMPLE_KEY = "sample"  # absent from states saved before positions counted samples
     CONFIG_KEY = "config"
+    FINGERPRINT_KEY = "fingerprint"  # the dataset's, once known: a resume needs the same
     WORKER_KEY = "worker"  # only in a DataLoader worker's own state
 
     def __init__(
         self,
-        target: str,
+        target: Target,
         dataset: str,
         *,
         batch_size: int,
@@ -121,7 +137,10 @@ class RemoteDataset(IterableDataset):
         self.buffer = buffer
         self.retry = retry or RetryPolicy()
         self._client = BatchClient(target, timeout=timeout)
-        self._stats = StatsRecorder(dataset, transport(target, self.compression))
+        self._stats = StatsRecorder(dataset, transport(self._client.target, self.compression))
+        # The fingerprint every request carries (None: not asked yet), and where it came from.
+        self._fingerprint: str | None = None
+        self._fingerprint_from = ""
         self._ledger = PassLedger()  # the next pass, shared with DataLoader workers
         # (epoch, sample, next batch) of the pass underway in this process: batches
         # are counted from sample `sample` of the epoch (see NOTE [ Positions in
@@ -157,7 +176,45 @@ class RemoteDataset(IterableDataset):
 
     def __getstate__(self) -> dict[str, Any]:
         self._ranks()  # DataLoader workers get the resolved share, never their own guess
+        if self._fingerprint is None and get_worker_info() is None:
+            # Likewise one fingerprint for all workers, so that none starts on another config
+            # (one try, no retries: a server that is down is the workers' streams' to wait for).
+            with contextlib.suppress(BatchwireError):
+                self._known_fingerprint()
         return self.__dict__.copy()
+
+    def fingerprint(self) -> str:
+        """The dataset fingerprint this dataset's batches come from (asked of the server once,
+        or restored by ``load_state_dict``; empty from a server older than fingerprints)."""
+        return call_with_retry(
+            self._known_fingerprint, policy=self.retry, what=f"describing {self.dataset!r}"
+        )
+
+    def _known_fingerprint(self) -> str:
+        """The fingerprint, asked of the server if not known yet. Fails fast (UNAVAILABLE)
+        while no server answers: the caller's retry loop (a stream's, a count's) waits."""
+        with _FINGERPRINT_LOCK:  # parallel streams: one answer, never one per stream
+            if self._fingerprint is None:
+                info = self._client.describe(self.dataset, wait_for_ready=False)
+                self._info = self._info or info
+                self._fingerprint = info.fingerprint
+                self._fingerprint_from = f"replica {info.replica}" if info.replica else "the server"
+            return self._fingerprint
+
+    def _mismatch(self, error: BaseException) -> FingerprintMismatch | None:
+        """The ``FingerprintMismatch`` a server's refusal means, if it is one."""
+        if not isinstance(error, ServerError) or error.code != grpc.StatusCode.FAILED_PRECONDITION:
+            return None
+        actual = error.metadata.get("batchwire-fingerprint")
+        if actual is None:
+            return None
+        return FingerprintMismatch(
+            self.dataset,
+            expected=self._fingerprint or "",
+            actual=actual,
+            expected_from=self._fingerprint_from,
+            replica=error.metadata.get("batchwire-replica", ""),
+        )
 
     @property
     def epoch(self) -> int:
@@ -284,14 +341,24 @@ class RemoteDataset(IterableDataset):
         if key not in self._counts:
             if len(self._counts) >= _COUNTS_KEPT:
                 self._counts.clear()
-            request = self.request(epoch, start_sample=sample, batch_size=batch_size)
             # Under the streams' retry policy: a restart between epochs is an outage to sit out.
-            self._counts[key] = call_with_retry(
-                lambda: self._client.count_batches(request).num_batches,
-                policy=self.retry,
-                what=f"counting the batches of {self._what(epoch, sample)}",
-            )
+            try:
+                self._counts[key] = call_with_retry(
+                    lambda: self._count(epoch, sample, batch_size),
+                    policy=self.retry,
+                    what=f"counting the batches of {self._what(epoch, sample)}",
+                )
+            except ServerError as error:
+                mismatch = self._mismatch(error)
+                if mismatch is None:
+                    raise
+                raise mismatch from error
         return self._counts[key]
+
+    def _count(self, epoch: int, sample: int, batch_size: int) -> int:
+        self._known_fingerprint()  # the request carries it
+        request = self.request(epoch, start_sample=sample, batch_size=batch_size)
+        return self._client.count_batches(request).num_batches
 
     def request(
         self,
@@ -318,6 +385,7 @@ class RemoteDataset(IterableDataset):
             sampler=self.sampler,
             compression=self.compression,
             start_sample=start_sample,
+            fingerprint=self._fingerprint or "",
         )
 
     # -- position ---------------------------------------------------------------
@@ -341,13 +409,16 @@ class RemoteDataset(IterableDataset):
         worker = get_worker_info()
         if worker is not None:
             epoch, sample, batch = self._position or self._worker_next_pass(worker)
-            return {
+            state = {
                 self.EPOCH_KEY: epoch,
                 self.SAMPLE_KEY: sample,
                 self.BATCH_KEY: batch,
                 self.CONFIG_KEY: self._config(),
                 self.WORKER_KEY: [worker.id, worker.num_workers],
             }
+            if self._fingerprint:
+                state[self.FINGERPRINT_KEY] = self._fingerprint
+            return state
         # No call to the server here (it may be down while a trainer checkpoints):
         # when the epoch's length is not known yet, the next pass rolls over instead.
         epoch, sample, batch = self._position or self._next_pass(ask=False)
@@ -355,12 +426,15 @@ class RemoteDataset(IterableDataset):
             (epoch, sample, self.batch_size), batch + 1
         ):
             epoch, sample, batch = epoch + 1, 0, 0
-        return {
+        state = {
             self.EPOCH_KEY: epoch,
             self.SAMPLE_KEY: sample,
             self.BATCH_KEY: batch,
             self.CONFIG_KEY: self._config(),
         }
+        if self._fingerprint:
+            state[self.FINGERPRINT_KEY] = self._fingerprint
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Makes the next pass continue at the position ``state`` records.
@@ -370,6 +444,9 @@ class RemoteDataset(IterableDataset):
         saved by another rank or with another world size (every rank loads the
         same state). States saved before positions counted samples (no
         ``"sample"``) load as before.
+
+        The state's dataset fingerprint goes with the next requests: a server whose
+        dataset changed since refuses them, and the pass raises ``FingerprintMismatch``.
 
         Raises:
             ValueError: ``state`` was saved by a dataset that streams other batches
@@ -404,6 +481,11 @@ class RemoteDataset(IterableDataset):
                 + ("the main process" if here is None else f"worker {here[0]} of {here[1]}")
                 + "; resume it through the same loader (torchdata's StatefulDataLoader)"
             )
+        fingerprint = state.get(self.FINGERPRINT_KEY)
+        if fingerprint is not None and not isinstance(fingerprint, str):
+            raise ValueError(f"state's fingerprint should be a string, but got {fingerprint!r}")
+        if fingerprint:
+            self._fingerprint, self._fingerprint_from = fingerprint, CHECKPOINT
         if worker is not None and saved_by is not None:
             self._worker_resume = (epoch, sample, batch)
             self._ledger.restore_worker(worker.id, worker.num_workers, epoch)
@@ -524,11 +606,14 @@ class RemoteDataset(IterableDataset):
             stats.end()
         except GeneratorExit:
             raise  # the consumer stopped early: the next pass is the next epoch
-        except BaseException:
+        except BaseException as error:
             # The retry budget was spent, ...: iterating again resumes where this stopped.
             if get_worker_info() is None and self._position is not None:
                 epoch, sample, batch = self._position
                 self._ledger.rebase(epoch, batch, sample)
+            mismatch = self._mismatch(error)
+            if mismatch is not None:
+                raise mismatch from error
             raise
         finally:
             if self._passes_begun == number:  # not a later pass's position
@@ -584,6 +669,7 @@ class RemoteDataset(IterableDataset):
             opened += 1
             if opened > 1:
                 self._stats.reconnected()
+            self._known_fingerprint()  # under the share's retry policy, as the stream
             request = self.request(
                 epoch, first, batch_stride=stride, start_sample=sample, batch_size=batch_size
             )

@@ -93,10 +93,13 @@ def _executor_failed(failure: str, position: int | None = None) -> str:
 class Refused(Exception):
     """Ends the call with ``code``; raised by the checks, turned into the status by the method."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(
+        self, code: grpc.StatusCode, message: str, metadata: tuple[tuple[str, str], ...] = ()
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.metadata = metadata  # trailing metadata for clients to read (not to parse messages)
 
 
 class BatchService:
@@ -119,6 +122,7 @@ class BatchService:
             metrics.shared_batches.labels(name)
         self._settings = settings
         self._metrics = metrics
+        self.replica = ""  # "HOSTNAME:PORT", set once bound: names this server in DatasetInfo
         self._stream_slots = threading.BoundedSemaphore(settings.max_concurrent_streams)
         self._stream_ids = itertools.count()
         self._active = 0
@@ -156,10 +160,12 @@ class BatchService:
         deadline = self._drain_deadline
         return deadline is not None and time.monotonic() >= deadline
 
-    def _refuse(self, code: grpc.StatusCode, message: str) -> NoReturn:
+    def _refuse(
+        self, code: grpc.StatusCode, message: str, metadata: tuple[tuple[str, str], ...] = ()
+    ) -> NoReturn:
         """Counts the error and raises ``Refused``; the method ends the call with it."""
         self._metrics.errors.labels(code.name).inc()
-        raise Refused(code, message)
+        raise Refused(code, message, metadata)
 
     async def _blocking(
         self,
@@ -172,7 +178,7 @@ class BatchService:
         try:
             return await asyncio.get_running_loop().run_in_executor(threads, function, *args)
         except Refused as refused:
-            await context.abort(refused.code, refused.message)
+            await context.abort(refused.code, refused.message, refused.metadata)
             raise  # unreachable: abort raises
 
     def handler(self) -> grpc.GenericRpcHandler:
@@ -227,17 +233,31 @@ class BatchService:
         for name in self._registry.names():
             entry = self._registry.entries[name]
             try:
-                infos.append(entry.info())
+                infos.append(self._info(entry))
             except DescribeError:
-                infos.append(pb.DatasetInfo(name=name, length=entry.length, source=entry.source))
+                infos.append(
+                    pb.DatasetInfo(
+                        name=name,
+                        length=entry.length,
+                        source=entry.source,
+                        fingerprint=entry.fingerprint,
+                        replica=self.replica,
+                    )
+                )
         return pb.ListDatasetsResponse(datasets=infos)
 
     def _describe(self, name: str) -> pb.DatasetInfo:
         entry = self._lookup(name)
         try:
-            return entry.info()
+            return self._info(entry)
         except DescribeError as exc:
             self._refuse(grpc.StatusCode.INTERNAL, str(exc))
+
+    def _info(self, entry: DatasetEntry) -> pb.DatasetInfo:
+        info = pb.DatasetInfo()
+        info.CopyFrom(entry.info())  # the entry's own is shared and cached
+        info.replica = self.replica
+        return info
 
     async def stream_batches(
         self, request: pb.StreamBatchesRequest, context: grpc.aio.ServicerContext
@@ -390,6 +410,7 @@ class BatchService:
     def _plan(self, request: pb.StreamBatchesRequest) -> tuple[DatasetEntry, StreamPlan]:
         """The dataset and the batch positions a request asks for; refuses a bad request."""
         entry = self._lookup(request.dataset)
+        self._check_fingerprint(entry, request.fingerprint)
         try:
             stream = plan_stream(
                 request,
@@ -404,6 +425,22 @@ class BatchService:
             self._refuse(grpc.StatusCode.INTERNAL, f"cannot plan the request: {exc!r}")
         self._check_batch_bytes(entry, stream)
         return entry, stream
+
+    def _check_fingerprint(self, entry: DatasetEntry, expected: str) -> None:
+        """Refuses a client whose batches so far came from another config of the dataset."""
+        if expected and expected != entry.fingerprint:
+            shown = expected if len(expected) <= 100 else echo(expected)
+            self._refuse(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"dataset {entry.name!r} on {self.replica or 'this server'} has fingerprint "
+                f"{entry.fingerprint}, but the request expects {shown}: this server's "
+                "config of the dataset differs from the one the client's batches came from "
+                "(another replica, or a checkpoint), so its batches would differ",
+                (
+                    ("batchwire-fingerprint", entry.fingerprint),
+                    ("batchwire-replica", self.replica),
+                ),
+            )
 
     def _check_batch_bytes(self, entry: DatasetEntry, stream: StreamPlan) -> None:
         # Refuse before any worker builds (and /dev/shm holds) a batch that will be
