@@ -11,6 +11,7 @@ from batchwire.client._dataset import RemoteDataset
 from batchwire.client._errors import BatchwireError, ConnectError, ServerError, TargetError
 from batchwire.client._prefetch import DevicePrefetcher
 from batchwire.client._retry import RetryError, RetryPolicy
+from batchwire.client._shm import TransportError
 from batchwire.client._stats import StreamStats, enable_metrics
 
 __all__ = [
@@ -24,5 +25,6 @@ __all__ = [
     "ServerError",
     "StreamStats",
     "TargetError",
+    "TransportError",
     "enable_metrics",
 ]

@@ -16,7 +16,7 @@ from typing import Protocol
 import grpc
 
 from batchwire import compression, wire
-from batchwire.client import _credentials
+from batchwire.client import _credentials, _shm
 from batchwire.client._errors import ConnectError, ServerError, TargetError
 from batchwire.client._retry import StreamCutShort
 from batchwire.v1 import batchwire_pb2 as pb
@@ -263,6 +263,12 @@ class BatchClient:
         """
         return self._unary("CountBatches", request, pb.BatchCount, wait_for_ready=False)
 
+    def transport(self, wanted: str) -> _shm.Decision:
+        """The path streams take: shared memory when proven usable (see ``_shm``), else bytes."""
+        if wanted != _shm.GRPC:
+            wait_for_server(self.target, self.connect_timeout)
+        return _shm.negotiate(channel(self.target), self.target, wanted, self.timeout)
+
     def stream(self, request: pb.StreamBatchesRequest) -> grpc.Call:
         """Opens a StreamBatches call; iterate it for ``wire.Chunk`` objects.
 
@@ -293,7 +299,8 @@ class BatchClient:
         away, so a CANCELLED status raised here is never the client's own doing.
         """
         call = self.stream(request)
-        assembler = wire.BatchAssembler(compression.decompress)
+        mapper = _shm.PayloadMapper(self.target) if request.shared_memory_nonce else None
+        assembler = wire.BatchAssembler(compression.decompress, mapper)
         try:
             for chunk in call:
                 decoding = time.perf_counter()
@@ -310,3 +317,5 @@ class BatchClient:
             raise ServerError.from_rpc(error, self.target) from None
         finally:
             call.cancel()
+            if mapper is not None:
+                mapper.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import warnings
@@ -11,15 +12,18 @@ from typing import Any
 from google.protobuf import json_format
 from torch.utils.data import IterableDataset, get_worker_info
 
-from batchwire.client import _ranks
+from batchwire.client import _ranks, _shm
 from batchwire.client._channel import BatchClient
 from batchwire.client._ledger import PassLedger
 from batchwire.client._parallel import merge_in_order
 from batchwire.client._resume import resuming_batches
 from batchwire.client._retry import RetryPolicy, call_with_retry
-from batchwire.client._stats import StatsRecorder, StreamStats, transport
+from batchwire.client._stats import StatsRecorder, StreamStats
+from batchwire.client._stats import transport as grpc_transport
 from batchwire.compression import codec as compression_codec
 from batchwire.v1 import batchwire_pb2 as pb
+
+log = logging.getLogger("batchwire.client")
 
 _COUNTS_KEPT = 8  # epochs whose batch count is remembered
 
@@ -65,6 +69,10 @@ class RemoteDataset(IterableDataset):
         compression: ``"none"``, ``"lz4"`` or ``"zstd"``: payload compression,
             worth it for compressible data (uint8 images) on a slow link only
             (see benchmarks/RESULTS.md).
+        transport: ``"auto"`` (shared memory when this process proves it can map the
+            server's, else bytes over gRPC), ``"shm"`` (require it: ``TransportError``
+            saying why not) or ``"grpc"`` (bytes always); ``"auto"`` follows
+            ``BATCHWIRE_TRANSPORT`` when set. ``ds.transport`` says which path is taken.
     """
 
     # Keys of state_dict(); CONFIG_KEY holds what must match for a resume to be exact.
@@ -90,6 +98,7 @@ class RemoteDataset(IterableDataset):
         buffer: int = 2,
         retry: RetryPolicy | None = None,
         compression: str = "none",
+        transport: str = "auto",
     ) -> None:
         super().__init__()
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
@@ -115,8 +124,10 @@ class RemoteDataset(IterableDataset):
         self.streams = streams
         self.buffer = buffer
         self.retry = retry or RetryPolicy()
+        self._transport_wanted = _shm.check_transport(transport)
+        self._decision: _shm.Decision | None = None
         self._client = BatchClient(target, timeout=timeout)
-        self._stats = StatsRecorder(dataset, transport(target, self.compression))
+        self._stats = StatsRecorder(dataset, grpc_transport(target, self.compression))
         self._ledger = PassLedger()  # the next pass, shared with DataLoader workers
         # (epoch, next batch) of the pass underway in this process; in a DataLoader
         # worker the batch is the next one of the worker's share (w, w + k, ...).
@@ -183,6 +194,30 @@ class RemoteDataset(IterableDataset):
         epoch, batch = self._base(ask=ask)
         passes = self._ledger.passes()
         return (epoch + passes, 0) if passes else (epoch, batch)
+
+    @property
+    def transport(self) -> str:
+        """``"shm"`` or ``"grpc"``: the path batches take (decided at the first contact)."""
+        return self._decide().transport
+
+    def _decide(self, *, again: bool = False) -> _shm.Decision:
+        """Proves shared memory usable (once, and again after a reconnect), or says why not."""
+        previous = self._decision
+        if previous is None or again:
+            self._decision = self._client.transport(self._transport_wanted)
+            if previous is None or previous.transport != self._decision.transport:
+                log.info(
+                    "dataset %r from %s: batches over %s (%s)",
+                    self.dataset,
+                    self.target,
+                    "shared memory" if self._decision.transport == _shm.SHM else "gRPC",
+                    self._decision.reason,
+                )
+            if self._decision.transport == _shm.SHM:
+                self._stats.set_transport(_shm.SHM)
+            else:
+                self._stats.set_transport(grpc_transport(self.target, self.compression))
+        return self._decision
 
     def describe(self) -> pb.DatasetInfo:
         """The dataset's length and fields, as the server reports them."""
@@ -431,6 +466,8 @@ class RemoteDataset(IterableDataset):
             if opened > 1:
                 self._stats.reconnected()
             request = self.request(epoch, first, batch_stride=stride)
+            # After a reconnect the server may be another (or restarted): proven again.
+            request.shared_memory_nonce = self._decide(again=opened > 1).nonce
             report = self._stats.take_report()  # the previous pass, for the server's dashboard
             if report is not None:
                 request.trainer_report.CopyFrom(report)

@@ -12,6 +12,10 @@ The free list is capped (``RECYCLE_BYTES``), and ``trim`` empties it, which
 the pool does when it has been idle for a while: idle servers hold no shared
 memory. Names are ``batchwire-{server pid}-{pool id}-{n}``, so the files of a
 server that died without cleaning up are found and removed at the next start.
+
+A file handed to a same-host client (``give_away``, see ``shm_delivery``) is
+never recycled: the client's tensors map it, so its name is removed as soon as
+this process's mapping is gone, and its memory returns once the client's is.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ import re
 import tempfile
 import threading
 import weakref
+
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +59,7 @@ class PayloadFiles:
         # any thread, even one holding _lock; SimpleQueue.put takes no lock of ours.
         self._unmapped: queue.SimpleQueue[tuple[str, int]] = queue.SimpleQueue()
         self._closed = False
+        self._given: set[str] = set()  # paths clients map: removed, never recycled, once unmapped
 
     def take(self) -> str:
         """A path for a worker to write a task's payload to: a free file, else a new name."""
@@ -79,8 +86,21 @@ class PayloadFiles:
             mapped = mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ)
         finally:
             os.close(fd)
-        weakref.finalize(mapped, self._unmapped.put, (path, size))
+        weakref.finalize(mapped, self._on_unmapped, path, size)
+        _located[mapped] = (self, path)
         return memoryview(mapped)
+
+    def _on_unmapped(self, path: str, size: int) -> None:
+        # May run in the cyclic GC, in any thread: set operations and unlink take no lock of ours.
+        if path in self._given:
+            self._given.discard(path)
+            self.discard(path)
+        else:
+            self._unmapped.put((path, size))
+
+    def give_away(self, path: str) -> None:
+        """Marks ``path`` as mapped by a client: removed, not recycled, once unmapped here."""
+        self._given.add(path)
 
     def discard(self, path: str) -> None:
         """Removes a file nobody will map (the batch failed, or its stream ended)."""
@@ -127,6 +147,24 @@ class PayloadFiles:
                 removed += 1
         if removed:
             log.info("removed %d payload file(s) of stopped servers from %s", removed, self.shm_dir)
+
+
+_located: weakref.WeakKeyDictionary[mmap.mmap, tuple[PayloadFiles, str]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def locate(view: memoryview) -> tuple[PayloadFiles, str, int, mmap.mmap] | None:
+    """Where a payload view lies: (its files, path, offset in the file, the mapping); None when
+    it is no view of a payload file (an empty batch, a Ray executor's array)."""
+    base = view.obj
+    found = _located.get(base) if isinstance(base, mmap.mmap) else None
+    if found is None or not len(view):
+        return None
+    files, path = found
+    start = np.frombuffer(base, np.uint8).ctypes.data
+    offset = np.frombuffer(view, np.uint8).ctypes.data - start
+    return files, path, offset, base
 
 
 def _alive(pid: int) -> bool:

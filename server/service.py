@@ -38,6 +38,7 @@ from batchwire.server.executor import (
 from batchwire.server.metrics import Metrics, StreamMeter
 from batchwire.server.registry import DatasetEntry, DatasetRegistry, DescribeError
 from batchwire.server.requests import InvalidRequest, StreamPlan, echo, plan_stream
+from batchwire.server.shm_delivery import SharedMemory, SharedStream
 from batchwire.server.stream import (
     BatchStream,
     BatchTooLarge,
@@ -123,11 +124,13 @@ class BatchService:
             settings.max_concurrent_streams + STREAM_SPARE_THREADS,
             thread_name_prefix="batchwire-stream",
         )
+        self._shm = SharedMemory(settings.shm_dir, getattr(settings, "shm_group", ""))
 
     def close(self) -> None:
         """Drops blocking work not yet started (the server has stopped)."""
         for threads in (self._call_threads, self._stream_threads):
             threads.shutdown(wait=False, cancel_futures=True)
+        self._shm.close()
 
     @property
     def active_streams(self) -> int:
@@ -187,6 +190,11 @@ class BatchService:
                     request_deserializer=pb.StreamBatchesRequest.FromString,
                     response_serializer=pb.BatchCount.SerializeToString,
                 ),
+                "SharedMemoryOffer": grpc.unary_unary_rpc_method_handler(
+                    self.shared_memory_offer,
+                    request_deserializer=pb.SharedMemoryOfferRequest.FromString,
+                    response_serializer=pb.SharedMemoryOfferResponse.SerializeToString,
+                ),
                 "StreamBatches": grpc.unary_stream_rpc_method_handler(
                     self.stream_batches,
                     request_deserializer=pb.StreamBatchesRequest.FromString,
@@ -214,6 +222,11 @@ class BatchService:
             num_samples=len(stream.plan.indices),
             sampler=stream.sampler,
         )
+
+    async def shared_memory_offer(
+        self, request: pb.SharedMemoryOfferRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SharedMemoryOfferResponse:
+        return await self._blocking(self._call_threads, context, self._shm.offer)
 
     def _list_datasets(self) -> pb.ListDatasetsResponse:
         infos = []
@@ -346,7 +359,11 @@ class BatchService:
             max_batch_bytes=self._settings.max_batch_bytes,
             per_message=min(request.max_batches_per_message, MAX_BATCHES_PER_MESSAGE),
         )
+        shared: SharedStream | None = None
+        if self._shm.accepts(request.shared_memory_nonce):  # the client proved it maps ours
+            shared = self._shm.stream(limits.prefetch_batches, limits.chunk_bytes)
         hooks = StreamHooks(
+            shared=shared,
             write=context.write,
             compress=compress if codec != pb.NONE else None,
             draining=self._drain_due,
@@ -366,9 +383,16 @@ class BatchService:
         )
         try:
             await batches.run()
+            if shared is not None:
+                await shared.finish(self._drain_due)  # every handle mapped before the end
         except StreamStopped as stopped:
             code, message = failure_status(stopped.failure, stopped.position)
+            if shared is not None:
+                await shared.finish(self._drain_due)  # the batches before the failure arrive
             self._refuse(code, message)
+        finally:
+            if shared is not None:
+                shared.close()
 
     def _batch_bytes(self, entry: DatasetEntry, plan, positions: range) -> int:
         """Estimated payload bytes of the stream's first batch (0: unknown)."""

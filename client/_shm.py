@@ -1,0 +1,179 @@
+"""The client's half of same-host delivery: prove it can map the server's memory, then map payloads.
+
+``negotiate`` asks the server for an offer (``SharedMemoryOffer``), opens the
+object it names and reads the nonce in it: that proves this process shares
+the server's host, kernel, IPC namespace (/dev/shm) and permissions. Streams
+then send the nonce (``StreamBatchesRequest.shared_memory_nonce``), and their
+batches may arrive as handles, which ``PayloadMapper`` maps: tensors are views
+of the pages the server's worker wrote (copy-on-write, so writing to them
+never reaches the server). See NOTE [ Who frees a mapped payload ] in
+``server/shm_delivery.py`` for who frees what.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+
+import grpc
+
+from batchwire.client._errors import BatchwireError, ServerError
+from batchwire.client._retry import StreamCutShort
+from batchwire.v1 import batchwire_pb2 as pb
+
+log = logging.getLogger("batchwire.client")
+
+TRANSPORT_ENV = "BATCHWIRE_TRANSPORT"
+TRANSPORTS = ("auto", "shm", "grpc")
+SHM, GRPC = "shm", "grpc"
+
+_COUNTER = struct.Struct("<Q")
+
+
+class TransportError(BatchwireError):
+    """``transport="shm"`` was asked for, but this client cannot map the server's memory."""
+
+
+def check_transport(transport: str) -> str:
+    """The transport asked for: ``transport``, or ``BATCHWIRE_TRANSPORT`` for ``"auto"``."""
+    if transport not in TRANSPORTS:
+        raise ValueError(f"transport should be one of {TRANSPORTS}, but got {transport!r}")
+    if transport == "auto":
+        transport = os.environ.get(TRANSPORT_ENV, "").strip().lower() or "auto"
+        if transport not in TRANSPORTS:
+            raise ValueError(
+                f"{TRANSPORT_ENV} should be one of {TRANSPORTS}, but got {transport!r}"
+            )
+    return transport
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The path a client's streams take, and why."""
+
+    transport: str  # SHM or GRPC
+    reason: str
+    nonce: bytes = b""
+
+
+def negotiate(channel: grpc.Channel, target: str, wanted: str, timeout: float) -> Decision:
+    """Proves shared memory usable (``wanted`` "auto" or "shm") or says why not.
+
+    Raises ``TransportError`` when ``wanted`` is "shm" and it is not usable.
+    """
+    if wanted == GRPC:
+        decision = Decision(GRPC, "the client opted out (transport='grpc')")
+    else:
+        decision = _prove(channel, target, timeout)
+    if wanted == SHM and decision.transport != SHM:
+        raise TransportError(f"transport='shm' asked, but {decision.reason}")
+    return decision
+
+
+def _prove(channel: grpc.Channel, target: str, timeout: float) -> Decision:
+    call = channel.unary_unary(
+        "/batchwire.v1.BatchService/SharedMemoryOffer",
+        request_serializer=pb.SharedMemoryOfferRequest.SerializeToString,
+        response_deserializer=pb.SharedMemoryOfferResponse.FromString,
+    )
+    try:
+        offer = call(pb.SharedMemoryOfferRequest(), timeout=timeout)
+    except grpc.RpcError as error:
+        if error.code() in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.FAILED_PRECONDITION):
+            return Decision(GRPC, f"the server at {target} offers no shared memory")
+        raise ServerError.from_rpc(error, target) from None
+    try:
+        fd = os.open(offer.path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return Decision(
+            GRPC,
+            f"the server's shared memory {offer.path} is not visible here (another host, "
+            "container or IPC namespace: share /dev/shm with the server to map batches)",
+        )
+    except PermissionError:
+        return Decision(
+            GRPC,
+            f"this process (uid {os.geteuid()}) may not open the server's shared memory "
+            f"{offer.path} (owned by uid {_owner(offer.path)}; run as the server's user "
+            "or in its shm_group)",
+        )
+    except OSError as exc:
+        return Decision(GRPC, f"cannot open the server's shared memory {offer.path}: {exc}")
+    try:
+        nonce = os.read(fd, offer.size)
+    finally:
+        os.close(fd)
+    if len(nonce) != offer.size or not nonce:
+        return Decision(GRPC, f"the server's offer {offer.path} held no nonce")
+    return Decision(SHM, f"this process opened the server's shared memory {offer.path}", nonce)
+
+
+def _owner(path: str) -> str:
+    try:
+        return str(os.stat(path).st_uid)
+    except OSError:
+        return "?"
+
+
+class PayloadMapper:
+    """One stream's mappings: ``mapper(handle, header)`` is the batch's payload (a view).
+
+    Consecutive batches in one object share a mapping; each handle mapped is
+    counted in the stream's release counter, which lets the server drop its hold.
+    """
+
+    def __init__(self, target: str = "") -> None:
+        self._target = target
+        self._path = ""
+        self._mapping: mmap.mmap | None = None
+        self._counter: mmap.mmap | None = None
+        self._mapped = 0
+
+    def __call__(self, handle: pb.SharedMemoryPayload, header: pb.BatchHeader) -> memoryview:
+        if handle.release_path:
+            self._counter = self._open(handle.release_path, writable=True)
+        if self._counter is None:
+            raise StreamCutShort("a shared-memory handle came before the stream's release counter")
+        if handle.path != self._path or self._mapping is None:
+            self._mapping, self._path = self._open(handle.path, writable=False), handle.path
+        end = handle.offset + header.payload_size
+        if handle.offset < 0 or end > len(self._mapping):
+            raise StreamCutShort(
+                f"batch {header.batch_index}: {handle.path} holds {len(self._mapping)} bytes, "
+                f"not {header.payload_size} at {handle.offset}",
+                target=self._target,
+            )
+        view = memoryview(self._mapping)[handle.offset : end]
+        self._mapped += 1
+        _COUNTER.pack_into(self._counter, 0, self._mapped)  # the server may drop its hold now
+        return view
+
+    def _open(self, path: str, *, writable: bool) -> mmap.mmap:
+        try:
+            fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_NOFOLLOW)
+        except OSError as exc:
+            # Removed: the server ended the stream (drain, restart) before this was mapped.
+            raise StreamCutShort(
+                f"cannot map the server's shared memory {path}: {exc.strerror}",
+                target=self._target,
+            ) from None
+        try:
+            size = os.fstat(fd).st_size
+            if writable:
+                return mmap.mmap(fd, size)  # shared: the server reads the count
+            # Private (copy-on-write) and populated at once: tensors may be written to.
+            flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0)
+            return mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        self._mapping, self._path = None, ""  # the batches' views keep it while they live
+        if self._counter is not None:
+            with contextlib.suppress(BufferError):
+                self._counter.close()
+            self._counter = None
