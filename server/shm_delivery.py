@@ -164,8 +164,10 @@ class SharedStream:
         """True if a handle to ``size`` more bytes stays within the stream's window."""
         self._take_acks()
         held = len(self._held)
-        return held == 0 or held < self._window or (
-            held < MAX_WINDOW and self._held_bytes + size <= self._window_bytes
+        return (
+            held == 0
+            or held < self._window
+            or (held < MAX_WINDOW and self._held_bytes + size <= self._window_bytes)
         )
 
     async def wait(self) -> None:

@@ -11,8 +11,6 @@ import logging
 import sys
 import time
 
-import torch
-
 from batchwire.client import RemoteDataset
 
 

@@ -24,7 +24,7 @@ from _serverproc import ServerProcess
 from conftest import CORE_CONFIG, assert_same_batch
 from torch.utils.data import DataLoader
 
-from batchwire.client import RemoteDataset, TransportError
+from batchwire.client import RemoteDataset
 
 CLIENT = str(Path(__file__).with_name("shm_client.py"))
 GRID = list(itertools.product([1, 3], [False, True], [False, True], [0, 1]))
@@ -58,7 +58,9 @@ def assert_identical(a, b, where: str) -> None:
 
 
 @pytest.mark.parametrize(("world_size", "shuffle", "drop_last", "epoch"), GRID)
-def test_shm_and_grpc_batches_are_byte_identical(core_server, world_size, shuffle, drop_last, epoch):
+def test_shm_and_grpc_batches_are_byte_identical(
+    core_server, world_size, shuffle, drop_last, epoch
+):
     for rank in range(world_size):
         kwargs = dict(
             batch_size=8,
