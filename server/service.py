@@ -267,17 +267,24 @@ class BatchService:
             f"drop_last={request.drop_last} start={request.start_batch} end={request.end_batch} "
             f"stride={request.batch_stride}"
         )
+        shared = self._shm.accepts(request.shared_memory_nonce)  # the client proved it maps ours
+        if shared:
+            parameters += " transport=shm"
         log.info("stream start %s", parameters)
         with self._active_lock:
             self._active += 1
         meter = self._metrics.open_stream(
-            stream_id, entry.name, context.peer(), pb.Compression.Name(request.compression).lower()
+            stream_id,
+            entry.name,
+            context.peer(),
+            "none" if shared else pb.Compression.Name(request.compression).lower(),
+            "shm" if shared else "",
         )
         started = time.monotonic()
         sent = {"batches": 0, "bytes": 0}
         status = "OK"
         try:
-            await self._stream(entry, stream, request, context, sent, meter)
+            await self._stream(entry, stream, request, context, sent, meter, shared=shared)
         except Refused as refused:
             status = refused.code.name  # counted by _refuse
             await context.abort(refused.code, refused.message)
@@ -333,8 +340,13 @@ class BatchService:
         context: grpc.aio.ServicerContext,
         sent: dict[str, int],
         meter: StreamMeter,
+        *,
+        shared: bool = False,
     ) -> None:
-        """Runs the stream's ``BatchStream``; a failure that stops it becomes ``Refused``."""
+        """Runs the stream's ``BatchStream``; a failure that stops it becomes ``Refused``.
+
+        ``shared``: payloads go as shared-memory handles (see ``shm_delivery``).
+        """
 
         def on_built(built: BuiltBatch) -> None:
             meter.built(built.build_seconds)
@@ -359,11 +371,11 @@ class BatchService:
             max_batch_bytes=self._settings.max_batch_bytes,
             per_message=min(request.max_batches_per_message, MAX_BATCHES_PER_MESSAGE),
         )
-        shared: SharedStream | None = None
-        if self._shm.accepts(request.shared_memory_nonce):  # the client proved it maps ours
-            shared = self._shm.stream(limits.prefetch_batches, limits.chunk_bytes)
+        handles: SharedStream | None = None
+        if shared:
+            handles = self._shm.stream(limits.prefetch_batches, limits.chunk_bytes)
         hooks = StreamHooks(
-            shared=shared,
+            shared=handles,
             write=context.write,
             compress=compress if codec != pb.NONE else None,
             draining=self._drain_due,
@@ -383,16 +395,16 @@ class BatchService:
         )
         try:
             await batches.run()
-            if shared is not None:
-                await shared.finish(self._drain_due)  # every handle mapped before the end
+            if handles is not None:
+                await handles.finish(self._drain_due)  # every handle mapped before the end
         except StreamStopped as stopped:
             code, message = failure_status(stopped.failure, stopped.position)
-            if shared is not None:
-                await shared.finish(self._drain_due)  # the batches before the failure arrive
+            if handles is not None:
+                await handles.finish(self._drain_due)  # the batches before the failure arrive
             self._refuse(code, message)
         finally:
-            if shared is not None:
-                shared.close()
+            if handles is not None:
+                handles.close()
 
     def _batch_bytes(self, entry: DatasetEntry, plan, positions: range) -> int:
         """Estimated payload bytes of the stream's first batch (0: unknown)."""
