@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import grp
 import itertools
 import logging
 import mmap
@@ -49,8 +50,10 @@ def default_shm_dir() -> str:
 class PayloadFiles:
     """Hands out payload file names, maps finished files, and recycles them once unmapped."""
 
-    def __init__(self, shm_dir: str, owner: object) -> None:
+    def __init__(self, shm_dir: str, owner: object, *, group: str = "") -> None:
         self.shm_dir = shm_dir
+        # A configured shm_group may map payloads too (same-host delivery): 0640 of that group.
+        self._gid = grp.getgrnam(group).gr_gid if group else None
         self._prefix = f"batchwire-{os.getpid()}-{id(owner):x}-"
         self._names = itertools.count()
         self._lock = threading.Lock()
@@ -81,6 +84,9 @@ class PayloadFiles:
             return memoryview(b"")
         fd = os.open(path, os.O_RDONLY)
         try:
+            if self._gid is not None:
+                os.fchown(fd, -1, self._gid)
+                os.fchmod(fd, 0o640)
             # MAP_POPULATE maps every page now, in one call, instead of one fault per page.
             flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
             mapped = mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ)

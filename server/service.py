@@ -124,7 +124,7 @@ class BatchService:
             settings.max_concurrent_streams + STREAM_SPARE_THREADS,
             thread_name_prefix="batchwire-stream",
         )
-        self._shm = SharedMemory(settings.shm_dir, getattr(settings, "shm_group", ""))
+        self._shm = SharedMemory(settings.shm_dir, settings.shm_group)
 
     def close(self) -> None:
         """Drops blocking work not yet started (the server has stopped)."""

@@ -147,6 +147,23 @@ def test_trainer_of_another_user_falls_back_to_grpc(core_server):
     )
 
 
+@pytest.mark.skipif(
+    os.geteuid() != 0, reason="running the trainer as another user (nobody) needs root"
+)
+def test_trainer_in_the_shm_group_maps(tmp_path: Path):
+    config = tmp_path / "group.toml"
+    config.write_text(CORE_CONFIG.replace("[server]\n", '[server]\nshm_group = "nogroup"\n', 1))
+    with ServerProcess(config, workers=1) as server:
+        command = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+        command += [sys.executable, CLIENT, server.target, "big", "auto"]
+        env = {**os.environ, "HOME": "/tmp", "PYTHONDONTWRITEBYTECODE": "1"}
+        run = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+        assert run.returncode == 0, run.stderr
+        lines = run.stdout.splitlines()
+        assert lines[0] == "transport shm" and lines[-1] == "done shm", run.stdout
+        assert len([line for line in lines if line.startswith("got ")]) == 6
+
+
 @pytest.fixture
 def kill_server(tmp_path: Path) -> Iterator[ServerProcess]:
     config = tmp_path / "core.toml"
