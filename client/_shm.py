@@ -17,6 +17,7 @@ import logging
 import mmap
 import os
 import struct
+import weakref
 from dataclasses import dataclass
 
 import grpc
@@ -31,7 +32,7 @@ TRANSPORT_ENV = "BATCHWIRE_TRANSPORT"
 TRANSPORTS = ("auto", "shm", "grpc")
 SHM, GRPC = "shm", "grpc"
 
-_COUNTER = struct.Struct("<Q")
+_WORD = struct.Struct("<Q")
 
 
 class TransportError(BatchwireError):
@@ -122,34 +123,44 @@ def _owner(path: str) -> str:
 class PayloadMapper:
     """One stream's mappings: ``mapper(handle, header)`` is the batch's payload (a view).
 
-    Consecutive batches in one object share a mapping; each handle mapped is
-    counted in the stream's release counter, which lets the server drop its hold.
+    Consecutive batches in one object share a mapping. The stream's release board
+    hears of each handle mapped (word 0) and, once a mapping's last tensor is gone,
+    of each of its handles released (word 1 + slot), so the server may reuse the
+    object (see NOTE [ Who frees a mapped payload ] in ``server/shm_delivery.py``).
     """
 
     def __init__(self, target: str = "") -> None:
         self._target = target
         self._path = ""
         self._mapping: mmap.mmap | None = None
-        self._counter: mmap.mmap | None = None
+        self._released: list[tuple[int, int]] = []  # (slot, seq) of the mapping's handles
+        self._board: mmap.mmap | None = None
         self._mapped = 0
 
     def __call__(self, handle: pb.SharedMemoryPayload, header: pb.BatchHeader) -> memoryview:
         if handle.release_path:
-            self._counter = self._open(handle.release_path, writable=True)
-        if self._counter is None:
-            raise StreamCutShort("a shared-memory handle came before the stream's release counter")
+            self._board = self._open(handle.release_path, writable=True)
+        board = self._board
+        if board is None:
+            raise StreamCutShort("a shared-memory handle came before the stream's release board")
         if handle.path != self._path or self._mapping is None:
-            self._mapping, self._path = self._open(handle.path, writable=False), handle.path
+            mapping = self._open(handle.path, writable=False)
+            # Runs once no view of the mapping is left (its batches' tensors are gone).
+            self._released = []
+            weakref.finalize(mapping, _release, board, self._released)
+            self._mapping, self._path = mapping, handle.path
+        mapping = self._mapping
         end = handle.offset + header.payload_size
-        if handle.offset < 0 or end > len(self._mapping):
+        if handle.offset < 0 or end > len(mapping):
             raise StreamCutShort(
-                f"batch {header.batch_index}: {handle.path} holds {len(self._mapping)} bytes, "
+                f"batch {header.batch_index}: {handle.path} holds {len(mapping)} bytes, "
                 f"not {header.payload_size} at {handle.offset}",
                 target=self._target,
             )
-        view = memoryview(self._mapping)[handle.offset : end]
+        view = memoryview(mapping)[handle.offset : end]
+        self._released.append((handle.slot, handle.seq))
         self._mapped += 1
-        _COUNTER.pack_into(self._counter, 0, self._mapped)  # the server may drop its hold now
+        _WORD.pack_into(board, 0, self._mapped)  # the server may send the next handle
         return view
 
     def _open(self, path: str, *, writable: bool) -> mmap.mmap:
@@ -164,7 +175,7 @@ class PayloadMapper:
         try:
             size = os.fstat(fd).st_size
             if writable:
-                return mmap.mmap(fd, size)  # shared: the server reads the count
+                return mmap.mmap(fd, size)  # shared: the server reads it
             # Private (copy-on-write) and populated at once: tensors may be written to.
             flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0)
             return mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
@@ -172,8 +183,13 @@ class PayloadMapper:
             os.close(fd)
 
     def close(self) -> None:
-        self._mapping, self._path = None, ""  # the batches' views keep it while they live
-        if self._counter is not None:
-            with contextlib.suppress(BufferError):
-                self._counter.close()
-            self._counter = None
+        """Drops the stream's own references; the batches' views keep their mappings."""
+        self._mapping, self._path, self._board = None, "", None
+
+
+def _release(board: mmap.mmap, handles: list[tuple[int, int]]) -> None:
+    # A finalizer (any thread, maybe in the GC): plain writes into the board. The board
+    # stays mapped while a finalizer names it, after its stream ended too (then unread).
+    with contextlib.suppress(ValueError):  # closed: nothing to tell
+        for slot, seq in handles:
+            _WORD.pack_into(board, _WORD.size * (1 + slot), seq)

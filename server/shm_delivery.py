@@ -12,31 +12,31 @@ names it; a client that opened it returns the nonce in its request
 carries a nonce this server made gets handles; everyone else gets bytes.
 
 NOTE [ Who frees a mapped payload ]
-Ownership passes to the client when it maps a payload. Each stream has a
-release counter: an 8-byte object the server creates, named on the stream's
-first handle, into which the client writes how many handles it has mapped.
-Once a handle is counted the server drops its own hold on the mapping, and
-the payload file, marked given away, is unlinked as soon as the server's
-mapping is gone (never recycled: the client may hold its tensors for as long
-as it likes, as it would received bytes). The memory then returns when the
-client's tensors are garbage-collected. So
+Each stream has a release board: a small object the server creates, named on
+the stream's first handle, of little-endian uint64 words the client writes.
+Word 0 counts the handles it has mapped; word 1 + slot receives a handle's
+``seq`` once the client's mapping of it is gone (no tensor left: a finalizer
+on the mapping writes it). So
 
-* the server runs ahead of the client by at most ``window`` handles (the
-  prefetch setting, or a chunk's worth of small batches): the rest waits in
-  the worker pool's bounded prefetch, as with bytes;
-* a client that dies (SIGKILL) stops counting; its stream is cancelled and
-  the server drops every hold it had, so every unacknowledged file is
-  unlinked, and the kernel drops the dead client's mappings;
+* the server runs ahead of what the client has mapped by at most ``window``
+  handles (the prefetch setting, or a chunk's worth of small batches), and
+  waits beyond that, as gRPC flow control makes bytes wait;
+* a released file goes back to the pool's free list and its pages are
+  written over by a later batch (a fresh file's pages cost the worker 5x the
+  write, see ``_payloads``); the server's hold on it ends there;
+* a client holding many mapped batches (a loop that keeps them all) uses up
+  the stream's slots (``2 * window``): the next batches go as bytes, so it
+  never pins more of the server's memory than that;
+* when the stream ends (finished, failed, drained, or the client died or
+  went away) every file still unreleased is given away: never recycled, its
+  name unlinked once the server's mapping is gone, so its memory returns when
+  the client's mappings go (at once for a dead client);
 * a server that dies leaves its files named ``batchwire-{pid}-...``: the next
   server start removes the files of dead pids (``PayloadFiles.remove_leftovers``),
   and the client's mappings stay valid until its tensors go;
-* a stream that ends (finished, failed, drained) waits a bounded time for the
-  client to map what was sent, so that a handle never names a removed file;
-  a client that still finds one gone resumes at that batch (``DATA_LOSS``).
-
-Given away, a file misses the pool's page recycling (a fresh file's pages are
-allocated by the worker's write): the price of never having to trust a
-client to say when its tensors are gone.
+* an ending stream first waits (bounded) until the client mapped every handle
+  sent, so that a handle never names a removed file; a client that still
+  finds one gone resumes at that batch (``DATA_LOSS``).
 """
 
 from __future__ import annotations
@@ -52,7 +52,6 @@ import secrets
 import struct
 import threading
 import time
-from collections import deque
 from typing import Any
 
 from batchwire.server import _payloads
@@ -64,12 +63,12 @@ NONCE_BYTES = 16
 NONCES_KEPT = 4096
 """Nonces remembered (each client process keeps one per server); the oldest are forgotten."""
 MAX_WINDOW = 64
-"""Most handles a stream has unacknowledged, however small its batches."""
+"""Slots of a stream's release board: most handles a client holds, however small its batches."""
 FINISH_SECONDS = 10.0
 """How long an ending stream waits for its client to map the handles it sent."""
-_POLL_FIRST, _POLL_MAX = 0.0002, 0.01
+_POLL_FIRST, _POLL_MAX = 0.0001, 0.002
 
-_COUNTER = struct.Struct("<Q")
+_WORD = struct.Struct("<Q")
 
 
 class SharedMemory:
@@ -108,8 +107,8 @@ class SharedMemory:
 
     def stream(self, window: int, window_bytes: int) -> SharedStream:
         """A stream's handles, at most ``window`` of them (or ``window_bytes``) unacknowledged."""
-        # The client writes its count here: group-writable when a group may map.
-        path = self._create(bytes(_COUNTER.size), 0o660 if self._gid is not None else 0o600)
+        # The client writes the board: group-writable when a group may map.
+        path = self._create(bytes(board_bytes()), 0o660 if self._gid is not None else 0o600)
         return SharedStream(path, window, window_bytes)
 
     def close(self) -> None:
@@ -136,86 +135,105 @@ class SharedMemory:
 
 
 class SharedStream:
-    """One stream's handles in flight: held until the client counts them mapped.
+    """One stream's handles: waits while the client has not mapped them, holds each
+    payload until the client released it. See NOTE [ Who frees a mapped payload ]."""
 
-    See NOTE [ Who frees a mapped payload ].
-    """
-
-    def __init__(self, counter_path: str, window: int, window_bytes: int) -> None:
-        self._path = counter_path
+    def __init__(self, board_path: str, window: int, window_bytes: int) -> None:
+        self._path = board_path
         self._window = max(1, min(window, MAX_WINDOW))
         self._window_bytes = window_bytes
-        fd = os.open(counter_path, os.O_RDWR)
+        fd = os.open(board_path, os.O_RDWR)
         try:
-            self._counter: mmap.mmap | None = mmap.mmap(fd, _COUNTER.size)
+            self._board: mmap.mmap | None = mmap.mmap(fd, board_bytes())
         finally:
             os.close(fd)
-        self._held: deque[tuple[Any, int]] = deque()  # (the mapping, payload bytes) per handle
+        self._free_slots = list(range(MAX_WINDOW - 1, -1, -1))
+        # slot -> (seq, the payload's files, path, the server's mapping of it, bytes)
+        self._held: dict[int, tuple[int, Any, str, Any, int]] = {}
         self._held_bytes = 0
         self._sent = 0
-        self._acked = 0
+        self._mapped = 0
         self._delay = _POLL_FIRST
 
     def shareable(self, payload: memoryview) -> bool:
         """True if ``payload`` lies in a payload file (else it goes as bytes)."""
         return _payloads.locate(payload) is not None
 
+    def must_wait(self, size: int) -> bool:
+        """True while the client has ``window`` handles (or bytes) sent but not yet mapped."""
+        self._read_board()
+        limit = max(self._window, min(MAX_WINDOW, self._window_bytes // max(size, 1)))
+        return self._sent - self._mapped >= limit
+
     def has_room(self, size: int) -> bool:
-        """True if a handle to ``size`` more bytes stays within the stream's window."""
-        self._take_acks()
+        """True if the client may hold ``size`` more bytes mapped (else: send bytes)."""
         held = len(self._held)
-        return (
-            held == 0
-            or held < self._window
-            or (held < MAX_WINDOW and self._held_bytes + size <= self._window_bytes)
-        )
+        if not self._free_slots:
+            return False
+        return held < 2 * self._window or self._held_bytes + size <= 2 * self._window_bytes
 
     async def wait(self) -> None:
-        """Sleeps a little while the client maps (called in a loop until ``has_room``)."""
+        """Sleeps a little while the client maps (called in a loop until not ``must_wait``)."""
         await asyncio.sleep(self._delay)
         self._delay = min(self._delay * 2, _POLL_MAX)
 
     def handle(self, payload: memoryview) -> bytes:
-        """A serialised ``SharedMemoryPayload`` for ``payload``; holds its mapping until acked."""
+        """A serialised ``SharedMemoryPayload`` for ``payload``; holds it until released."""
         self._delay = _POLL_FIRST
         located = _payloads.locate(payload)
         assert located is not None, "handle() of a payload that is not shareable"
         files, path, offset, mapping = located
-        files.give_away(path)
-        self._held.append((mapping, len(payload)))
-        self._held_bytes += len(payload)
-        first = self._sent == 0
         self._sent += 1
-        handle = pb.SharedMemoryPayload(path=path, offset=offset)
-        if first:
+        slot = self._free_slots.pop()
+        self._held[slot] = (self._sent, files, path, mapping, len(payload))
+        self._held_bytes += len(payload)
+        handle = pb.SharedMemoryPayload(path=path, offset=offset, slot=slot, seq=self._sent)
+        if self._sent == 1:
             handle.release_path = self._path
         return handle.SerializeToString()
 
     async def finish(self, draining: Any = lambda: False) -> None:
         """Waits (a bounded time) until the client mapped every handle sent."""
         deadline = time.monotonic() + FINISH_SECONDS
-        while self._take_acks() < self._sent and time.monotonic() < deadline and not draining():
+        while time.monotonic() < deadline and not draining():
+            self._read_board()
+            if self._mapped >= self._sent:
+                return
             await self.wait()
 
     def close(self) -> None:
-        """Drops every hold (unacknowledged files are unlinked once unmapped) and the counter."""
+        """Gives away what the client still holds (never recycled) and removes the board."""
+        self._read_board()
+        for _, files, path, _, _ in self._held.values():
+            files.give_away(path)
         self._held.clear()
         self._held_bytes = 0
-        if self._counter is not None:
+        if self._board is not None:
             with contextlib.suppress(BufferError):
-                self._counter.close()
-            self._counter = None
+                self._board.close()
+            self._board = None
         _unlink(self._path)
 
-    def _take_acks(self) -> int:
-        if self._counter is None:
-            return self._acked
-        count = min(_COUNTER.unpack_from(self._counter, 0)[0], self._sent)
-        while self._acked < count:  # a client's count only grows; a smaller one changes nothing
-            _, size = self._held.popleft()
+    def _read_board(self) -> None:
+        board = self._board
+        if board is None:
+            return
+        self._mapped = min(_WORD.unpack_from(board, 0)[0], self._sent)
+        for slot in [s for s, held in self._held.items() if _released(board, s, held[0])]:
+            _, _, _, _, size = self._held.pop(
+                slot
+            )  # the server's hold ends: recycled once unmapped
             self._held_bytes -= size
-            self._acked += 1
-        return self._acked
+            self._free_slots.append(slot)
+
+
+def board_bytes() -> int:
+    """A release board: the mapped count, then one word per slot."""
+    return _WORD.size * (1 + MAX_WINDOW)
+
+
+def _released(board: mmap.mmap, slot: int, seq: int) -> bool:
+    return _WORD.unpack_from(board, _WORD.size * (1 + slot))[0] == seq
 
 
 def _unlink(path: str) -> None:

@@ -90,6 +90,7 @@ class StreamHooks:
 
 class SharedPayloads(Protocol):
     def shareable(self, payload: memoryview) -> bool: ...
+    def must_wait(self, size: int) -> bool: ...
     def has_room(self, size: int) -> bool: ...
     async def wait(self) -> None: ...
     def handle(self, payload: memoryview) -> bytes: ...
@@ -188,13 +189,14 @@ class BatchStream:
         payload = batch.payload
         shared = self._hooks.shared
         if shared is not None and shared.shareable(payload):
-            if not shared.has_room(len(payload)):
-                await self._flush()  # the client maps (and acknowledges) what it has first
-                while not shared.has_room(len(payload)):
+            if shared.must_wait(len(payload)):
+                await self._flush()  # the client maps (and counts) what it has first
+                while shared.must_wait(len(payload)):
                     self._check_drain(position)
                     await shared.wait()
-            await self._write(self._outbox.add(header, wire.Shared(shared.handle(payload))))
-            return
+            if shared.has_room(len(payload)):  # else the client holds many: bytes
+                await self._write(self._outbox.add(header, wire.Shared(shared.handle(payload))))
+                return
         if self._hooks.compress is not None:
             payload = await self._hooks.compress(header, payload)
         await self._write(self._outbox.add(header, payload))

@@ -226,14 +226,18 @@ class BatchChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[BatchHeader, _Mapping]] = ..., data: _Optional[bytes] = ..., packed: _Optional[_Iterable[_Union[BatchChunk, _Mapping]]] = ..., shared_memory: _Optional[_Union[SharedMemoryPayload, _Mapping]] = ...) -> None: ...
 
 class SharedMemoryPayload(_message.Message):
-    __slots__ = ("path", "offset", "release_path")
+    __slots__ = ("path", "offset", "release_path", "slot", "seq")
     PATH_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     RELEASE_PATH_FIELD_NUMBER: _ClassVar[int]
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
     path: str
     offset: int
     release_path: str
-    def __init__(self, path: _Optional[str] = ..., offset: _Optional[int] = ..., release_path: _Optional[str] = ...) -> None: ...
+    slot: int
+    seq: int
+    def __init__(self, path: _Optional[str] = ..., offset: _Optional[int] = ..., release_path: _Optional[str] = ..., slot: _Optional[int] = ..., seq: _Optional[int] = ...) -> None: ...
 
 class SharedMemoryOfferRequest(_message.Message):
     __slots__ = ()
