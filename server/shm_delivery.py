@@ -219,10 +219,16 @@ class SharedStream:
         if board is None:
             return
         self._mapped = min(_WORD.unpack_from(board, 0)[0], self._sent)
-        for slot in [s for s, held in self._held.items() if _released(board, s, held[0])]:
-            _, _, _, _, size = self._held.pop(
-                slot
-            )  # the server's hold ends: recycled once unmapped
+        # Oldest first, up to the first still held: clients release mostly in order, and a
+        # later one released early is found once those before it are (a scan per batch
+        # over every slot would cost more than the batch).
+        released = []
+        for slot, held in self._held.items():
+            if not _released(board, slot, held[0]):
+                break
+            released.append(slot)
+        for slot in released:
+            size = self._held.pop(slot)[4]  # the server's hold ends: recycled once unmapped
             self._held_bytes -= size
             self._free_slots.append(slot)
 
