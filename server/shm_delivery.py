@@ -167,6 +167,12 @@ class SharedStream:
 
     def has_room(self, size: int) -> bool:
         """True if the client may hold ``size`` more bytes mapped (else: send bytes)."""
+        if self._room(size):
+            return True
+        self._read_board(full=True)  # a batch kept long (say, the first) blocks no later ones
+        return self._room(size)
+
+    def _room(self, size: int) -> bool:
         held = len(self._held)
         if not self._free_slots:
             return False
@@ -214,7 +220,8 @@ class SharedStream:
             self._board = None
         _unlink(self._path)
 
-    def _read_board(self) -> None:
+    def _read_board(self, *, full: bool = False) -> None:
+        """Reads what the client mapped and released (``full``: every slot, not just the oldest)."""
         board = self._board
         if board is None:
             return
@@ -224,9 +231,10 @@ class SharedStream:
         # over every slot would cost more than the batch).
         released = []
         for slot, held in self._held.items():
-            if not _released(board, slot, held[0]):
+            if _released(board, slot, held[0]):
+                released.append(slot)
+            elif not full:
                 break
-            released.append(slot)
         for slot in released:
             size = self._held.pop(slot)[4]  # the server's hold ends: recycled once unmapped
             self._held_bytes -= size
