@@ -263,11 +263,17 @@ class BatchClient:
         """
         return self._unary("CountBatches", request, pb.BatchCount, wait_for_ready=False)
 
-    def transport(self, wanted: str) -> _shm.Decision:
-        """The path streams take: shared memory when proven usable (see ``_shm``), else bytes."""
+    def transport(self, wanted: str, *, fail_fast: bool = False) -> _shm.Decision:
+        """The path streams take: shared memory when proven usable (see ``_shm``), else bytes.
+
+        ``fail_fast``: as a stream, UNAVAILABLE at once while the server is down (the
+        stream's RetryPolicy waits), instead of waiting for a first connection.
+        """
         if wanted != _shm.GRPC:
-            wait_for_server(self.target, self.connect_timeout)
-        return _shm.negotiate(channel(self.target), self.target, wanted, self.timeout)
+            wait_for_server(self.target, self.connect_timeout, fail_fast=fail_fast)
+        return _shm.negotiate(
+            channel(self.target), self.target, wanted, self.timeout, wait_for_ready=not fail_fast
+        )
 
     def stream(self, request: pb.StreamBatchesRequest) -> grpc.Call:
         """Opens a StreamBatches call; iterate it for ``wire.Chunk`` objects.

@@ -200,11 +200,15 @@ class RemoteDataset(IterableDataset):
         """``"shm"`` or ``"grpc"``: the path batches take (decided at the first contact)."""
         return self._decide().transport
 
-    def _decide(self, *, again: bool = False) -> _shm.Decision:
-        """Proves shared memory usable (once, and again after a reconnect), or says why not."""
+    def _decide(self, *, again: bool = False, stream: bool = False) -> _shm.Decision:
+        """Proves shared memory usable (once, and again after a reconnect), or says why not.
+
+        ``stream``: for a stream about to open, failing as it would (UNAVAILABLE at once
+        while the server is down: its RetryPolicy waits).
+        """
         previous = self._decision
         if previous is None or again:
-            self._decision = self._client.transport(self._transport_wanted)
+            self._decision = self._client.transport(self._transport_wanted, fail_fast=stream)
             if previous is None or previous.transport != self._decision.transport:
                 log.info(
                     "dataset %r from %s: batches over %s (%s)",
@@ -467,7 +471,7 @@ class RemoteDataset(IterableDataset):
                 self._stats.reconnected()
             request = self.request(epoch, first, batch_stride=stride)
             # After a reconnect the server may be another (or restarted): proven again.
-            request.shared_memory_nonce = self._decide(again=opened > 1).nonce
+            request.shared_memory_nonce = self._decide(again=opened > 1, stream=True).nonce
             report = self._stats.take_report()  # the previous pass, for the server's dashboard
             if report is not None:
                 request.trainer_report.CopyFrom(report)

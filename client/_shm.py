@@ -62,7 +62,9 @@ class Decision:
     nonce: bytes = b""
 
 
-def negotiate(channel: grpc.Channel, target: str, wanted: str, timeout: float) -> Decision:
+def negotiate(
+    channel: grpc.Channel, target: str, wanted: str, timeout: float, *, wait_for_ready: bool = True
+) -> Decision:
     """Proves shared memory usable (``wanted`` "auto" or "shm") or says why not.
 
     Raises ``TransportError`` when ``wanted`` is "shm" and it is not usable.
@@ -70,20 +72,20 @@ def negotiate(channel: grpc.Channel, target: str, wanted: str, timeout: float) -
     if wanted == GRPC:
         decision = Decision(GRPC, "the client opted out (transport='grpc')")
     else:
-        decision = _prove(channel, target, timeout)
+        decision = _prove(channel, target, timeout, wait_for_ready)
     if wanted == SHM and decision.transport != SHM:
         raise TransportError(f"transport='shm' asked, but {decision.reason}")
     return decision
 
 
-def _prove(channel: grpc.Channel, target: str, timeout: float) -> Decision:
+def _prove(channel: grpc.Channel, target: str, timeout: float, wait_for_ready: bool) -> Decision:
     call = channel.unary_unary(
         "/batchwire.v1.BatchService/SharedMemoryOffer",
         request_serializer=pb.SharedMemoryOfferRequest.SerializeToString,
         response_deserializer=pb.SharedMemoryOfferResponse.FromString,
     )
     try:
-        offer = call(pb.SharedMemoryOfferRequest(), timeout=timeout)
+        offer = call(pb.SharedMemoryOfferRequest(), timeout=timeout, wait_for_ready=wait_for_ready)
     except grpc.RpcError as error:
         if error.code() in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.FAILED_PRECONDITION):
             return Decision(GRPC, f"the server at {target} offers no shared memory")
