@@ -154,10 +154,12 @@ class SharedStream:
         self._sent = 0
         self._mapped = 0
         self._delay = _POLL_FIRST
+        self._located: tuple[Any, Any] = (None, None)
 
     def shareable(self, payload: memoryview) -> bool:
         """True if ``payload`` lies in a payload file (else it goes as bytes)."""
-        return _payloads.locate(payload) is not None
+        self._located = (payload, _payloads.locate(payload))  # for handle(), next
+        return self._located[1] is not None
 
     def must_wait(self, size: int) -> bool:
         """True while the client has ``window`` handles (or bytes) sent but not yet mapped."""
@@ -186,7 +188,10 @@ class SharedStream:
     def handle(self, payload: memoryview) -> bytes:
         """A serialised ``SharedMemoryPayload`` for ``payload``; holds it until released."""
         self._delay = _POLL_FIRST
-        located = _payloads.locate(payload)
+        last, located = self._located
+        self._located = (None, None)
+        if last is not payload:
+            located = _payloads.locate(payload)
         assert located is not None, "handle() of a payload that is not shareable"
         files, path, offset, mapping = located
         self._sent += 1
