@@ -111,6 +111,8 @@ def _prove(channel: grpc.Channel, target: str, timeout: float, wait_for_ready: b
         nonce = os.read(fd, offer.size)
     finally:
         os.close(fd)
+    with contextlib.suppress(OSError):  # read: not needed any more (else the server removes it)
+        os.unlink(offer.path)
     if len(nonce) != offer.size or not nonce:
         return Decision(GRPC, f"the server's offer {offer.path} held no nonce")
     return Decision(SHM, f"this process opened the server's shared memory {offer.path}", nonce)

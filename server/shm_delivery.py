@@ -64,6 +64,8 @@ NONCES_KEPT = 4096
 """Nonces remembered (each client process keeps one per server); the oldest are forgotten."""
 MAX_WINDOW = 64
 """Slots of a stream's release board: most handles a client holds, however small its batches."""
+OFFER_SECONDS = 30.0
+"""An offer's object is removed by the next offer after this long, if its client did not."""
 FINISH_SECONDS = 10.0
 """How long an ending stream waits for its client to map the handles it sent."""
 _POLL_FIRST, _POLL_MAX = 0.0001, 0.002
@@ -82,16 +84,23 @@ class SharedMemory:
         self._names = iter(range(1 << 62))
         self._lock = threading.Lock()
         self._nonces: collections.OrderedDict[bytes, str] = collections.OrderedDict()
+        self._offered: collections.deque[tuple[float, str]] = collections.deque()  # (when, path)
 
     def offer(self) -> pb.SharedMemoryOfferResponse:
         """Creates an object holding a new nonce; a client that reads it may ask for handles."""
         nonce = secrets.token_bytes(NONCE_BYTES)
         path = self._create(nonce, self._mode)
+        now = time.monotonic()
         with self._lock:
             self._nonces[nonce] = path
             while len(self._nonces) > NONCES_KEPT:
-                _, old = self._nonces.popitem(last=False)
-                _unlink(old)
+                self._nonces.popitem(last=False)
+            self._offered.append((now, path))
+            stale = []
+            while self._offered and self._offered[0][0] < now - OFFER_SECONDS:
+                stale.append(self._offered.popleft()[1])
+        for old in stale:  # never read (the client went away), or read by one that may not unlink
+            _unlink(old)
         return pb.SharedMemoryOfferResponse(path=path, size=NONCE_BYTES)
 
     def accepts(self, nonce: bytes) -> bool:
@@ -113,7 +122,9 @@ class SharedMemory:
 
     def close(self) -> None:
         with self._lock:
-            paths, self._nonces = list(self._nonces.values()), collections.OrderedDict()
+            paths = [path for _, path in self._offered]
+            self._nonces.clear()
+            self._offered.clear()
         for path in paths:
             _unlink(path)
 
