@@ -152,7 +152,7 @@ class PayloadMapper:
             mapping = self._open(handle.path, writable=False)
             # Runs once no view of the mapping is left (its batches' tensors are gone).
             self._released = []
-            weakref.finalize(mapping, _release, board, self._released)
+            weakref.finalize(mapping, _release, board, self._released, os.getpid())
             self._mapping, self._path = mapping, handle.path
         mapping = self._mapping
         end = handle.offset + header.payload_size
@@ -198,9 +198,11 @@ class PayloadMapper:
         self._mapping, self._path, self._board = None, "", None
 
 
-def _release(board: mmap.mmap, handles: list[tuple[int, int]]) -> None:
+def _release(board: mmap.mmap, handles: list[tuple[int, int]], pid: int) -> None:
     # A finalizer (any thread, maybe in the GC): plain writes into the board. The board
     # stays mapped while a finalizer names it, after its stream ended too (then unread).
+    if os.getpid() != pid:
+        return  # a forked child's copy (a DataLoader worker): the parent still holds the batch
     with contextlib.suppress(ValueError):  # closed: nothing to tell
         for slot, seq in handles:
             _WORD.pack_into(board, _WORD.size * (1 + slot), seq)
