@@ -373,7 +373,12 @@ class BatchService:
         )
         handles: SharedStream | None = None
         if shared:
-            handles = self._shm.stream(limits.prefetch_batches, limits.chunk_bytes)
+            try:
+                handles = self._shm.stream(limits.prefetch_batches, limits.chunk_bytes)
+            except OSError as exc:  # /dev/shm full, ...: this stream's payloads go as bytes
+                log.warning(
+                    "no shared-memory release board for a %s stream (%s): bytes", entry.name, exc
+                )
         hooks = StreamHooks(
             shared=handles,
             write=context.write,

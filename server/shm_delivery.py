@@ -34,7 +34,7 @@ on the mapping writes it). So
 * a server that dies leaves its files named ``batchwire-{pid}-...``: the next
   server start removes the files of dead pids (``PayloadFiles.remove_leftovers``),
   and the client's mappings stay valid until its tensors go;
-* an ending stream first waits (bounded) until the client mapped every handle
+* an ending stream first waits until the client mapped every handle
   sent, so that a handle never names a removed file; a client that still
   finds one gone resumes at that batch (``DATA_LOSS``).
 """
@@ -66,9 +66,8 @@ MAX_WINDOW = 64
 """Slots of a stream's release board: most handles a client holds, however small its batches."""
 OFFER_SECONDS = 30.0
 """An offer's object is removed by the next offer after this long, if its client did not."""
-FINISH_SECONDS = 10.0
-"""How long an ending stream waits for its client to map the handles it sent."""
-_POLL_FIRST, _POLL_MAX = 0.0001, 0.002
+_POLL_FIRST, _POLL_MAX = 0.0001, 0.01
+"""Polling the release board: quick while a fast client maps, rarely while a slow one computes."""
 
 _WORD = struct.Struct("<Q")
 
@@ -215,9 +214,12 @@ class SharedStream:
         return handle.SerializeToString()
 
     async def finish(self, draining: Any = lambda: False) -> None:
-        """Waits (a bounded time) until the client mapped every handle sent."""
-        deadline = time.monotonic() + FINISH_SECONDS
-        while time.monotonic() < deadline and not draining():
+        """Waits until the client mapped every handle sent (or the drain deadline passed).
+
+        As unbounded as a stream held up by gRPC flow control: a client that went
+        away cancels the call, which ends this wait.
+        """
+        while not draining():
             self._read_board()
             if self._mapped >= self._sent:
                 return
