@@ -95,6 +95,11 @@ def test_big_batches_streams_and_dataloader_workers_match(core_server):
     again = list(RemoteDataset(target, "big", batch_size=4, transport="shm"))
     assert_identical(again[0], want[0], "after writing to a mapped batch")
 
+    # Compression asked for: mapped payloads go uncompressed, the same batches arrive.
+    lz4 = RemoteDataset(target, "big", batch_size=4, transport="shm", compression="lz4")
+    for i, (a, b) in enumerate(zip(list(lz4), want, strict=True)):
+        assert_identical(a, b, f"big lz4 batch {i}")
+
     expected = list(RemoteDataset(target, "tuple", batch_size=4, transport="grpc"))
     remote = RemoteDataset(target, "tuple", batch_size=4, transport="shm")
     loaded = list(DataLoader(remote, batch_size=None, num_workers=2))
