@@ -38,6 +38,7 @@ from batchwire.server.executor import (
 from batchwire.server.metrics import Metrics, StreamMeter
 from batchwire.server.registry import DatasetEntry, DatasetRegistry, DescribeError
 from batchwire.server.requests import InvalidRequest, StreamPlan, echo, plan_stream
+from batchwire.server.shared_builds import SharedBuilds
 from batchwire.server.shm_delivery import SharedMemory, SharedStream
 from batchwire.server.stream import (
     BatchStream,
@@ -111,6 +112,12 @@ class BatchService:
     ) -> None:
         self._registry = registry
         self._executor = executor
+        # Streams build through it: identical batches of concurrent streams are built once.
+        self._builds = SharedBuilds(
+            executor, on_shared=lambda dataset: metrics.shared_batches.labels(dataset).inc()
+        )
+        for name in registry.names():  # a series per dataset from the start, at 0
+            metrics.shared_batches.labels(name)
         self._settings = settings
         self._metrics = metrics
         self._stream_slots = threading.BoundedSemaphore(settings.max_concurrent_streams)
@@ -389,8 +396,9 @@ class BatchService:
             on_depth=meter.set_depth,
             on_waited=meter.waited,
         )
+        builds = self._builds.stream(stream.plan, stream.positions)
         batches = BatchStream(
-            self._executor,
+            builds,
             entry.name,
             stream.plan,
             stream.positions,
@@ -408,6 +416,7 @@ class BatchService:
                 await handles.finish(self._drain_due)  # the batches before the failure arrive
             self._refuse(code, message)
         finally:
+            builds.close()  # what was held for this stream alone goes
             if handles is not None:
                 handles.close()
 
