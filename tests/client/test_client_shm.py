@@ -24,7 +24,8 @@ from _serverproc import ServerProcess
 from conftest import CORE_CONFIG, assert_same_batch
 from torch.utils.data import DataLoader
 
-from batchwire.client import RemoteDataset
+from batchwire.client import BatchClient, RemoteDataset
+from batchwire.client._shm import PayloadMapper
 
 CLIENT = str(Path(__file__).with_name("shm_client.py"))
 GRID = list(itertools.product([1, 3], [False, True], [False, True], [0, 1]))
@@ -106,6 +107,28 @@ def test_big_batches_streams_and_dataloader_workers_match(core_server):
     assert len(loaded) == len(expected) == 13
     for i, (a, b) in enumerate(zip(loaded, expected, strict=True)):
         assert_identical(a, b, f"DataLoader batch {i}")
+
+
+def test_only_a_proven_nonce_gets_handles(core_server):
+    client = BatchClient(core_server.target)
+    request = RemoteDataset(core_server.target, "dict", batch_size=8).request(0)
+
+    def chunks(nonce: bytes) -> list:
+        request.shared_memory_nonce = nonce
+        got, mapper = [], PayloadMapper()
+        for chunk in client.stream(request):
+            for part in (chunk, *chunk.packed):
+                got.append(part)
+                if part.shared is not None:  # mapped and counted: the server goes on
+                    mapper(part.shared, part.header)
+        return got
+
+    for nonce in (b"", b"\0" * 16):  # none, or a guess: bytes only
+        assert not [c for c in chunks(nonce) if c.shared is not None]
+    proven = client.transport("auto")
+    assert proven.transport == "shm"
+    handles = [c.shared for c in chunks(proven.nonce) if c.header is not None]
+    assert len(handles) == 13 and all(h is not None and h.path for h in handles)
 
 
 def test_opt_out_and_env_take_grpc_and_say_so(core_server, monkeypatch, caplog):
