@@ -145,7 +145,7 @@ def check_target(target: str) -> str:
 # max_connection_age, a replica gone), at most every DNS_MIN_RESOLVE_SECONDS, so
 # replicas that joined receive streams; a list is fixed when the channel opens.
 # A target that can only be one server (an IP address or localhost, and a port) is
-# not health-checked: a call then reaches it whatever it reports, and fails with its
+# picked first, not balanced, and not health-checked: a call then reaches it whatever it reports, and fails with its
 # own message ("starting", "resume at batch N on another server") rather than
 # gRPC's "backend unhealthy".
 SERVICE_CONFIG = json.dumps(
@@ -154,7 +154,9 @@ SERVICE_CONFIG = json.dumps(
         "healthCheckConfig": {"serviceName": "batchwire.v1.BatchService"},
     }
 )
-ONE_SERVER_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
+# One server: gRPC's default pick_first (round_robin stays in TRANSIENT_FAILURE after its only
+# address went away, so a new channel to a server restarted on the same port failed fast).
+ONE_SERVER_CONFIG = json.dumps({"loadBalancingConfig": [{"pick_first": {}}]})
 DNS_MIN_RESOLVE_SECONDS = 5.0
 
 
