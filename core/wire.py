@@ -18,10 +18,14 @@ batch that spans several chunks, none otherwise).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
 import mmap
+import os
+import queue
 import sys
 import warnings
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -231,6 +235,80 @@ def write_payload(
         np.ndarray(meta.nbytes, np.uint8, buffer=buffer, offset=meta.offset)[...] = raw
 
 
+class FileSlice:
+    """Payload bytes that lie in a file (a worker's payload file in /dev/shm).
+
+    ``frames`` reads them with ``preadv`` straight into the message it builds,
+    instead of joining a slice of a mapping into it: one copy either way, but
+    the gRPC process then never touches the mapping, so it need not populate
+    and tear down page tables for every batch (benchmarks/RESULTS.md, wire
+    throughput). ``owner`` (a view of the file's mapping) keeps the file from
+    being recycled while the slice may still be read.
+    """
+
+    __slots__ = ("path", "offset", "size", "owner")
+
+    def __init__(self, path: str, offset: int, size: int, owner: object = None) -> None:
+        self.path, self.offset, self.size, self.owner = path, offset, size, owner
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: slice) -> FileSlice:
+        start, stop, _ = index.indices(self.size)
+        return FileSlice(self.path, self.offset + start, max(0, stop - start), self.owner)
+
+
+def _new_bytes(size: int) -> tuple[bytes, memoryview]:
+    """A new ``bytes`` of ``size`` and a writable view of its memory, to fill before it is used.
+
+    grpcio sends nothing but ``bytes``; filling a fresh one in place (as C code
+    does with ``PyBytes_FromStringAndSize(NULL, n)``) saves joining the parts
+    into it. Nobody else sees it until it is filled.
+    """
+    out = _PY_BYTES(None, size)
+    address = ctypes.cast(ctypes.c_char_p(out), ctypes.c_void_p).value
+    return out, memoryview((ctypes.c_char * size).from_address(address)).cast("B")
+
+
+_PY_BYTES = ctypes.pythonapi.PyBytes_FromStringAndSize
+_PY_BYTES.restype = ctypes.py_object
+_PY_BYTES.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
+
+
+def _join(parts: Sequence[Any]) -> bytes:
+    """``b"".join(parts)``, where a part may also be a ``FileSlice`` (read with ``preadv``)."""
+    if not any(isinstance(part, FileSlice) for part in parts):
+        return b"".join(parts)
+    total = sum(len(part) for part in parts)
+    out, view = _new_bytes(total)
+    files: dict[str, int] = {}
+    try:
+        pos = 0
+        for part in parts:
+            end = pos + len(part)
+            if isinstance(part, FileSlice):
+                if part.path not in files:
+                    files[part.path] = os.open(part.path, os.O_RDONLY)
+                _pread_into(files[part.path], view[pos:end], part.offset, part.path)
+            else:
+                view[pos:end] = part
+            pos = end
+    finally:
+        view.release()
+        for fd in files.values():
+            os.close(fd)
+    return out
+
+
+def _pread_into(fd: int, target: memoryview, offset: int, path: str) -> None:
+    while len(target):
+        got = os.preadv(fd, [target], offset)
+        if got <= 0:
+            raise WireError(f"payload file {path} ended at byte {offset}, before the batch did")
+        target, offset = target[got:], offset + got
+
+
 def _varint(value: int) -> bytes:
     out = bytearray()
     while True:
@@ -252,20 +330,21 @@ def _batch_fields(header: pb.BatchHeader, piece: Any) -> list[Any]:
     return parts
 
 
-def frames(header: pb.BatchHeader, payload: memoryview, chunk_bytes: int) -> Iterator[bytes]:
+def frames(header: pb.BatchHeader, payload: Any, chunk_bytes: int) -> Iterator[bytes]:
     """Yields the serialised ``BatchChunk`` messages of one batch.
 
     The first frame holds the header and the first slice of the payload; each
-    frame carries at most ``chunk_bytes`` payload bytes.
+    frame carries at most ``chunk_bytes`` payload bytes. ``payload`` is a buffer
+    or a ``FileSlice``.
     """
     size = len(payload)
     count = max(1, math.ceil(size / chunk_bytes))
     for i in range(count):
         piece = payload[i * chunk_bytes : (i + 1) * chunk_bytes]
         if i == 0:
-            yield b"".join(_batch_fields(header, piece))
+            yield _join(_batch_fields(header, piece))
         else:
-            yield b"".join([_DATA_TAG, _varint(len(piece)), piece])
+            yield _join([_DATA_TAG, _varint(len(piece)), piece])
 
 
 def packed_frame(batches: Sequence[tuple[pb.BatchHeader, Any]]) -> bytes:
@@ -279,7 +358,7 @@ def packed_frame(batches: Sequence[tuple[pb.BatchHeader, Any]]) -> bytes:
     for header, payload in batches[1:]:
         fields = _batch_fields(header, payload)
         parts += [_PACKED_TAG, _varint(sum(len(part) for part in fields)), *fields]
-    return b"".join(parts)
+    return _join(parts)
 
 
 # -- decoding (client) --------------------------------------------------------
@@ -370,6 +449,42 @@ def batch_buffer(size: int) -> bytearray | mmap.mmap:
     return buffer
 
 
+class BufferPool:
+    """Reassembly buffers of a stream, each reused once the tensors of its batch are gone.
+
+    A fresh buffer costs as much as the copy into it: ``bytearray`` zero-fills
+    it and the kernel faults in and zeroes each new page (big's 38.5 MB
+    huge-page map per batch). A stream's batches are mostly of one size and a
+    training loop lets go of a batch a step or two later, so a few buffers go
+    round. A buffer comes back when its view (the batch's tensors hold it) is
+    collected; at most ``keep`` wait for reuse, the rest are freed then.
+    """
+
+    def __init__(self, keep: int = 4) -> None:
+        self._keep = keep
+        self._free: dict[int, list[bytearray | mmap.mmap]] = {}
+        # A finalizer may run in any thread, inside the cyclic GC: a queue, no lock of ours.
+        self._returned: queue.SimpleQueue[bytearray | mmap.mmap] = queue.SimpleQueue()
+
+    def take(self, size: int) -> memoryview:
+        """A writable buffer of ``size`` bytes (contents undefined: fill all of it)."""
+        self._collect()
+        free = self._free.get(size)
+        buffer = free.pop() if free else batch_buffer(size)
+        view = memoryview(buffer)
+        weakref.finalize(view, self._returned.put, buffer)
+        return view
+
+    def _collect(self) -> None:
+        while True:
+            try:
+                buffer = self._returned.get_nowait()
+            except queue.Empty:
+                return
+            if sum(len(free) for free in self._free.values()) < self._keep:
+                self._free.setdefault(len(buffer), []).append(buffer)
+
+
 class BatchAssembler:
     """Joins the chunks of a stream into decoded batches.
 
@@ -380,7 +495,8 @@ class BatchAssembler:
     def __init__(self, decompress: Any = None) -> None:
         self._decompress = decompress
         self._header: pb.BatchHeader | None = None
-        self._buffer: bytearray | mmap.mmap | None = None
+        self._buffer: memoryview | None = None
+        self._buffers = BufferPool()
         self._filled = 0
 
     def add(self, chunk: Chunk) -> tuple[int, Any] | None:
@@ -400,7 +516,7 @@ class BatchAssembler:
             raise WireError("stream sent payload bytes before a batch header")
         if len(chunk.data):
             if self._buffer is None:
-                self._buffer = batch_buffer(header.payload_size)
+                self._buffer = self._buffers.take(header.payload_size)
             end = self._filled + len(chunk.data)
             if end > header.payload_size:
                 raise WireError(

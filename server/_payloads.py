@@ -74,9 +74,9 @@ class PayloadFiles:
             return memoryview(b"")
         fd = os.open(path, os.O_RDONLY)
         try:
-            # MAP_POPULATE maps every page now, in one call, instead of one fault per page.
-            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-            mapped = mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ)
+            # Not populated: the stream reads payloads with pread (wire.FileSlice), so
+            # page tables made and torn down per batch would be wasted (RESULTS.md).
+            mapped = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
         finally:
             os.close(fd)
         weakref.finalize(mapped, self._unmapped.put, (path, size))

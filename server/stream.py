@@ -24,6 +24,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Protocol
 
+from batchwire import wire
 from batchwire.server._tasks import BatchFailed, BatchTask, BuiltBatch, Unavailable, release_all
 from batchwire.server.executor import Executor
 from batchwire.server.outbox import Outbox
@@ -178,6 +179,8 @@ class BatchStream:
         payload = batch.payload
         if self._hooks.compress is not None:
             payload = await self._hooks.compress(header, payload)
+        elif batch.file is not None:  # read from the file, not the mapping (wire.FileSlice)
+            payload = wire.FileSlice(*batch.file, len(payload), owner=payload[:])
         await self._write(self._outbox.add(header, payload))
 
     async def _flush(self) -> None:
