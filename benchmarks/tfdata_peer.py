@@ -22,7 +22,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from _shapes import SHAPES, batch_bytes  # noqa: E402
+from _shapes import SHAPES, batch_bytes
 
 _TICK = os.sysconf("SC_CLK_TCK")
 
@@ -93,7 +93,7 @@ def measure(
         seconds = time.perf_counter() - started
         server_cpu = cpu_seconds(server.pid) - server_before
         client_cpu = cpu_seconds(os.getpid()) - client_before
-        assert tuple(element["image"].shape)[0] == SHAPES[shape_name][0]
+        assert element["image"].shape[0] == SHAPES[shape_name][0]
     finally:
         stop.set()
         server.join(10)

@@ -246,7 +246,7 @@ class FileSlice:
     being recycled while the slice may still be read.
     """
 
-    __slots__ = ("path", "offset", "size", "owner")
+    __slots__ = ("offset", "owner", "path", "size")
 
     def __init__(self, path: str, offset: int, size: int, owner: object = None) -> None:
         self.path, self.offset, self.size, self.owner = path, offset, size, owner
