@@ -60,7 +60,9 @@ def _timed(batches: Any, warmup: float, duration: float, stop_after: int | None)
     cpu, count, started = _cpu_self(), 0, time.perf_counter()
     for _ in batches:
         count += 1
-        if count == stop_after or (stop_after is None and time.perf_counter() - started >= duration):
+        if count == stop_after or (
+            stop_after is None and time.perf_counter() - started >= duration
+        ):
             break
     return {
         "batches": count,
@@ -161,7 +163,9 @@ def measure_tfdata(shape: str, timing: tuple) -> dict:
     if not TF_PYTHON.exists():
         return {"skipped": f"no {TF_PYTHON} (make bench-tf-venv)"}
     if not os.environ.get(INSIDE):
-        return {"skipped": "not root: no loopback-only namespace, and tf.data binds every interface"}
+        return {
+            "skipped": "not root: no loopback-only namespace, and tf.data binds every interface"
+        }
     warmup, duration, stop_after = timing
     command = [str(TF_PYTHON), str(h.HERE / "tfdata_peer.py"), "--shape", shape]
     command += ["--warmup", str(warmup), "--duration", str(duration)]

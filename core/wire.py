@@ -10,9 +10,12 @@ The server does not build ``BatchChunk`` objects: assigning and serialising a
 protobuf ``bytes`` field copies the payload several times. A frame is instead
 the serialised header (field 1) followed by a hand-written field 2 tag and
 length and the raw payload slice, which is the same protobuf on the wire.
-The client slices frames the same way instead of parsing them, so tensors are
-``torch.frombuffer`` views of the received bytes (one copy to reassemble a
-batch that spans several chunks, none otherwise).
+The server fills each frame in place: payload bytes that lie in a worker's
+file are read with ``preadv`` straight into the message (``FileSlice``), the
+one copy grpcio's ``bytes``-only API leaves. The client slices frames the same
+way instead of parsing them, so tensors are ``torch.frombuffer`` views of the
+received bytes (one copy to reassemble a batch that spans several chunks, into
+a buffer reused once that batch's tensors are gone; none otherwise).
 """
 
 from __future__ import annotations

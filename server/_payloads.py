@@ -1,7 +1,8 @@
 """The pool's payload files in shared memory: named, mapped, and recycled for the next batch.
 
 A worker writes each task's batches into a file in /dev/shm; the gRPC process
-maps it and frames chunks straight from the mapping. Writing into a fresh
+maps it (the mapping owns the file while its batches are in use) and reads
+each chunk from the file straight into its gRPC message (``wire.FileSlice``). Writing into a fresh
 file makes the kernel allocate and zero every page first: 1 MiB took 530 us,
 against 100 us into the pages of a file written before (38.5 MB: 1.7 vs 4.4
 GB/s), on the benchmark machine. So a file is not removed once its batches
