@@ -76,6 +76,7 @@ def test_frames_read_from_a_file_are_the_same_bytes(tmp_path) -> None:
 
 def test_reassembly_buffers_are_reused_only_once_their_batch_is_gone(monkeypatch) -> None:
     made = []
+    monkeypatch.setattr(wire, "HUGE_PAGE_MIN_BYTES", 1)  # every multi-chunk batch is "large"
     monkeypatch.setattr(wire, "batch_buffer", lambda size: made.append(size) or bytearray(size))
     images = [torch.full((4, 1000), float(i)) for i in range(6)]
     assembler = wire.BatchAssembler()
