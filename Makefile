@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: setup train test lint format protos bench clean
+.PHONY: setup train test lint format protos bench bench-tf-venv clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,16 @@ protos: setup
 BENCHMARKS := grpc_cost wire_throughput mnist_rate chunking fairness memory compression_pays pipeline_vs_dataloader webdataset_rate shared_builds
 bench: setup
 	@for b in $(BENCHMARKS); do echo "== $$b"; $(PY) benchmarks/$$b.py || exit 1; done
+
+# tensorflow-cpu for benchmarks/tfdata_peer.py (the tf.data service peer of same_host.py), in
+# its own venv: never a dependency of batchwire.
+TF_VENV := benchmarks/.venv-tf
+$(TF_VENV)/.installed:
+	$(PYTHON) -m venv $(TF_VENV)
+	$(TF_VENV)/bin/python -m pip install --quiet tensorflow-cpu==2.21.0
+	touch $@
+
+bench-tf-venv: $(TF_VENV)/.installed
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -25,21 +25,14 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from _shapes import SHAPES  # noqa: F401 (the scripts take them from here)
+
 from batchwire.server.launch import ServeProcess
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 _TICK = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
-
-# The shapes: name -> (batch size, image shape, image dtype); every item also has
-# an int64 label.
-SHAPES: dict[str, tuple[int, list[int], str]] = {
-    "mnist": (64, [784], "float32"),
-    "cifar": (256, [3, 32, 32], "float32"),
-    "imagenet": (64, [3, 224, 224], "uint8"),
-    "big": (256, [3, 224, 224], "uint8"),
-}
 
 
 def arguments(description: str, **defaults: Any) -> argparse.ArgumentParser:

@@ -10,18 +10,25 @@ The server does not build ``BatchChunk`` objects: assigning and serialising a
 protobuf ``bytes`` field copies the payload several times. A frame is instead
 the serialised header (field 1) followed by a hand-written field 2 tag and
 length and the raw payload slice, which is the same protobuf on the wire.
-The client slices frames the same way instead of parsing them, so tensors are
-``torch.frombuffer`` views of the received bytes (one copy to reassemble a
-batch that spans several chunks, none otherwise).
+The server fills each frame in place: payload bytes that lie in a worker's
+file are read with ``preadv`` straight into the message (``FileSlice``), the
+one copy grpcio's ``bytes``-only API leaves. The client slices frames the same
+way instead of parsing them, so tensors are ``torch.frombuffer`` views of the
+received bytes (one copy to reassemble a batch that spans several chunks, into
+a buffer reused once that batch's tensors are gone; none otherwise).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
 import mmap
+import os
+import queue
 import sys
 import warnings
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -232,6 +239,80 @@ def write_payload(
         np.ndarray(meta.nbytes, np.uint8, buffer=buffer, offset=meta.offset)[...] = raw
 
 
+class FileSlice:
+    """Payload bytes that lie in a file (a worker's payload file in /dev/shm).
+
+    ``frames`` reads them with ``preadv`` straight into the message it builds,
+    instead of joining a slice of a mapping into it: one copy either way, but
+    the gRPC process then never touches the mapping, so it need not populate
+    and tear down page tables for every batch (benchmarks/RESULTS.md, wire
+    throughput). ``owner`` (a view of the file's mapping) keeps the file from
+    being recycled while the slice may still be read.
+    """
+
+    __slots__ = ("offset", "owner", "path", "size")
+
+    def __init__(self, path: str, offset: int, size: int, owner: object = None) -> None:
+        self.path, self.offset, self.size, self.owner = path, offset, size, owner
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: slice) -> FileSlice:
+        start, stop, _ = index.indices(self.size)
+        return FileSlice(self.path, self.offset + start, max(0, stop - start), self.owner)
+
+
+def _new_bytes(size: int) -> tuple[bytes, memoryview]:
+    """A new ``bytes`` of ``size`` and a writable view of its memory, to fill before it is used.
+
+    grpcio sends nothing but ``bytes``; filling a fresh one in place (as C code
+    does with ``PyBytes_FromStringAndSize(NULL, n)``) saves joining the parts
+    into it. Nobody else sees it until it is filled.
+    """
+    out = _PY_BYTES(None, size)
+    address = ctypes.cast(ctypes.c_char_p(out), ctypes.c_void_p).value
+    return out, memoryview((ctypes.c_char * size).from_address(address)).cast("B")
+
+
+_PY_BYTES = ctypes.pythonapi.PyBytes_FromStringAndSize
+_PY_BYTES.restype = ctypes.py_object
+_PY_BYTES.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
+
+
+def _join(parts: Sequence[Any]) -> bytes:
+    """``b"".join(parts)``, where a part may also be a ``FileSlice`` (read with ``preadv``)."""
+    if not any(isinstance(part, FileSlice) for part in parts):
+        return b"".join(parts)
+    total = sum(len(part) for part in parts)
+    out, view = _new_bytes(total)
+    files: dict[str, int] = {}
+    try:
+        pos = 0
+        for part in parts:
+            end = pos + len(part)
+            if isinstance(part, FileSlice):
+                if part.path not in files:
+                    files[part.path] = os.open(part.path, os.O_RDONLY)
+                _pread_into(files[part.path], view[pos:end], part.offset, part.path)
+            else:
+                view[pos:end] = part
+            pos = end
+    finally:
+        view.release()
+        for fd in files.values():
+            os.close(fd)
+    return out
+
+
+def _pread_into(fd: int, target: memoryview, offset: int, path: str) -> None:
+    while len(target):
+        got = os.preadv(fd, [target], offset)
+        if got <= 0:
+            raise WireError(f"payload file {path} ended at byte {offset}, before the batch did")
+        target, offset = target[got:], offset + got
+
+
 def _varint(value: int) -> bytes:
     out = bytearray()
     while True:
@@ -270,11 +351,12 @@ def _batch_fields(header: pb.BatchHeader, piece: Any) -> list[Any]:
     return parts
 
 
-def frames(header: pb.BatchHeader, payload: memoryview, chunk_bytes: int) -> Iterator[bytes]:
+def frames(header: pb.BatchHeader, payload: Any, chunk_bytes: int) -> Iterator[bytes]:
     """Yields the serialised ``BatchChunk`` messages of one batch.
 
     The first frame holds the header and the first slice of the payload; each
-    frame carries at most ``chunk_bytes`` payload bytes.
+    frame carries at most ``chunk_bytes`` payload bytes. ``payload`` is a buffer
+    or a ``FileSlice``.
     """
     if isinstance(payload, Shared):
         yield b"".join(_batch_fields(header, payload))
@@ -284,9 +366,9 @@ def frames(header: pb.BatchHeader, payload: memoryview, chunk_bytes: int) -> Ite
     for i in range(count):
         piece = payload[i * chunk_bytes : (i + 1) * chunk_bytes]
         if i == 0:
-            yield b"".join(_batch_fields(header, piece))
+            yield _join(_batch_fields(header, piece))
         else:
-            yield b"".join([_DATA_TAG, _varint(len(piece)), piece])
+            yield _join([_DATA_TAG, _varint(len(piece)), piece])
 
 
 def packed_frame(batches: Sequence[tuple[pb.BatchHeader, Any]]) -> bytes:
@@ -300,7 +382,7 @@ def packed_frame(batches: Sequence[tuple[pb.BatchHeader, Any]]) -> bytes:
     for header, payload in batches[1:]:
         fields = _batch_fields(header, payload)
         parts += [_PACKED_TAG, _varint(sum(len(part) for part in fields)), *fields]
-    return b"".join(parts)
+    return _join(parts)
 
 
 # -- decoding (client) --------------------------------------------------------
@@ -396,6 +478,49 @@ def batch_buffer(size: int) -> bytearray | mmap.mmap:
     return buffer
 
 
+class BufferPool:
+    """Reassembly buffers of a stream's large batches, each reused once its tensors are gone.
+
+    A fresh map costs as much as the copy into it: the kernel faults in and
+    zeroes each new page (big's 38.5 MB huge-page map per batch). A stream's
+    batches are mostly of one size and a training loop lets go of a batch a
+    step or two later, so a few maps go round. A map comes back when its view
+    (the batch's tensors hold it) is collected; at most ``keep`` wait for
+    reuse, the rest are unmapped then. Smaller buffers come from the heap
+    (``take``).
+    """
+
+    def __init__(self, keep: int = 4) -> None:
+        self._keep = keep
+        self._free: dict[int, list[bytearray | mmap.mmap]] = {}
+        # A finalizer may run in any thread, inside the cyclic GC: a queue, no lock of ours.
+        self._returned: queue.SimpleQueue[bytearray | mmap.mmap] = queue.SimpleQueue()
+
+    def take(self, size: int) -> Any:
+        """A writable buffer of ``size`` bytes (contents undefined: fill all of it)."""
+        if size < HUGE_PAGE_MIN_BYTES:
+            # From the heap, freed with its batch: that free is what keeps glibc's mmap
+            # threshold above the size of grpcio's messages, so that they too come from
+            # the heap. Kept here, every 4 MiB message became a fresh mmap (RemoteDataset
+            # client 0.8 -> 1.5 s/GB for imagenet).
+            return bytearray(size)
+        self._collect()
+        free = self._free.get(size)
+        buffer = free.pop() if free else batch_buffer(size)
+        view = memoryview(buffer)
+        weakref.finalize(view, self._returned.put, buffer)
+        return view
+
+    def _collect(self) -> None:
+        while True:
+            try:
+                buffer = self._returned.get_nowait()
+            except queue.Empty:
+                return
+            if sum(len(free) for free in self._free.values()) < self._keep:
+                self._free.setdefault(len(buffer), []).append(buffer)
+
+
 class BatchAssembler:
     """Joins the chunks of a stream into decoded batches.
 
@@ -408,7 +533,8 @@ class BatchAssembler:
         self._decompress = decompress
         self._shared = shared
         self._header: pb.BatchHeader | None = None
-        self._buffer: bytearray | mmap.mmap | None = None
+        self._buffer: memoryview | None = None
+        self._buffers = BufferPool()
         self._filled = 0
 
     def add(self, chunk: Chunk) -> tuple[int, Any] | None:
@@ -435,7 +561,7 @@ class BatchAssembler:
             raise WireError("stream sent payload bytes before a batch header")
         if len(chunk.data):
             if self._buffer is None:
-                self._buffer = batch_buffer(header.payload_size)
+                self._buffer = self._buffers.take(header.payload_size)
             end = self._filled + len(chunk.data)
             if end > header.payload_size:
                 raise WireError(

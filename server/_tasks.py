@@ -84,6 +84,9 @@ class BuiltBatch:
     header: pb.BatchHeader
     payload: memoryview
     build_seconds: float
+    file: tuple[str, int] | None = None
+    """Where the payload also lies, (payload file, offset): the stream reads it from there
+    (``wire.FileSlice``). None: in memory only."""
 
     def release(self) -> None:
         payload, self.payload = self.payload, memoryview(b"")

@@ -535,7 +535,7 @@ class WorkerPool:
         built = []
         for header, offset in zip(parsed, offsets, strict=False):
             view = payload[offset : offset + header.payload_size]
-            built.append(BuiltBatch(header, view, busy / len(headers)))
+            built.append(BuiltBatch(header, view, busy / len(headers), (task.path, offset)))
         del payload  # the slices keep the mapping alive, each as long as its batch
         if error is not None:
             settle(task.future, exception=BatchFailed(error, built))

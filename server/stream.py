@@ -199,6 +199,8 @@ class BatchStream:
                 return
         if self._hooks.compress is not None:
             payload = await self._hooks.compress(header, payload)
+        elif batch.file is not None:  # read from the file, not the mapping (wire.FileSlice)
+            payload = wire.FileSlice(*batch.file, len(payload), owner=payload[:])
         await self._write(self._outbox.add(header, payload))
 
     async def _flush(self) -> None:

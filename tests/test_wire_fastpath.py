@@ -47,3 +47,47 @@ def test_huge_buffer_path(monkeypatch) -> None:
     for frame in _frames({"x": image}, chunk_bytes=4096):
         done = assembler.add(wire.parse_chunk(frame))
     assert torch.equal(done[1]["x"], image)
+
+
+def test_frames_read_from_a_file_are_the_same_bytes(tmp_path) -> None:
+    batches = [({"x": torch.arange(1000 + i), "y": torch.ones(3, 5)}, 7 + i) for i in range(3)]
+    encoded, blob = [], bytearray(b"?" * 100)  # payloads at odd offsets of one file
+    for batch, index in batches:
+        tensors, structure = wire.flatten(batch)
+        metas, size = wire.layout(tensors)
+        payload = bytearray(size)
+        wire.write_payload(tensors, metas, memoryview(payload))
+        header = pb.BatchHeader(batch_index=index, payload_size=size, tensors=metas)
+        header.structure.CopyFrom(structure)
+        encoded.append((header, bytes(payload), len(blob)))
+        blob += payload + b"!" * 3
+    path = tmp_path / "payloads"
+    path.write_bytes(blob)
+    in_file = [(h, wire.FileSlice(str(path), offset, len(p))) for h, p, offset in encoded]
+    in_memory = [(h, memoryview(p)) for h, p, _ in encoded]
+    for (header, sliced), (_, view) in zip(in_file, in_memory, strict=True):
+        assert list(wire.frames(header, sliced, 1000)) == list(wire.frames(header, view, 1000))
+    assert wire.packed_frame(in_file) == wire.packed_frame(in_memory)
+    assembler = wire.BatchAssembler()
+    got = list(assembler.feed(wire.parse_chunk(wire.packed_frame(in_file))))
+    assert [h.batch_index for h, _ in got] == [7, 8, 9]
+    assert torch.equal(got[2][1]["x"], torch.arange(1002))
+
+
+def test_reassembly_buffers_are_reused_only_once_their_batch_is_gone(monkeypatch) -> None:
+    made = []
+    monkeypatch.setattr(wire, "HUGE_PAGE_MIN_BYTES", 1)  # every multi-chunk batch is "large"
+    monkeypatch.setattr(wire, "batch_buffer", lambda size: made.append(size) or bytearray(size))
+    images = [torch.full((4, 1000), float(i)) for i in range(6)]
+    assembler = wire.BatchAssembler()
+    kept = []
+    for i, image in enumerate(images):
+        for frame in _frames({"x": image}, chunk_bytes=4096):
+            done = assembler.add(wire.parse_chunk(frame))
+        assert torch.equal(done[1]["x"], image)
+        if i < 2:
+            kept.append(done[1]["x"])  # still in use: its memory must not be handed out again
+        del done
+        gc.collect()
+    assert torch.equal(kept[0], images[0]) and torch.equal(kept[1], images[1])
+    assert len(made) == 3  # two kept, one going round for the other four batches

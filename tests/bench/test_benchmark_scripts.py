@@ -22,6 +22,7 @@ SCRIPTS = {
     "wire_throughput": ["results", "baselines_bytes_per_s"],
     "mnist_rate": ["results", "bare_grpc_messages_per_s"],
     "chunking": ["results"],
+    "same_host": ["results", "runs"],  # tf.data skipped without benchmarks/.venv-tf
     "fairness": ["aggregate_ratio", "fairness", "per_client"],
     "memory": ["results", "samples"],
     "compression_pays": ["results"],

@@ -1,0 +1,297 @@
+"""Issue 15's targets, side by side in one run: one trainer on the server's host, per shape.
+
+    python benchmarks/same_host.py [--shapes mnist,cifar,imagenet,big] [--duration 4] [--repeats 1]
+
+As root it runs itself inside a network namespace with only ``lo`` (``unshare
+-n``): tf.data service binds every interface. Per shape, one after another:
+
+- batchwire over shared memory (``RemoteDataset(transport="shm")``; skipped,
+  with a note, when the installed client has no ``transport`` argument),
+- batchwire over gRPC (``transport="grpc"``),
+- the bare grpcio stream of pre-built messages of batchwire's message size
+  (``min(batch, chunk_bytes)``): grpcio's own floor,
+- tf.data service (``tfdata_peer.py`` in its own venv, ``make bench-tf-venv``;
+  skipped with a note when that venv is missing): dispatcher + worker doing no
+  work, one consumer,
+- ``torch.utils.data.DataLoader(num_workers=2)`` over the same in-memory
+  tensors (``_datasets.Repeating``, the items the server's workers collate).
+
+batchwire's server has 2 workers and ``nowork`` datasets; each client is a
+process of its own, iterating ``RemoteDataset`` as a training loop does.
+Targets: shm >= 3 x tf.data and >= 1.0 x DataLoader on every shape, mnist
+over shm >= 4,000 batches/s, gRPC >= 0.8 x the bare stream.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import multiprocessing as mp
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import _harness as h
+from _shapes import batch_bytes
+
+INSIDE = "BATCHWIRE_BENCH_NETNS"
+CHUNK_BYTES = 4 << 20
+TF_PYTHON = h.HERE / ".venv-tf" / "bin" / "python"
+LENGTH = 1 << 20  # samples per epoch; a pass that ends starts the next epoch
+WAYS = ["shm", "grpc", "bare_grpc", "tfdata", "dataloader"]
+
+
+def _cpu_self() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _timed(batches: Any, warmup: float, duration: float, stop_after: int | None) -> dict:
+    """Counts what ``batches`` yields after ``warmup`` s, for ``duration`` s (or ``stop_after``)."""
+    started = time.perf_counter()
+    for _ in batches:
+        if time.perf_counter() - started >= warmup:
+            break
+    cpu, count, started = _cpu_self(), 0, time.perf_counter()
+    for _ in batches:
+        count += 1
+        if count == stop_after or (
+            stop_after is None and time.perf_counter() - started >= duration
+        ):
+            break
+    return {
+        "batches": count,
+        "seconds": time.perf_counter() - started,
+        "client_cpu_seconds": _cpu_self() - cpu,
+    }
+
+
+def _forever(iterable_factory: Any) -> Any:
+    while True:
+        yield from iterable_factory()
+
+
+def batchwire_client(
+    out: mp.Queue, target: str, shape: str, transport: str | None, timing: tuple
+) -> None:
+    """One trainer: iterates ``RemoteDataset`` (pass after pass) and reports its rate."""
+    from batchwire.client import RemoteDataset
+
+    options = {} if transport is None else {"transport": transport}
+    ds = RemoteDataset(target, shape, batch_size=h.SHAPES[shape][0], **options)
+    result = _timed(_forever(lambda: ds), *timing)
+    result["transport"] = getattr(ds, "transport", "grpc")
+    out.put(result)
+
+
+def dataloader_client(out: mp.Queue, shape: str, timing: tuple) -> None:
+    """The local baseline: DataLoader(num_workers=2) over the same pre-made items."""
+    import torch
+    from _datasets import Repeating
+
+    batch_size, image, dtype = h.SHAPES[shape]
+    loader = torch.utils.data.DataLoader(
+        Repeating(LENGTH, image, dtype), batch_size=batch_size, num_workers=2
+    )
+    out.put(_timed(_forever(lambda: loader), *timing))
+
+
+def _in_process(target: Any, *args: Any) -> dict:
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    process = ctx.Process(target=target, args=(out, *args))
+    process.start()
+    try:
+        return out.get(timeout=600)
+    finally:
+        process.join(30)
+        if process.is_alive():
+            process.kill()
+
+
+def _rates(result: dict, size: int) -> dict:
+    seconds = result["seconds"]
+    result["batches_per_s"] = result["batches"] / seconds
+    result["gb_per_s"] = result["batches"] * size / seconds / 1e9
+    return result
+
+
+def measure_batchwire(server: h.Server, shape: str, transport: str, timing: tuple) -> dict:
+    from batchwire.client import RemoteDataset
+
+    has_transport = "transport" in inspect.signature(RemoteDataset).parameters
+    if transport == "shm" and not has_transport:
+        return {"skipped": "the installed client has no transport argument (the shm branch)"}
+    before = server.cpu_seconds()
+    result = _in_process(
+        batchwire_client, server.target, shape, transport if has_transport else None, timing
+    )
+    after = server.cpu_seconds()
+    result = _rates(result, batch_bytes(shape))
+    gigabytes = max(result["gb_per_s"] * result["seconds"], 1e-9)
+    span = result["seconds"] + timing[0]  # the server worked through the warm-up too
+    result["cpu_seconds_per_gb"] = {
+        "server": (after["server"] - before["server"]) * result["seconds"] / span / gigabytes,
+        "workers": (after["workers"] - before["workers"]) * result["seconds"] / span / gigabytes,
+        "client": result["client_cpu_seconds"] / gigabytes,
+    }
+    return result
+
+
+def measure_bare(shape: str, timing: tuple) -> dict:
+    size = min(batch_bytes(shape), CHUNK_BYTES)
+    run = h.bare_grpc_run(size, timing[1], tuned=True, messages=timing[2])
+    gigabytes = run["messages"] * size / 1e9
+    return {
+        "message_bytes": size,
+        "messages_per_s": run["messages"] / run["seconds"],
+        "gb_per_s": run["bytes_per_s"] / 1e9,
+        "batches_per_s": run["bytes_per_s"] / batch_bytes(shape),
+        "cpu_seconds_per_gb": {
+            "server": run["server_cpu_seconds"] / gigabytes,
+            "client": run["client_cpu_seconds"] / gigabytes,
+        },
+    }
+
+
+def measure_tfdata(shape: str, timing: tuple) -> dict:
+    if not TF_PYTHON.exists():
+        return {"skipped": f"no {TF_PYTHON} (make bench-tf-venv)"}
+    if not os.environ.get(INSIDE):
+        return {
+            "skipped": "not root: no loopback-only namespace, and tf.data binds every interface"
+        }
+    warmup, duration, stop_after = timing
+    command = [str(TF_PYTHON), str(h.HERE / "tfdata_peer.py"), "--shape", shape]
+    command += ["--warmup", str(warmup), "--duration", str(duration)]
+    command += ["--batches", str(stop_after)] if stop_after else []
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=h.HERE)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode or not lines:
+        raise RuntimeError(f"tfdata_peer.py failed ({done.returncode}): {done.stderr[-2000:]}")
+    return json.loads(lines[-1])
+
+
+def inside(args: Any) -> None:
+    shapes = ["mnist"] if args.quick else args.shapes.split(",")
+    duration, warmup, repeats = h.timing(args)
+    timing = (warmup, duration, h.stop_after(args))
+    datasets = [
+        h.dataset_toml(name, h.SHAPES[name][1], h.SHAPES[name][2], source="python", length=LENGTH)
+        for name in shapes
+    ]
+    runs: dict[str, dict[str, list[dict]]] = {name: {way: [] for way in WAYS} for name in shapes}
+    config = h.server_toml(datasets, chunk_bytes=CHUNK_BYTES)
+    with h.Server(config, workers=2) as server:
+        for _ in range(repeats):
+            for name in shapes:
+                got = runs[name]
+                got["shm"].append(measure_batchwire(server, name, "shm", timing))
+                got["grpc"].append(measure_batchwire(server, name, "grpc", timing))
+                got["bare_grpc"].append(measure_bare(name, timing))
+                got["tfdata"].append(measure_tfdata(name, timing))
+                got["dataloader"].append(
+                    _rates(_in_process(dataloader_client, name, timing), batch_bytes(name))
+                )
+                print(f"{name}: " + ", ".join(_brief(w, got[w][-1]) for w in WAYS), flush=True)
+    results = {name: _summary(runs[name]) for name in shapes}
+    _print(results)
+    h.write_json(
+        "same_host",
+        args,
+        {
+            "duration_s": duration,
+            "repeats": repeats,
+            "chunk_bytes": CHUNK_BYTES,
+            "results": results,
+            "runs": runs,
+            "targets": {
+                "shm_over_tfdata": ">= 3 on every shape",
+                "shm_over_dataloader": ">= 1.0 on every shape",
+                "mnist_shm_batches_per_s": ">= 4000",
+                "grpc_over_bare_grpc": ">= 0.8 on every shape",
+            },
+        },
+    )
+
+
+def _brief(way: str, result: dict) -> str:
+    if "skipped" in result:
+        return f"{way} skipped"
+    return f"{way} {result['gb_per_s']:.2f} GB/s ({result['batches_per_s']:,.0f}/s)"
+
+
+def _summary(runs: dict[str, list[dict]]) -> dict:
+    """Median rate of each way, and the target ratios."""
+    median: dict[str, Any] = {}
+    for way, results in runs.items():
+        done = [r for r in results if "skipped" not in r]
+        if not done:
+            median[way] = {"skipped": results[0]["skipped"] if results else "not run"}
+            continue
+        best = h.best(done, "gb_per_s")
+        median[way] = {
+            "gb_per_s": statistics.median(r["gb_per_s"] for r in done),
+            "batches_per_s": statistics.median(r["batches_per_s"] for r in done),
+            "cpu_seconds_per_gb": best.get("cpu_seconds_per_gb"),
+        }
+
+    def ratio(a: str, b: str) -> float | None:
+        if "gb_per_s" not in median[a] or "gb_per_s" not in median[b]:
+            return None
+        return median[a]["gb_per_s"] / median[b]["gb_per_s"]
+
+    median["ratios"] = {
+        "shm_over_tfdata": ratio("shm", "tfdata"),
+        "shm_over_dataloader": ratio("shm", "dataloader"),
+        "grpc_over_bare_grpc": ratio("grpc", "bare_grpc"),
+        "grpc_over_tfdata": ratio("grpc", "tfdata"),
+    }
+    return median
+
+
+def _print(results: dict) -> None:
+    def rate(result: dict) -> str | None:
+        if "gb_per_s" not in result:
+            return None
+        return f"{result['gb_per_s']:.2f} ({result['batches_per_s']:,.0f}/s)"
+
+    rows = []
+    for name, result in results.items():
+        ratios = result["ratios"]
+        rows.append(
+            [name, *(rate(result[way]) for way in WAYS)]
+            + [ratios[key] for key in ("shm_over_tfdata", "shm_over_dataloader")]
+            + [ratios["grpc_over_bare_grpc"]]
+        )
+    print(
+        h.table(
+            "same host, GB/s (batches/s), median",
+            [*["shape"], *WAYS, "shm/tf.data", "shm/DataLoader", "grpc/bare"],
+            rows,
+        )
+    )
+
+
+def main() -> None:
+    parser = h.arguments(__doc__.splitlines()[0], duration=4.0, warmup=1.5)
+    parser.add_argument("--shapes", default="mnist,cifar,imagenet,big")
+    args = parser.parse_args()
+    if os.environ.get(INSIDE) or os.geteuid() != 0:
+        inside(args)
+        return
+    env = {**os.environ, INSIDE: "1"}
+    command = " ".join([sys.executable, *map(str, [Path(__file__).resolve(), *sys.argv[1:]])])
+    done = subprocess.run(
+        ["unshare", "-n", "--", "sh", "-c", f"ip link set lo up && exec {command}"], env=env
+    )
+    sys.exit(done.returncode)
+
+
+if __name__ == "__main__":
+    main()
