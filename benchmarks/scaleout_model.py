@@ -2,8 +2,8 @@
 
     python benchmarks/scaleout_model.py [--duration 8] [--repeats 1] [--quick]
 
-Two pipelines: ``jpeg`` (build-bound: 512 px JPEG decode, resize 256, random
-crop 224, flip, ToTensor; batch 16) and ``imagenet`` (byte-bound: pre-made
+Two pipelines: ``jpeg`` (build-bound: 512 px JPEG decode, resize 128, random
+crop 112, flip, ToTensor; batch 32, 4.8 MB) and ``imagenet`` (byte-bound: pre-made
 64x3x224x224 uint8 items, 9.6 MB batches whose worker only collates).
 
 1. **Calibrate** (per pipeline): one real ``batchwire serve`` with one worker
@@ -32,7 +32,8 @@ import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,24 +48,17 @@ JPEG = """
 source = "image_folder"
 root = "{root}"
 transforms.image = [
-  {{ name = "Resize", size = 256 }},
+  {{ name = "Resize", size = 128 }},
   {{ name = "RandomCrop", size = {crop} }},
   {{ name = "RandomHorizontalFlip", p = 0.5 }},
   "ToTensor",
 ]
 """
-PIPELINES = {"jpeg": 16, "imagenet": 64}  # name -> batch size
+PIPELINES = {"jpeg": 32, "imagenet": 64}  # name -> batch size
 TRAINERS = 3
-PREFETCH = 4  # the server's default prefetch_batches
+PREFETCH = 4  # the server's default prefetch_batches (the model's)
 VALIDATE = [(1, 1), (2, 1), (3, 1), (1, 3)]  # (replicas, workers per replica)
 PROJECT = [1, 2, 4, 8, 16, 32, 64]
-
-
-def machine_busy_seconds() -> float:
-    """CPU seconds all processes of this machine have used (every core; /proc/stat)."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 class Replicas(contextlib.ExitStack):
@@ -77,56 +71,91 @@ class Replicas(contextlib.ExitStack):
     def __enter__(self) -> Replicas:
         super().__enter__()
         for server in self.servers:
-            self.enter_context(server)
+            self.callback(server.__exit__)
+        with ThreadPoolExecutor(len(self.servers)) as starting:  # start-up is mostly waiting
+            list(starting.map(lambda server: server.__enter__(), self.servers))
         return self
 
-    def cpu(self) -> dict[str, float]:
-        spent = [s.cpu_seconds() for s in self.servers]
-        return {key: sum(s[key] for s in spent) for key in ("server", "workers")}
+
+def cpu_of(servers: list[h.Server]) -> dict[str, float]:
+    spent = [s.cpu_seconds() for s in servers]
+    return {key: sum(s[key] for s in spent) for key in ("server", "workers")}
+
+
+@dataclass
+class Snapshot:
+    """CPU seconds so far: the replicas' gRPC processes, their workers, the trainers, the machine."""
+
+    server: float
+    workers: float
+    trainers: float
+    machine: float
+    at: float
+
+    def __sub__(self, other: Snapshot) -> Snapshot:
+        return Snapshot(
+            *(getattr(self, f) - getattr(other, f) for f in Snapshot.__dataclass_fields__)
+        )
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all processes of this machine have used (every core; /proc/stat)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def spread_run(
+    fleet: list[h.Server],
     targets: list[str],
     dataset: str,
     batch_size: int,
     *,
     duration: float,
     warmup: float,
-    batches: int | None,
-    snapshot: Callable[[], Any],
-) -> dict[str, Any]:
-    """``batchwire bench``'s clients, client i streaming from ``targets[i]``; the raw records.
+) -> tuple[list[dict[str, Any]], Snapshot]:
+    """``batchwire bench``'s clients, client i streaming from ``targets[i]``.
 
     The load test's own client body (``bench._client_main``) in spawned processes
     with a common start, so runs here measure what ``batchwire bench`` measures.
-    ``snapshot()`` is taken at the start and once every client is done (the
-    clients' own start-up, importing torch, falls outside).
+    Returns the clients' arrival records and the CPU spent in the measured window
+    (after ``warmup``, ``duration`` seconds long) by each side and by the machine.
     """
-    configs = [
-        load_test.BenchConfig(
-            t, dataset, batch_size, duration=duration, warmup=warmup, batches=batches
-        )
-        for t in targets
-    ]
+    config = load_test.BenchConfig(
+        targets[0], dataset, batch_size, duration=duration, warmup=warmup
+    )
     ctx = mp.get_context("spawn")
     counters = ctx.Array("d", 2 * len(targets), lock=False)
     start_at, go, results = ctx.Value("d", 0.0, lock=False), ctx.Event(), ctx.Queue()
     processes = [
         ctx.Process(
-            target=load_test._client_main, args=(c, i, counters, start_at, go, results), daemon=True
+            target=load_test._client_main,
+            args=(replace(config, target=t), i, counters, start_at, go, results),
+            daemon=True,
         )
-        for i, c in enumerate(configs)
+        for i, t in enumerate(targets)
     ]
     for p in processes:
         p.start()
+
+    def snapshot() -> Snapshot:
+        cpu = cpu_of(fleet)
+        trainers = sum(h._cpu(p.pid) for p in processes)
+        return Snapshot(
+            cpu["server"], cpu["workers"], trainers, machine_busy_seconds(), time.monotonic()
+        )
+
     records: dict[int, dict[str, Any]] = {}
     try:
         load_test._await_ready(results, processes)
         start = time.monotonic() + 0.3
         start_at.value = start
         go.set()
-        report_snapshots = [snapshot()]
-        deadline = start + warmup + duration + 600
+        time.sleep(max(0.0, start + warmup - time.monotonic()))
+        opened = snapshot()
+        time.sleep(max(0.0, start + warmup + duration - time.monotonic()))
+        window = snapshot() - opened
+        deadline = time.monotonic() + 600
         while len(records) < len(targets):
             load_test._collect(results, records, timeout=0.5)
             dead = [i for i, p in enumerate(processes) if i not in records and not p.is_alive()]
@@ -134,7 +163,6 @@ def spread_run(
                 dead and not load_test._collect(results, records, 1.0)
             ):
                 raise RuntimeError(f"clients did not finish: {len(records)} of {len(targets)} did")
-        report_snapshots.append(snapshot())
     finally:
         for p in processes:
             p.join(timeout=5)
@@ -144,73 +172,53 @@ def spread_run(
     errors = [s["error"] for r in ordered for s in r["streams"] if s["error"]]
     if errors:
         raise RuntimeError(f"streams failed: {errors[:3]}")
-    report = load_test.summarize(configs[0], _info(targets[0], dataset), 0, start, ordered)
-    report["records"] = ordered
-    report["snapshots"] = report_snapshots
-    return report
-
-
-def _info(target: str, dataset: str):
-    from batchwire.client._channel import BatchClient
-
-    return BatchClient(target).describe(dataset)
+    # Arrivals inside the window, as `batchwire bench` counts them.
+    opens, closes = start + warmup, start + warmup + duration
+    for record in ordered:
+        for stream in record["streams"]:
+            inside = [i for i, t in enumerate(stream["times"]) if opens <= t < closes]
+            stream["window_batches"] = len(inside)
+            stream["window_bytes"] = sum(stream["raw_bytes"][i] for i in inside)
+    return ordered, window
 
 
 def measure(
-    config_text: str,
-    dataset: str,
-    batch_size: int,
-    replicas: int,
-    workers: int,
-    trainers: int,
-    args,
+    fleet: list[h.Server], workers: int, dataset: str, batch_size: int, trainers: int, args
 ) -> dict[str, Any]:
-    """One real run; CPU per batch of each side and the cores others used meanwhile."""
+    """One real run: throughput, CPU per batch of each side, and the cores others used meanwhile."""
     duration, warmup, _ = h.timing(args)
-    with Replicas(config_text, replicas, workers) as fleet:
-        targets = [fleet.servers[i % replicas].target for i in range(trainers)]
-
-        def snapshot() -> tuple[dict[str, float], float, float]:
-            return fleet.cpu(), machine_busy_seconds(), time.monotonic()
-
-        report = spread_run(
-            targets,
-            dataset,
-            batch_size,
-            duration=duration,
-            warmup=warmup,
-            batches=h.stop_after(args),
-            snapshot=snapshot,
-        )
-    (ours_before, busy_before, wall_before), (ours_after, busy_after, wall_after) = report.pop(
-        "snapshots"
-    )
-    wall = wall_after - wall_before
-    batches = sum(len(s["times"]) for r in report["records"] for s in r["streams"])
-    raw = sum(sum(s["raw_bytes"]) for r in report["records"] for s in r["streams"])
-    clients = sum(r["cpu_seconds"] for r in report["records"])
-    server = ours_after["server"] - ours_before["server"]
-    built = ours_after["workers"] - ours_before["workers"]
-    # Ours: the replicas' trees and the trainers; the rest of the machine's busy time
-    # in the same span is other tenants' (this script's own parent is mostly asleep).
-    others = max(0.0, (busy_after - busy_before) - server - built - clients)
+    replicas = len(fleet)
+    targets = [fleet[i % replicas].target for i in range(trainers)]  # the spread
+    records, cpu = spread_run(fleet, targets, dataset, batch_size, duration=duration, warmup=warmup)
+    streams = [s for r in records for s in r["streams"]]
+    batches = max(1, sum(s["window_batches"] for s in streams))
+    raw = sum(s["window_bytes"] for s in streams)
+    # The rest of the machine's busy time in the window is other tenants' (this
+    # script's own process sleeps through it).
+    others = max(0.0, cpu.machine - cpu.server - cpu.workers - cpu.trainers)
     return {
         "replicas": replicas,
         "workers": workers,
         "trainers": trainers,
-        "mb_per_s": report["mb_per_s"],
-        "batches_per_s": report["batches_per_s"],
-        "batches_total": batches,
-        "batch_bytes": raw // max(batches, 1),
-        # A stream's server builds up to PREFETCH batches it never sends once the
-        # trainer stops reading: the workers' CPU went to those too.
+        "mb_per_s": raw / cpu.at / 1e6,
+        "batches_per_s": batches / cpu.at,
+        "batches": batches,
+        "batch_bytes": raw // batches,
+        "per_replica_batches": [
+            sum(
+                r["streams"][0]["window_batches"]
+                for j, r in enumerate(records)
+                if j % replicas == i
+            )
+            for i in range(replicas)
+        ],
         "cpu_per_batch": {
-            "build": built / (batches + PREFETCH * trainers),
-            "serve": server / batches,
-            "receive": clients / batches,
+            "build": cpu.workers / batches,
+            "serve": cpu.server / batches,
+            "receive": cpu.trainers / batches,
         },
-        "others_cores": others / wall,
-        "wall_seconds": wall,
+        "others_cores": others / cpu.at,
+        "window_seconds": cpu.at,
     }
 
 
@@ -261,43 +269,43 @@ def main() -> None:
     _, _, repeats = h.timing(args)
     folder = Path(tempfile.mkdtemp(prefix="batchwire-scaleout-"))
     try:
-        count, size, crop = (48, 64, 56) if args.quick else (256, 512, 224)
+        count, size, crop = (48, 64, 56) if args.quick else (256, 512, 112)
         make_images(folder / "images", count, size)
         configs = {
-            "jpeg": h.server_toml([JPEG.format(root=folder / "images", crop=crop)]),
-            "imagenet": h.server_toml(
-                [
-                    h.dataset_toml(
-                        "imagenet", *h.SHAPES["imagenet"][1:], source="python", length=1 << 20
-                    )
-                ]
+            "jpeg": JPEG.format(root=folder / "images", crop=crop),
+            "imagenet": h.dataset_toml(
+                "imagenet", *h.SHAPES["imagenet"][1:], source="python", length=1 << 20
             ),
         }
+        config = h.server_toml(list(configs.values()))
+        sizes = {n: min(b, 8) if args.quick else b for n, b in PIPELINES.items()}
         results: dict[str, Any] = {}
-        for name, batch_size in PIPELINES.items():
-            batch_size = min(batch_size, 8) if args.quick else batch_size
-            runs: dict[str, list[dict[str, Any]]] = {}
-            calibration = [
-                measure(configs[name], name, batch_size, 1, 1, 1, args) for _ in range(repeats)
-            ]
-            costs = calibrate(h.best(calibration))
+        # Servers for every topology, started once: idle ones cost (almost) nothing.
+        with Replicas(config, 3, 1) as singles, Replicas(config, 1, 3) as triple:
+            for name, batch_size in sizes.items():
+                calibration = [
+                    measure(singles.servers[:1], 1, name, batch_size, 1, args)
+                    for _ in range(repeats)
+                ]
+                costs = calibrate(h.best(calibration))
+                results[name] = {
+                    "batch_size": batch_size,
+                    "calibration": calibration,
+                    "costs": costs.__dict__,
+                    "validation": {},
+                    "projection": project(costs, args.replica_cores, args.nic_gbit, 2),
+                }
             for _ in range(repeats):  # interleaved, so drift hits every topology alike
-                for replicas, workers in VALIDATE:
-                    run = measure(
-                        configs[name], name, batch_size, replicas, workers, TRAINERS, args
-                    )
-                    run["model"] = model_of(costs, run)
-                    runs.setdefault(f"{replicas}x{workers}", []).append(run)
-                    print(_line(name, run), flush=True)
-            results[name] = {
-                "batch_size": batch_size,
-                "calibration": calibration,
-                "costs": costs.__dict__,
-                "validation": runs,
-                "projection": project(
-                    costs, args.replica_cores, args.nic_gbit, trainers_per_replica=2
-                ),
-            }
+                for name, batch_size in sizes.items():
+                    costs = Costs(**results[name]["costs"])
+                    for replicas, workers in VALIDATE:
+                        fleet = singles.servers[:replicas] if workers == 1 else triple.servers
+                        run = measure(fleet, workers, name, batch_size, TRAINERS, args)
+                        run["model"] = model_of(costs, run)
+                        results[name]["validation"].setdefault(f"{replicas}x{workers}", []).append(
+                            run
+                        )
+                        print(_line(name, run), flush=True)
         print()
         print(report(results))
         h.write_json("scaleout_model", args, {"pipelines": results, "trainers": TRAINERS})
