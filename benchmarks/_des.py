@@ -10,13 +10,16 @@ process lives on:
     receive the trainer's process, 1 slot         (``Costs.receive``: receive + decode)
 
 A stream keeps ``prefetch`` batches built or building ahead of what it has
-sent (the server's ``prefetch_batches``), and at most one batch sent but not
-yet received (HTTP/2 flow control: its window is smaller than these batches).
-Every process of one machine draws on that machine's cores; a machine whose
-cores are partly taken by others (other tenants of a shared host) runs each
-task slower by ``cores / available``. Slots and cores are handed out in
-arrival order, which for many short tasks gives the same throughput as the
-kernel's time sharing.
+sent (the server's ``prefetch_batches``), and at most ``window`` batches sent
+but not yet received (HTTP/2 flow control): 2 lets the server send one batch
+while the trainer decodes the one before, which is what one stream here does
+(benchmarks/RESULTS.md section 1: one stream keeps both cores busy).
+Every process of one machine draws on that machine's cores, shared as the
+kernel's scheduler shares them: n running tasks on c cores each progress at
+min(1, c / n) of a core (processor sharing), so a short send is never stuck
+behind a long build. A machine whose cores are partly taken by others (other
+tenants of a shared host) runs everything slower by ``cores / available``.
+Process slots are handed out in arrival order.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ class Topology:
     trainers: int
     streams: int = 1  # per trainer
     prefetch: int = 4
+    window: int = 2  # batches in flight between a stream's server and its trainer
     shared: Machine | None = None  # everything on this one machine (the validation here)
     replica_machine: Machine = Machine(cores=2)  # else: one machine per replica ...
     trainer_machine: Machine = Machine(cores=8)  # ... and one per trainer
@@ -99,10 +103,52 @@ class _Pool:
             self.free += 1
 
 
-class _Host:
-    def __init__(self, machine: Machine) -> None:
-        self.cores = _Pool(machine.cores)
+class _Cores:
+    """A machine's cores, shared equally by the tasks running on it (processor sharing)."""
+
+    def __init__(self, sim: _Sim, machine: Machine) -> None:
+        self.sim = sim
+        self.cores = machine.cores
         self.slowdown = machine.slowdown
+        self.running: list[list] = []  # [CPU seconds left, then]
+        self.since = 0.0
+        self.version = 0
+
+    def _speed(self) -> float:
+        return min(1.0, self.cores / len(self.running)) / self.slowdown if self.running else 0.0
+
+    def _advance(self) -> None:
+        done = (self.sim.now - self.since) * self._speed()
+        for task in self.running:
+            task[0] -= done
+        self.since = self.sim.now
+
+    def _schedule(self) -> None:
+        self.version += 1
+        if self.running:
+            version = self.version
+            left = min(task[0] for task in self.running)
+            self.sim.at(max(0.0, left) / self._speed(), lambda: self._finish(version))
+
+    def run(self, seconds: float, then: Callable[[], None]) -> None:
+        self._advance()
+        self.running.append([seconds, then])
+        self._schedule()
+
+    def _finish(self, version: int) -> None:
+        if version != self.version:
+            return  # the set of running tasks changed since: a later event decides
+        self._advance()
+        finished = [task for task in self.running if task[0] <= 1e-12]
+        self.running = [task for task in self.running if task[0] > 1e-12]
+        self._schedule()
+        for task in finished:
+            task[1]()
+
+
+class _Host:
+    def __init__(self, sim: _Sim, machine: Machine) -> None:
+        self.cores = _Cores(sim, machine)
         self.nic = _Pool(1) if machine.nic_bytes_per_s else None
         self.nic_rate = machine.nic_bytes_per_s or 0.0
 
@@ -114,12 +160,12 @@ class _Model:
         self.top = topology
         self.warmup = warmup
         self.received = 0
-        shared = _Host(topology.shared) if topology.shared else None
+        shared = _Host(self.sim, topology.shared) if topology.shared else None
         self.replica_hosts = [
-            shared or _Host(topology.replica_machine) for _ in range(topology.replicas)
+            shared or _Host(self.sim, topology.replica_machine) for _ in range(topology.replicas)
         ]
         self.trainer_hosts = [
-            shared or _Host(topology.trainer_machine) for _ in range(topology.trainers)
+            shared or _Host(self.sim, topology.trainer_machine) for _ in range(topology.trainers)
         ]
         self.workers = [_Pool(topology.workers) for _ in range(topology.replicas)]
         self.servers = [_Pool(1) for _ in range(topology.replicas)]
@@ -127,23 +173,18 @@ class _Model:
         self.served = [0] * topology.replicas
 
     def _task(self, slots: _Pool, host: _Host, seconds: float, then: Callable[[], None]) -> None:
-        """Holds a slot of ``slots`` and a core of ``host`` for ``seconds`` of CPU."""
+        """Holds a slot of ``slots`` while running ``seconds`` of CPU on ``host``'s cores."""
 
-        def with_slot() -> None:
-            def with_core() -> None:
-                def done() -> None:
-                    host.cores.release()
-                    slots.release()
-                    then()
+        def done() -> None:
+            slots.release()
+            then()
 
-                self.sim.at(seconds * host.slowdown, done)
-
-            host.cores.acquire(with_core)
-
-        slots.acquire(with_slot)
+        slots.acquire(lambda: host.cores.run(seconds, done))
 
     def _stream(self, trainer: int, replica: int) -> None:
-        state = {"ahead": 0, "built": 0, "in_flight": 0}
+        # ahead: built or building, not yet sent; in_flight: sent (or sending), not received
+        state = {"ahead": 0, "built": 0, "in_flight": 0, "sending": False}
+        window = self.top.window
         r_host, t_host = self.replica_hosts[replica], self.trainer_hosts[trainer]
         c = self.costs
 
@@ -157,12 +198,14 @@ class _Model:
             send()
 
         def send() -> None:
-            if state["built"] and not state["in_flight"]:
+            if state["built"] and state["in_flight"] < window and not state["sending"]:
                 state["built"] -= 1
-                state["in_flight"] = 1
+                state["in_flight"] += 1
+                state["sending"] = True
                 self._task(self.servers[replica], r_host, c.serve, sent)
 
         def sent() -> None:
+            state["sending"] = False
             state["ahead"] -= 1
             self.served[replica] += 1
             fill()
@@ -175,6 +218,7 @@ class _Model:
                 )
             else:
                 wired()
+            send()  # the next one, if the window allows
 
         def wired() -> None:
             self._task(self.clients[trainer], t_host, c.receive, received)
@@ -182,7 +226,7 @@ class _Model:
         def received() -> None:
             if self.sim.now >= self.warmup:
                 self.received += 1
-            state["in_flight"] = 0
+            state["in_flight"] -= 1
             send()
 
         fill()

@@ -25,7 +25,9 @@ workers (imagenet MB/s, the cost of spreading), from step 2.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import json
 import multiprocessing as mp
 import os
 import shutil
@@ -246,18 +248,38 @@ def model_of(costs: Costs, run: dict[str, Any]) -> dict[str, Any]:
 
 
 def project(
-    costs: Costs, replica_cores: int, nic_gbit: float, trainers_per_replica: int
+    costs: Costs, replica_cores: int, nic_gbit: float, trainers_per_replica: int, fleet: int
 ) -> list[dict[str, Any]]:
-    rows = []
-    for replicas in PROJECT:
+    """Throughput against the replica count, each replica a machine of its own.
+
+    Two trainer fleets, each trainer on a machine of its own with one stream: one
+    growing with the replicas (``trainers_per_replica``: the replicas bind), and
+    a fixed one of ``fleet`` trainers (the trainers bind, once enough replicas run).
+    """
+
+    def run(replicas: int, trainers: int) -> dict[str, Any]:
         topology = Topology(
             replicas=replicas,
             workers=replica_cores,  # the server's default: one worker per core
-            trainers=trainers_per_replica * replicas,
+            trainers=trainers,
+            prefetch=PREFETCH,
             replica_machine=Machine(cores=replica_cores, nic_bytes_per_s=nic_gbit * 1e9 / 8),
             trainer_machine=Machine(cores=8),
         )
-        rows.append({"replicas": replicas, **predict(costs, topology, duration=10.0, warmup=2.0)})
+        return predict(costs, topology, duration=10.0, warmup=2.0)
+
+    rows = []
+    for replicas in PROJECT:
+        growing = run(replicas, trainers_per_replica * replicas)
+        fixed = run(replicas, fleet)
+        rows.append(
+            {
+                "replicas": replicas,
+                "batches_per_s": growing["batches_per_s"],
+                "mb_per_s": growing["mb_per_s"],
+                "fixed_fleet_mb_per_s": fixed["mb_per_s"],
+            }
+        )
     return rows
 
 
@@ -265,7 +287,38 @@ def main() -> None:
     parser = h.arguments(__doc__.splitlines()[0], duration=8.0, repeats=1)
     parser.add_argument("--replica-cores", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--nic-gbit", type=float, default=25.0)
+    parser.add_argument("--trainers-per-replica", type=int, default=4, help="projection")
+    parser.add_argument("--fleet", type=int, default=64, help="projection: a fixed trainer fleet")
+    parser.add_argument(
+        "--from-json", type=Path, help="no measuring: the model again on a run's JSON"
+    )
     args = parser.parse_args()
+    measured_on = {}
+    if args.from_json:
+        recorded = json.loads(args.from_json.read_text())
+        results, measured_on = recorded["pipelines"], {"measured_on": recorded["machine"]}
+    else:
+        results = measure_all(args)
+    for result in results.values():
+        costs = calibrate(h.best(result["calibration"]))
+        result["costs"] = costs.__dict__
+        for runs in result["validation"].values():
+            for run in runs:
+                run["model"] = model_of(costs, run)
+        result["projection"] = project(
+            costs, args.replica_cores, args.nic_gbit, args.trainers_per_replica, args.fleet
+        )
+    print(report(results))
+    setup = {
+        k: getattr(args, k) for k in ("replica_cores", "nic_gbit", "trainers_per_replica", "fleet")
+    }
+    h.write_json(
+        "scaleout_model", args, {"pipelines": results, "trainers": TRAINERS, **setup, **measured_on}
+    )
+
+
+def measure_all(args: argparse.Namespace) -> dict[str, Any]:
+    """Calibration and validation runs of both pipelines: {name: {calibration, validation}}."""
     _, _, repeats = h.timing(args)
     folder = Path(tempfile.mkdtemp(prefix="batchwire-scaleout-"))
     try:
@@ -279,46 +332,29 @@ def main() -> None:
         }
         config = h.server_toml(list(configs.values()))
         sizes = {n: min(b, 8) if args.quick else b for n, b in PIPELINES.items()}
-        results: dict[str, Any] = {}
+        results: dict[str, Any] = {
+            n: {"batch_size": b, "calibration": [], "validation": {}} for n, b in sizes.items()
+        }
         # Servers for every topology, started once: idle ones cost (almost) nothing.
         with Replicas(config, 3, 1) as singles, Replicas(config, 1, 3) as triple:
             for name, batch_size in sizes.items():
-                calibration = [
-                    measure(singles.servers[:1], 1, name, batch_size, 1, args)
-                    for _ in range(repeats)
-                ]
-                costs = calibrate(h.best(calibration))
-                results[name] = {
-                    "batch_size": batch_size,
-                    "calibration": calibration,
-                    "costs": costs.__dict__,
-                    "validation": {},
-                    "projection": project(costs, args.replica_cores, args.nic_gbit, 2),
-                }
+                for _ in range(repeats):
+                    run = measure(singles.servers[:1], 1, name, batch_size, 1, args)
+                    results[name]["calibration"].append(run)
             for _ in range(repeats):  # interleaved, so drift hits every topology alike
                 for name, batch_size in sizes.items():
-                    costs = Costs(**results[name]["costs"])
                     for replicas, workers in VALIDATE:
                         fleet = singles.servers[:replicas] if workers == 1 else triple.servers
                         run = measure(fleet, workers, name, batch_size, TRAINERS, args)
-                        run["model"] = model_of(costs, run)
                         results[name]["validation"].setdefault(f"{replicas}x{workers}", []).append(
                             run
                         )
-                        print(_line(name, run), flush=True)
-        print()
-        print(report(results))
-        h.write_json("scaleout_model", args, {"pipelines": results, "trainers": TRAINERS})
+                        print(
+                            f"{name} {replicas}x{workers}: {run['mb_per_s']:.0f} MB/s", flush=True
+                        )
+        return results
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-
-
-def _line(name: str, run: dict[str, Any]) -> str:
-    m = run["model"]
-    return (
-        f"{name} {run['replicas']}x{run['workers']}: measured {run['mb_per_s']:.0f} MB/s, "
-        f"model {m['mb_per_s']:.0f} MB/s ({m['available_cores']:.2f} cores free of others)"
-    )
 
 
 def report(results: dict[str, Any]) -> str:
@@ -326,27 +362,40 @@ def report(results: dict[str, Any]) -> str:
     for name, result in results.items():
         c = result["costs"]
         out.append(
-            f"{name}: batch {result['batch_size']}, {c['batch_bytes'] / 1e6:.1f} MB; CPU ms per batch: "
-            f"build {c['build'] * 1e3:.1f}, serve {c['serve'] * 1e3:.1f}, receive {c['receive'] * 1e3:.1f} "
-            f"(serve {c['serve'] / c['batch_bytes'] * 1e9:.2f} ns/byte)"
+            f"{name}: batch {result['batch_size']}, {c['batch_bytes'] / 1e6:.2f} MB; CPU ms per batch: "
+            f"build {c['build'] * 1e3:.1f}, serve {c['serve'] * 1e3:.1f} "
+            f"({c['serve'] / c['batch_bytes'] * 1e9:.2f} ns/byte), receive {c['receive'] * 1e3:.1f}"
         )
         rows = []
         for key, runs in result["validation"].items():
             measured = statistics.median(r["mb_per_s"] for r in runs)
             modelled = statistics.median(r["model"]["mb_per_s"] for r in runs)
+            errors = [(r["model"]["mb_per_s"] - r["mb_per_s"]) / r["mb_per_s"] for r in runs]
             free = statistics.median(r["model"]["available_cores"] for r in runs)
-            rows.append([key, measured, modelled, f"{(modelled - measured) / measured:+.0%}", free])
-        out.append(
-            h.table(
-                "validation (3 trainers, this machine)",
-                ["R x W", "measured MB/s", "model MB/s", "error", "free cores"],
-                rows,
+            every = " ".join(f"{r['mb_per_s']:.0f}/{r['model']['mb_per_s']:.0f}" for r in runs)
+            rows.append(
+                [key, measured, modelled, " ".join(f"{e:+.0%}" for e in errors), free, every]
             )
-        )
-        rows = [[p["replicas"], p["batches_per_s"], p["mb_per_s"]] for p in result["projection"]]
-        out.append(
-            h.table("projection (one machine per replica)", ["replicas", "batches/s", "MB/s"], rows)
-        )
+        columns = ["R x W", "measured MB/s", "model MB/s", "error", "free cores", "each run"]
+        out.append(h.table(f"validation ({TRAINERS} trainers, this machine)", columns, rows))
+        spread, pooled = result["validation"].get("3x1"), result["validation"].get("1x3")
+        if spread and pooled:
+            ratio = statistics.median(r["mb_per_s"] for r in spread) / statistics.median(
+                r["mb_per_s"] for r in pooled
+            )
+            out.append(f"3 replicas x 1 worker / 1 server x 3 workers: {ratio:.2f} x the MB/s")
+        rows = [
+            [
+                p["replicas"],
+                p["batches_per_s"],
+                p["mb_per_s"],
+                p["mb_per_s"] / p["replicas"],
+                p["fixed_fleet_mb_per_s"],
+            ]
+            for p in result["projection"]
+        ]
+        columns = ["replicas", "batches/s", "MB/s", "MB/s per replica", "MB/s, fixed fleet"]
+        out.append(h.table("projection (one machine per replica)", columns, rows))
         out.append("")
     return "\n".join(out)
 

@@ -160,7 +160,9 @@ def test_the_server_container(objects: dict[str, dict]) -> None:
     volumes = {v["name"]: v for v in spec["volumes"]}
     config_dir, config_file = os.path.split(args.config)
     assert mounts[config_dir]["readOnly"] is True
-    assert volumes[mounts[config_dir]["name"]]["configMap"]["name"] == config_map["metadata"]["name"]
+    assert (
+        volumes[mounts[config_dir]["name"]]["configMap"]["name"] == config_map["metadata"]["name"]
+    )
     assert config_file in config_map["data"]
     # Workers hand batches over in /dev/shm: a memory-backed emptyDir, not 64 MB.
     assert volumes[mounts["/dev/shm"]["name"]]["emptyDir"]["medium"] == "Memory"
@@ -229,9 +231,10 @@ class Local:
         if self.everyone and value == self.everyone:
             port = self.everyone.rsplit(":", 1)[1]
             return "ipv4:" + ",".join(f"127.0.0.1:{r.ports[port]}" for r in replicas)
+        if value in self.ports:  # --port 50051
+            return self.ports[value]
         value = value.replace("0.0.0.0", "127.0.0.1").replace("localhost:", "127.0.0.1:")
-        for port, local in self.ports.items():
-            value = re.sub(rf"(?<=:){port}\b", local, value)
+        value = re.sub(r"(?<=:)(\d+)\b", lambda port: self.ports.get(port[1], port[1]), value)
         for mounted, folder in self.mounts.items():
             if value.startswith(mounted + "/"):
                 value = str(folder) + value[len(mounted) :]
@@ -247,7 +250,12 @@ class Local:
 
 @contextmanager
 def replicas_running(
-    count: int, command: list[str], env: dict[str, str], probe: list[str], locals_: list[Local], logs: Path
+    count: int,
+    command: list[str],
+    env: dict[str, str],
+    probe: list[str],
+    locals_: list[Local],
+    logs: Path,
 ) -> Iterator[list[subprocess.Popen]]:
     """``count`` replicas of one server command, each healthy by its own probe."""
     with ExitStack() as stack:
@@ -291,9 +299,7 @@ def client_balances() -> bool:
 
 
 def check_every_replica_served(logs: Path, count: int) -> None:
-    served = [
-        "stream start" in (logs / f"replica{i}.log").read_text() for i in range(count)
-    ]
+    served = ["stream start" in (logs / f"replica{i}.log").read_text() for i in range(count)]
     if not client_balances():
         assert served[0]
         pytest.skip(f"the client does not balance over replicas yet (issue 13.1); served: {served}")
@@ -316,8 +322,9 @@ def test_the_deployment_and_the_trainer_job_run_as_local_processes(
     env = {e["name"]: e["value"] for e in server.get("env", [])}
     probe = server["readinessProbe"]["exec"]["command"]
     with replicas_running(count, server["command"], env, probe, locals_, tmp_path):
-        for local in locals_:  # liveness: the same check, passing
-            assert subprocess.run(local.command(server["livenessProbe"]["exec"]["command"])).returncode == 0
+        liveness = server["livenessProbe"]["exec"]["command"]
+        for local in locals_:  # the same check, passing
+            assert subprocess.run(local.command(liveness), capture_output=True).returncode == 0
         pod = Local([], {}, everyone=dns)
         trainer_env = {e["name"]: e["value"] for e in trainer["env"]}
         result = subprocess.run(
@@ -367,7 +374,7 @@ print(service.specifies_host_port(), service.custom_container_name)
 """
     interpreter = Path("/usr/bin/docker-compose").read_text().splitlines()[0][2:].strip()
     result = subprocess.run(
-        shlex.split(interpreter) + ["-c", script], capture_output=True, text=True, timeout=60
+        [*shlex.split(interpreter), "-c", script], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["False", "None"]
