@@ -17,8 +17,8 @@ while the trainer decodes the one before, which is what one stream here does
 Every process of one machine draws on that machine's cores, shared as the
 kernel's scheduler shares them: n running tasks on c cores each progress at
 min(1, c / n) of a core (processor sharing), so a short send is never stuck
-behind a long build. A machine whose cores are partly taken by others (other
-tenants of a shared host) runs everything slower by ``cores / available``.
+behind a long build. Other tenants of a shared machine are ``background`` threads that
+are always runnable and get their fair share like any other.
 Process slots are handed out in arrival order.
 """
 
@@ -28,7 +28,7 @@ import heapq
 import itertools
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -44,12 +44,10 @@ class Costs:
 @dataclass(frozen=True)
 class Machine:
     cores: int
-    available: float | None = None  # cores left to us (others' load); None: all of them
+    # Other tenants' threads, always runnable: they take their fair share of the cores
+    # (the kernel shares cores per thread, not per tenant).
+    background: float = 0.0
     nic_bytes_per_s: float | None = None  # None: loopback (costs CPU only, in serve/receive)
-
-    @property
-    def slowdown(self) -> float:
-        return self.cores / self.available if self.available else 1.0
 
 
 @dataclass(frozen=True)
@@ -109,16 +107,20 @@ class _Cores:
     def __init__(self, sim: _Sim, machine: Machine) -> None:
         self.sim = sim
         self.cores = machine.cores
-        self.slowdown = machine.slowdown
+        self.background = machine.background
+        self.others = 0.0  # CPU seconds the background threads got
         self.running: list[list] = []  # [CPU seconds left, then]
         self.since = 0.0
         self.version = 0
 
     def _speed(self) -> float:
-        return min(1.0, self.cores / len(self.running)) / self.slowdown if self.running else 0.0
+        """Of a core, what each running thread (ours or the background's) gets."""
+        threads = len(self.running) + self.background
+        return min(1.0, self.cores / threads) if threads else 0.0
 
     def _advance(self) -> None:
         done = (self.sim.now - self.since) * self._speed()
+        self.others += done * self.background
         for task in self.running:
             task[0] -= done
         self.since = self.sim.now
@@ -236,17 +238,42 @@ class _Model:
         for t in range(top.trainers):
             for s in range(top.streams):
                 self._stream(t, (t * top.streams + s) % top.replicas)
+        hosts = {id(h.cores): h.cores for h in self.replica_hosts + self.trainer_hosts}
+        self.sim.run(self.warmup)
+        for cores in hosts.values():
+            cores._advance()
+        others = sum(cores.others for cores in hosts.values())
         self.sim.run(self.warmup + duration)
+        for cores in hosts.values():
+            cores._advance()
         batches_per_s = self.received / duration
         return {
             "batches_per_s": batches_per_s,
             "mb_per_s": batches_per_s * self.costs.batch_bytes / 1e6,
-            "served_per_replica": [n for n in self.served],
+            "served_per_replica": list(self.served),
+            "others_cores": (sum(c.others for c in hosts.values()) - others) / duration,
         }
 
 
 def predict(
     costs: Costs, topology: Topology, *, duration: float = 20.0, warmup: float = 2.0
 ) -> dict[str, float]:
-    """Throughput of ``topology`` in steady state (simulated ``duration`` after ``warmup``)."""
+    """Throughput of ``topology`` in steady state (simulated ``duration`` after ``warmup``).
+
+    ``others_cores``: what the background threads got meanwhile (cores, on average).
+    """
     return _Model(costs, topology, warmup).run(duration)
+
+
+def background_for(
+    others_cores: float, costs: Costs, topology: Topology, machine: Machine, **run: float
+) -> float:
+    """The background threads on ``machine`` (shared by everything) under which the model's
+    other tenants get ``others_cores``, as measured (bisection: more threads, more cores)."""
+    low, high = 0.0, 64.0
+    for _ in range(12):
+        middle = (low + high) / 2
+        shared = replace(machine, background=middle)
+        got = predict(costs, replace(topology, shared=shared), **run)["others_cores"]
+        low, high = (middle, high) if got < others_cores else (low, middle)
+    return (low + high) / 2

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import _harness as h
-from _des import Costs, Machine, Topology, predict
+from _des import Costs, Machine, Topology, background_for, predict
 from pipeline_vs_dataloader import make_images
 
 from batchwire.client import bench as load_test
@@ -235,16 +235,20 @@ def calibrate(run: dict[str, Any]) -> Costs:
 
 
 def model_of(costs: Costs, run: dict[str, Any]) -> dict[str, Any]:
-    cores = os.cpu_count() or 1
-    available = max(0.25, cores - run["others_cores"])
+    """The model of one real run: this machine's cores, shared with the other tenants'
+    threads that took the cores they took during that run."""
+    machine = Machine(cores=os.cpu_count() or 1)
     topology = Topology(
-        prefetch=PREFETCH,
         replicas=run["replicas"],
         workers=run["workers"],
         trainers=run["trainers"],
-        shared=Machine(cores=cores, available=available),
+        prefetch=PREFETCH,
+        shared=machine,
     )
-    return predict(costs, topology, duration=60.0, warmup=5.0) | {"available_cores": available}
+    threads = background_for(run["others_cores"], costs, topology, machine, duration=20.0)
+    shared = replace(machine, background=threads)
+    predicted = predict(costs, replace(topology, shared=shared), duration=60.0, warmup=5.0)
+    return predicted | {"background_threads": threads}
 
 
 def project(
@@ -371,12 +375,12 @@ def report(results: dict[str, Any]) -> str:
             measured = statistics.median(r["mb_per_s"] for r in runs)
             modelled = statistics.median(r["model"]["mb_per_s"] for r in runs)
             errors = [(r["model"]["mb_per_s"] - r["mb_per_s"]) / r["mb_per_s"] for r in runs]
-            free = statistics.median(r["model"]["available_cores"] for r in runs)
+            others = statistics.median(r["others_cores"] for r in runs)
             every = " ".join(f"{r['mb_per_s']:.0f}/{r['model']['mb_per_s']:.0f}" for r in runs)
             rows.append(
-                [key, measured, modelled, " ".join(f"{e:+.0%}" for e in errors), free, every]
+                [key, measured, modelled, " ".join(f"{e:+.0%}" for e in errors), others, every]
             )
-        columns = ["R x W", "measured MB/s", "model MB/s", "error", "free cores", "each run"]
+        columns = ["R x W", "measured MB/s", "model MB/s", "error", "others' cores", "each run"]
         out.append(h.table(f"validation ({TRAINERS} trainers, this machine)", columns, rows))
         spread, pooled = result["validation"].get("3x1"), result["validation"].get("1x3")
         if spread and pooled:
