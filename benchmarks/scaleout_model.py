@@ -248,7 +248,8 @@ def model_of(costs: Costs, run: dict[str, Any]) -> dict[str, Any]:
     threads = background_for(run["others_cores"], costs, topology, machine, duration=20.0)
     shared = replace(machine, background=threads)
     predicted = predict(costs, replace(topology, shared=shared), duration=60.0, warmup=5.0)
-    return predicted | {"background_threads": threads}
+    quiet = predict(costs, topology, duration=60.0, warmup=5.0)  # no other tenants
+    return predicted | {"background_threads": threads, "quiet_mb_per_s": quiet["mb_per_s"]}
 
 
 def project(
@@ -294,13 +295,16 @@ def main() -> None:
     parser.add_argument("--trainers-per-replica", type=int, default=4, help="projection")
     parser.add_argument("--fleet", type=int, default=64, help="projection: a fixed trainer fleet")
     parser.add_argument(
-        "--from-json", type=Path, help="no measuring: the model again on a run's JSON"
+        "--from-json",
+        type=Path,
+        nargs="+",
+        help="no measuring: the model again on the runs of these JSON files (pooled)",
     )
     args = parser.parse_args()
     measured_on = {}
     if args.from_json:
-        recorded = json.loads(args.from_json.read_text())
-        results, measured_on = recorded["pipelines"], {"measured_on": recorded["machine"]}
+        results, machines = pooled(args.from_json)
+        measured_on = {"measured_on": machines}
     else:
         results = measure_all(args)
     for result in results.values():
@@ -319,6 +323,23 @@ def main() -> None:
     h.write_json(
         "scaleout_model", args, {"pipelines": results, "trainers": TRAINERS, **setup, **measured_on}
     )
+
+
+def pooled(paths: list[Path]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The calibration and validation runs of several recorded JSON files, together."""
+    results: dict[str, Any] = {}
+    machines = []
+    for path in paths:
+        recorded = json.loads(path.read_text())
+        machines.append(recorded.get("measured_on") or recorded["machine"])
+        for name, result in recorded["pipelines"].items():
+            into = results.setdefault(
+                name, {"batch_size": result["batch_size"], "calibration": [], "validation": {}}
+            )
+            into["calibration"] += result["calibration"]
+            for key, runs in result["validation"].items():
+                into["validation"].setdefault(key, []).extend(runs)
+    return results, machines
 
 
 def measure_all(args: argparse.Namespace) -> dict[str, Any]:
@@ -377,17 +398,31 @@ def report(results: dict[str, Any]) -> str:
             errors = [(r["model"]["mb_per_s"] - r["mb_per_s"]) / r["mb_per_s"] for r in runs]
             others = statistics.median(r["others_cores"] for r in runs)
             every = " ".join(f"{r['mb_per_s']:.0f}/{r['model']['mb_per_s']:.0f}" for r in runs)
-            rows.append(
-                [key, measured, modelled, " ".join(f"{e:+.0%}" for e in errors), others, every]
-            )
-        columns = ["R x W", "measured MB/s", "model MB/s", "error", "others' cores", "each run"]
+            quiet = runs[0]["model"]["quiet_mb_per_s"]
+            error = statistics.median(errors)
+            rows.append([key, measured, modelled, f"{error:+.0%}", others, quiet, every])
+        columns = [
+            "R x W",
+            "measured MB/s",
+            "model MB/s",
+            "median error",
+            "others' cores",
+            "model, quiet machine",
+            "each run: measured/model",
+        ]
         out.append(h.table(f"validation ({TRAINERS} trainers, this machine)", columns, rows))
         spread, pooled = result["validation"].get("3x1"), result["validation"].get("1x3")
         if spread and pooled:
             ratio = statistics.median(r["mb_per_s"] for r in spread) / statistics.median(
                 r["mb_per_s"] for r in pooled
             )
-            out.append(f"3 replicas x 1 worker / 1 server x 3 workers: {ratio:.2f} x the MB/s")
+            pairs = " ".join(
+                f"{a['mb_per_s'] / b['mb_per_s']:.2f}" for a, b in zip(spread, pooled, strict=True)
+            )
+            out.append(
+                f"3 replicas x 1 worker / 1 server x 3 workers: {ratio:.2f} x the MB/s "
+                f"(medians; run by run: {pairs})"
+            )
         rows = [
             [
                 p["replicas"],
