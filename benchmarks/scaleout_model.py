@@ -245,10 +245,10 @@ def model_of(costs: Costs, run: dict[str, Any]) -> dict[str, Any]:
         prefetch=PREFETCH,
         shared=machine,
     )
-    threads = background_for(run["others_cores"], costs, topology, machine, duration=20.0)
+    threads = background_for(run["others_cores"], costs, topology, machine, duration=10.0)
     shared = replace(machine, background=threads)
-    predicted = predict(costs, replace(topology, shared=shared), duration=60.0, warmup=5.0)
-    quiet = predict(costs, topology, duration=60.0, warmup=5.0)  # no other tenants
+    predicted = predict(costs, replace(topology, shared=shared), duration=30.0, warmup=5.0)
+    quiet = predict(costs, topology, duration=30.0, warmup=5.0)  # no other tenants
     return predicted | {"background_threads": threads, "quiet_mb_per_s": quiet["mb_per_s"]}
 
 
@@ -271,7 +271,7 @@ def project(
             replica_machine=Machine(cores=replica_cores, nic_bytes_per_s=nic_gbit * 1e9 / 8),
             trainer_machine=Machine(cores=8),
         )
-        return predict(costs, topology, duration=10.0, warmup=2.0)
+        return predict(costs, topology, duration=5.0, warmup=1.0)
 
     rows = []
     for replicas in PROJECT:
