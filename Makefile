@@ -34,7 +34,7 @@ protos: setup
 
 # make bench: every benchmark in benchmarks/ with its baselines (about 15 minutes);
 # results in benchmarks/results/*.json, figures in benchmarks/RESULTS.md.
-BENCHMARKS := grpc_cost wire_throughput mnist_rate chunking fairness memory compression_pays pipeline_vs_dataloader webdataset_rate
+BENCHMARKS := grpc_cost wire_throughput mnist_rate chunking fairness memory compression_pays pipeline_vs_dataloader webdataset_rate shared_builds
 bench: setup
 	@for b in $(BENCHMARKS); do echo "== $$b"; $(PY) benchmarks/$$b.py || exit 1; done
 

@@ -8,7 +8,13 @@ for x, y in DevicePrefetcher(ds, "cuda"):
 
 from batchwire.client._channel import BatchClient
 from batchwire.client._dataset import RemoteDataset
-from batchwire.client._errors import BatchwireError, ConnectError, ServerError, TargetError
+from batchwire.client._errors import (
+    BatchwireError,
+    ConnectError,
+    FingerprintMismatch,
+    ServerError,
+    TargetError,
+)
 from batchwire.client._prefetch import DevicePrefetcher
 from batchwire.client._retry import RetryError, RetryPolicy
 from batchwire.client._stats import StreamStats, enable_metrics
@@ -18,6 +24,7 @@ __all__ = [
     "BatchwireError",
     "ConnectError",
     "DevicePrefetcher",
+    "FingerprintMismatch",
     "RemoteDataset",
     "RetryError",
     "RetryPolicy",

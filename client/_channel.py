@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import threading
 import time
 from collections.abc import Iterator
@@ -17,8 +16,15 @@ import grpc
 
 from batchwire import compression, wire
 from batchwire.client import _credentials
-from batchwire.client._errors import ConnectError, ServerError, TargetError
+from batchwire.client._errors import ConnectError, ServerError
 from batchwire.client._retry import StreamCutShort
+from batchwire.client._targets import (
+    Target,
+    balancing_options,
+    describe_target,
+    grpc_target,
+)
+from batchwire.client._targets import check_target as check_target  # where it used to live
 from batchwire.v1 import batchwire_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -57,44 +63,6 @@ CONNECT_TIMEOUT_SECONDS = 5.0
 _lock = threading.Lock()
 _links: dict[tuple[object, ...], _Link] = {}
 _reached: set[str] = set()  # targets this process (or its parent before a fork) connected to
-
-# gRPC name schemes (https://grpc.github.io/grpc/core/md_doc_naming.html): taken as they are.
-_SCHEMES = frozenset({"dns", "ipv4", "ipv6", "unix", "unix-abstract", "vsock", "xds", "google-c2p"})
-_HOST_PORT = re.compile(r"(?P<host>\[[0-9A-Fa-f:.%\w-]+\]|[\w.-]+):(?P<port>\d+)")
-TARGET_FORMS = (
-    "host:port (localhost:50051), [::1]:50051, or a gRPC name such as "
-    "dns:///host:port, ipv4:10.0.0.1:50051,10.0.0.2:50051 or unix:/path/to/socket"
-)
-
-
-def check_target(target: str) -> str:
-    """Returns ``target`` if gRPC can parse it; raises ``TargetError`` saying why not.
-
-    Bare ``host:port`` needs the port (gRPC would silently take 443) and brackets
-    around an IPv6 address; a URI's scheme must be one gRPC resolves (an unknown
-    one, such as ``grpc://``, would be resolved as a host name and never connect).
-    """
-    if not isinstance(target, str) or not target.strip():
-        raise TargetError(f"the target is empty; a target looks like {TARGET_FORMS}")
-    scheme, colon, rest = target.partition(":")
-    if colon and scheme in _SCHEMES and not rest.isdigit():
-        if not rest.strip("/"):
-            raise TargetError(
-                f"target {target!r} names no address; a target looks like {TARGET_FORMS}"
-            )
-        return target
-    match = _HOST_PORT.fullmatch(target)
-    if match and 0 < int(match["port"]) < 65536:
-        return target
-    if "://" in target:
-        why = f"{scheme!r} is not a scheme gRPC knows ({', '.join(sorted(_SCHEMES))})"
-    elif not colon:
-        why = "it has no port"
-    elif target.count(":") > 1 and not target.startswith("["):
-        why = "an IPv6 address needs brackets, as in [::1]:50051"
-    else:
-        why = f"{target.rpartition(':')[2]!r} is not a port (1-65535)"
-    raise TargetError(f"bad target {target!r}: {why}; a target looks like {TARGET_FORMS}")
 
 
 def connect_timeout() -> float:
@@ -140,17 +108,39 @@ class _Link:
     # proves a connection; the standard health service answers without work.
     _PROBE = "/grpc.health.v1.Health/Check"
 
-    def __init__(self, channel: grpc.Channel) -> None:
+    def __init__(self, channel: grpc.Channel, open_probe) -> None:
         self.channel = channel
         self._lock = threading.Lock()
         self._since: float | None = None  # start of the current first-contact window
+        # The probe has a channel of its own, without health checking: a server that
+        # answers NOT_SERVING (starting, draining) is reached all the same, while the
+        # balanced channel would wait for it to turn SERVING (NOTE [ Replicas ] in _targets).
+        self._open_probe = open_probe
+        self._probe: grpc.Channel | None = None
 
-    def wait_connected(self, target: str, timeout: float, *, fail_fast: bool) -> None:
+    def _probe_channel(self) -> grpc.Channel:
+        with self._lock:
+            if self._probe is None:
+                self._probe = self._open_probe()
+            return self._probe
+
+    def _close_probe(self) -> None:
+        with self._lock:
+            probe, self._probe = self._probe, None
+        if probe is not None:
+            probe.close()
+
+    def wait_connected(
+        self, target: str, timeout: float, *, fail_fast: bool, name: str | None = None
+    ) -> None:
         """Returns once connected; raises ``ConnectError`` after ``timeout`` (see the NOTE).
+
+        ``name``: how the error names the target (a list as given; default ``target``).
 
         ``fail_fast``: return early on a refused connection in the window's first
         half (the call then fails with UNAVAILABLE and its RetryPolicy backs off).
         """
+        name = name or target
         with self._lock:
             if self._since is None:
                 self._since = time.monotonic()
@@ -161,24 +151,27 @@ class _Link:
         now = time.monotonic()
         patient = not (fail_fast and now < since + timeout / 2)
         try:
-            self.channel.unary_unary(self._PROBE)(
+            self._probe_channel().unary_unary(self._PROBE)(
                 b"", timeout=max(since + timeout - now, 0.01), wait_for_ready=patient
             )
         except grpc.RpcError as error:
             if error.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
                 with self._lock:
                     self._since = None  # a later call gets a window of its own
-                raise ConnectError(target, timeout=timeout, reason=self._reason()) from None
+                reason = self._reason()
+                self._close_probe()
+                raise ConnectError(name, timeout=timeout, reason=reason) from None
             if error.code() is grpc.StatusCode.UNAVAILABLE:
                 return  # refused (or said by a proxy): the call fails alike, and may be retried
+        self._close_probe()
         if target not in _reached:
             _reached.add(target)
-            log.debug("connected to %s after %.3fs", target, time.monotonic() - since)
+            log.debug("connected to %s after %.3fs", name, time.monotonic() - since)
 
     def _reason(self) -> str:
         """The channel's last connection error (e.g. "Connection refused"), if it has one."""
         try:
-            self.channel.unary_unary(self._PROBE)(b"", timeout=1.0, wait_for_ready=False)
+            self._probe_channel().unary_unary(self._PROBE)(b"", timeout=1.0, wait_for_ready=False)
         except grpc.RpcError as error:
             if error.code() is grpc.StatusCode.UNAVAILABLE:
                 return error.details() or "UNAVAILABLE"
@@ -190,28 +183,51 @@ def _link(target: str) -> _Link:
     key = (os.getpid(), target, _credentials.environment(), keepalive)
     with _lock:
         if key not in _links:
-            _links[key] = _Link(_credentials.open_channel(target, [*_OPTIONS, *keepalive]))
+            _links[key] = _Link(
+                _credentials.open_channel(
+                    target, [*_OPTIONS, *balancing_options(target), *keepalive]
+                ),
+                lambda: _credentials.open_channel(target, _OPTIONS),
+            )
         return _links[key]
 
 
-def channel(target: str) -> grpc.Channel:
+def channel(target: Target) -> grpc.Channel:
     """The shared channel to ``target`` for this process (a forked child makes its own).
 
     TLS and token settings come from the environment (see ``_credentials``), and so
-    do the keepalive settings (see ``keepalive_options``).
+    do the keepalive settings (see ``keepalive_options``). Calls are balanced over
+    the servers the target names (NOTE [ Replicas ] in _targets).
     """
-    return _link(check_target(target)).channel
+    return _link(grpc_target(target)).channel
 
 
-def wait_for_server(target: str, timeout: float | None = None, *, fail_fast: bool = False) -> None:
+def wait_for_server(
+    target: Target, timeout: float | None = None, *, fail_fast: bool = False
+) -> None:
     """Returns at once if this process was ever connected to ``target``; else waits
     for a connection up to ``timeout`` (default ``connect_timeout()``) and raises
-    ``ConnectError`` naming the target if none comes (see NOTE [ First contact ])."""
-    if target in _reached:
+    ``ConnectError`` naming the target if none comes (see NOTE [ First contact ]).
+    For several servers, one that answers is enough."""
+    resolved = grpc_target(target)
+    if resolved in _reached:
         return
-    _link(check_target(target)).wait_connected(
-        target, connect_timeout() if timeout is None else timeout, fail_fast=fail_fast
+    _link(resolved).wait_connected(
+        resolved,
+        connect_timeout() if timeout is None else timeout,
+        fail_fast=fail_fast,
+        name=describe_target(target),
     )
+
+
+def _wait(client: BatchClient, *, fail_fast: bool) -> None:
+    if client.target not in _reached:
+        _link(client.target).wait_connected(
+            client.target,
+            connect_timeout() if client.connect_timeout is None else client.connect_timeout,
+            fail_fast=fail_fast,
+            name=client.name,
+        )
 
 
 class BatchObserver(Protocol):
@@ -224,18 +240,20 @@ class BatchClient:
     ``target`` is checked at once (``TargetError``); a server that this process
     never reached fails the first call within ``connect_timeout`` seconds
     (default ``BATCHWIRE_CONNECT_TIMEOUT_SECONDS``, 5) with ``ConnectError``.
+    ``target`` may name several replicas (NOTE [ Replicas ] in _targets): each call goes to one.
     """
 
     def __init__(
-        self, target: str, *, timeout: float = 30.0, connect_timeout: float | None = None
+        self, target: Target, *, timeout: float = 30.0, connect_timeout: float | None = None
     ) -> None:
-        self.target = check_target(target)
+        self.target = grpc_target(target)
+        self.name = describe_target(target)  # the target as given, for messages
         self.timeout = timeout
         self.connect_timeout = connect_timeout
 
     def _unary(self, method: str, request, response_type, *, wait_for_ready: bool = True):
-        wait_for_server(self.target, self.connect_timeout, fail_fast=not wait_for_ready)
-        call = channel(self.target).unary_unary(
+        _wait(self, fail_fast=not wait_for_ready)
+        call = _link(self.target).channel.unary_unary(
             _SERVICE + method,
             request_serializer=type(request).SerializeToString,
             response_deserializer=response_type.FromString,
@@ -243,16 +261,20 @@ class BatchClient:
         try:
             return call(request, timeout=self.timeout, wait_for_ready=wait_for_ready)
         except grpc.RpcError as error:
-            raise ServerError.from_rpc(error, self.target) from None
+            raise ServerError.from_rpc(error, self.name) from None
 
     def list_datasets(self) -> list[pb.DatasetInfo]:
         return list(
             self._unary("ListDatasets", pb.ListDatasetsRequest(), pb.ListDatasetsResponse).datasets
         )
 
-    def describe(self, dataset: str) -> pb.DatasetInfo:
+    def describe(self, dataset: str, *, wait_for_ready: bool = True) -> pb.DatasetInfo:
+        """``wait_for_ready=False``: fail fast (UNAVAILABLE) while the server is down."""
         return self._unary(
-            "DescribeDataset", pb.DescribeDatasetRequest(dataset=dataset), pb.DatasetInfo
+            "DescribeDataset",
+            pb.DescribeDatasetRequest(dataset=dataset),
+            pb.DatasetInfo,
+            wait_for_ready=wait_for_ready,
         )
 
     def count_batches(self, request: pb.StreamBatchesRequest) -> pb.BatchCount:
@@ -274,8 +296,8 @@ class BatchClient:
             packed.CopyFrom(request)
             packed.max_batches_per_message = wire.MAX_BATCHES_PER_MESSAGE
             request = packed
-        wait_for_server(self.target, self.connect_timeout, fail_fast=True)
-        call = channel(self.target).unary_stream(
+        _wait(self, fail_fast=True)
+        call = _link(self.target).channel.unary_stream(
             _SERVICE + "StreamBatches",
             request_serializer=pb.StreamBatchesRequest.SerializeToString,
             response_deserializer=wire.parse_chunk,
@@ -304,9 +326,9 @@ class BatchClient:
                     decoding = time.perf_counter()
             if assembler.pending:
                 raise StreamCutShort(
-                    "the stream ended without an error in the middle of a batch", target=self.target
+                    "the stream ended without an error in the middle of a batch", target=self.name
                 )
         except grpc.RpcError as error:
-            raise ServerError.from_rpc(error, self.target) from None
+            raise ServerError.from_rpc(error, self.name) from None
         finally:
             call.cancel()

@@ -5,6 +5,7 @@ BatchwireError            anything batchwire raises
 │   (.code: grpc.StatusCode, .details: the server's message)
 ├── RetryError            reconnecting gave up (.attempts, .elapsed, .last_error)
 ├── ConnectError          the server was never reached within the connect timeout (.target)
+├── FingerprintMismatch   a replica or checkpoint of another config of the dataset (.expected, .actual)
 ├── TargetError           a target gRPC cannot parse (no port, an unknown scheme, ...)
 └── CredentialsError      a BATCHWIRE_TLS_* / BATCHWIRE_TOKEN_FILE setting is unusable
 """
@@ -21,10 +22,19 @@ class BatchwireError(Exception):
 class ServerError(BatchwireError):
     """The server answered with an error status; ``code`` and ``details`` say which and why."""
 
-    def __init__(self, code: grpc.StatusCode, details: str, *, target: str = "") -> None:
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        details: str,
+        *,
+        target: str = "",
+        metadata: dict[str, str] | None = None,
+    ) -> None:
         self.code = code
         self.details = details
         self.target = target
+        self.metadata = metadata or {}
+        """The server's ``batchwire-*`` trailing metadata (facts for the client, e.g. a fingerprint)."""
         where = f" from {target}" if target else ""
         super().__init__(f"{code.name}{where}: {details}")
 
@@ -32,7 +42,13 @@ class ServerError(BatchwireError):
     def from_rpc(cls, error: grpc.RpcError, target: str = "") -> ServerError:
         code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
         details = error.details() if hasattr(error, "details") else str(error)
-        return cls(code, details or "", target=target)
+        trailing = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+        metadata = {
+            key: value
+            for key, value in (trailing or ())
+            if isinstance(value, str) and key.startswith("batchwire-")
+        }
+        return cls(code, details or "", target=target, metadata=metadata)
 
 
 class ConnectError(BatchwireError, ConnectionError):
@@ -52,3 +68,41 @@ class ConnectError(BatchwireError, ConnectionError):
 
 class TargetError(BatchwireError, ValueError):
     """A server target that cannot be parsed; the message says what a target looks like."""
+
+
+class FingerprintMismatch(BatchwireError):
+    """A server serves the dataset from another config than the one this client's batches
+    came from: a replica configured differently, or a dataset changed since a checkpoint.
+
+    Raised, never retried or skipped: batches of two configs are never mixed in an
+    epoch (DESIGN.md, Scale). ``expected`` is the fingerprint the client holds (from
+    ``expected_from``: a replica, or the checkpoint), ``actual`` the one ``replica`` has.
+    """
+
+    def __init__(
+        self, dataset: str, *, expected: str, actual: str, expected_from: str, replica: str
+    ) -> None:
+        self.dataset = dataset
+        self.expected = expected
+        self.actual = actual
+        self.expected_from = expected_from
+        self.replica = replica
+        if expected_from == CHECKPOINT:
+            why = (
+                f"the checkpoint was saved against fingerprint {expected}: the dataset's config "
+                "changed since, so resuming would not give the batches the checkpoint counted on "
+                "(to resume all the same, drop the state's 'fingerprint')"
+            )
+        else:
+            why = (
+                f"this client's batches came from fingerprint {expected} ({expected_from}): "
+                "the replicas' configs differ, and their batches are never mixed; "
+                "give every replica the same config"
+            )
+        super().__init__(
+            f"dataset {dataset!r} on {replica or 'the server'} has fingerprint {actual}, but {why}"
+        )
+
+
+CHECKPOINT = "checkpoint"
+"""``FingerprintMismatch.expected_from`` when the expected fingerprint came from ``load_state_dict``."""

@@ -22,13 +22,16 @@ MAX_WORKERS = 256  # DataLoader workers one dataset can count passes for
 # The ledger is a tiny int64 tensor in shared memory, made by the process that
 # builds the dataset; forked workers inherit it and spawned ones receive it
 # through torch's shared-memory pickling, so all of them see one record:
-#   base epoch, base batch: what set_epoch()/load_state_dict() last pinned;
+#   base epoch, base sample, base batch: what set_epoch()/load_state_dict() last
+#   pinned (batch `base batch` counted from sample `base sample` of the epoch);
+#   batch size: what set_batch_size() last set (0: never), which persistent
+#   workers take at their next pass;
 #   slot[w]: passes worker w has started since. Worker w's pass number p is
 #   slot[w]; every worker of one pass reads the same p (each bumps only its own
 #   slot), so they stream the same epoch, base + p, without a lock.
 # A pass in the main process (no workers) takes p = max(slots) and sets every
 # slot to p + 1. The main process's next epoch is base + max(slots).
-_BASE_EPOCH, _BASE_BATCH, _SLOTS = 0, 1, 2
+_BASE_EPOCH, _BASE_SAMPLE, _BASE_BATCH, _BATCH_SIZE, _SLOTS = 0, 1, 2, 3, 4
 
 
 _ROW = _SLOTS + MAX_WORKERS
@@ -78,8 +81,16 @@ class PassLedger:
         """False when the ledger could not be put in shared memory (or was copied by pickle)."""
         return self._t.is_shared()
 
-    def base(self) -> tuple[int, int]:
-        return int(self._t[_BASE_EPOCH]), int(self._t[_BASE_BATCH])
+    def base(self) -> tuple[int, int, int]:
+        """(epoch, sample, batch): the next pass starts at batch ``batch`` counted from ``sample``."""
+        return int(self._t[_BASE_EPOCH]), int(self._t[_BASE_SAMPLE]), int(self._t[_BASE_BATCH])
+
+    def batch_size(self) -> int:
+        """The batch size set_batch_size() last set (0: never)."""
+        return int(self._t[_BATCH_SIZE])
+
+    def set_batch_size(self, batch_size: int) -> None:
+        self._t[_BATCH_SIZE] = batch_size
 
     def passes(self) -> int:
         """Passes started since the base was pinned."""
@@ -88,10 +99,15 @@ class PassLedger:
     def worker_passes(self, worker: int) -> int:
         return int(self._t[_SLOTS + _check(worker)])
 
-    def rebase(self, epoch: int, batch: int) -> None:
-        """The next pass streams ``epoch`` from ``batch``; later ones the epochs after it."""
-        self._t[_BASE_EPOCH], self._t[_BASE_BATCH] = epoch, batch
+    def rebase(self, epoch: int, batch: int, sample: int = 0) -> None:
+        """The next pass streams ``epoch`` from ``batch`` (counted from ``sample``); later
+        ones the epochs after it."""
+        self._t[_BASE_EPOCH], self._t[_BASE_SAMPLE], self._t[_BASE_BATCH] = epoch, sample, batch
         self._t[_SLOTS:] = 0
+
+    def reposition(self, sample: int, batch: int) -> None:
+        """The same base position counted another way (a new batch size); passes are kept."""
+        self._t[_BASE_SAMPLE], self._t[_BASE_BATCH] = sample, batch
 
     def start_main_pass(self) -> int:
         """Counts a pass in a process without workers; returns its number since the base."""
@@ -113,7 +129,7 @@ class PassLedger:
         the shared record ends as a rebase to ``epoch`` (whose first pass each
         worker starts at its own position), whatever order they run in.
         """
-        self._t[_BASE_EPOCH], self._t[_BASE_BATCH] = epoch, 0
+        self._t[_BASE_EPOCH], self._t[_BASE_SAMPLE], self._t[_BASE_BATCH] = epoch, 0, 0
         self._t[_SLOTS + _check(worker)] = 0
         self._t[_SLOTS + num_workers :] = 0
 

@@ -67,6 +67,7 @@ class DevicePrefetcher:
         self._slots: list[_Slot] = []
         self._stream: torch.cuda.Stream | None = None
         self._yielded_state: dict[str, Any] | None = None  # the pass underway's position
+        self._drop_read_ahead = False  # set_batch_size: the batches in flight are stale
 
     @property
     def enabled(self) -> bool:
@@ -107,6 +108,26 @@ class DevicePrefetcher:
         """Loads ``state`` into the iterable: its next pass continues there."""
         self._stateful().load_state_dict(state)
         self._yielded_state = None
+
+    def set_batch_size(self, batch_size: int) -> None:
+        """The iterable's ``set_batch_size``, from the first batch the loop has not received.
+
+        The batches read ahead at the old size are dropped, and the next batch
+        handed out has the new size (see ``RemoteDataset.set_batch_size``).
+
+        Raises:
+            TypeError: the iterable has no ``set_batch_size()``.
+        """
+        setter = getattr(self.iterable, "set_batch_size", None)
+        if not callable(setter):
+            raise TypeError(
+                f"DevicePrefetcher.set_batch_size() needs an iterable with set_batch_size() "
+                f"(e.g. a RemoteDataset), but got {type(self.iterable).__name__}"
+            )
+        if self._yielded_state is None:
+            setter(batch_size)
+        elif setter(batch_size, at=self._yielded_state):
+            self._drop_read_ahead = True
 
     def _stateful(self) -> Any:
         if not callable(getattr(self.iterable, "state_dict", None)):
@@ -157,7 +178,13 @@ class DevicePrefetcher:
                 loaded = in_flight.popleft()
                 self._yielded_state = loaded.state
                 yield loaded.hand_out(self.device)
-                fetch()
+                if self._drop_read_ahead:  # fetched at the old batch size: fetch again
+                    self._drop_read_ahead = False
+                    in_flight.clear()
+                    while len(in_flight) < self.depth and fetch():
+                        pass
+                else:
+                    fetch()
         finally:
             self._yielded_state = None  # the pass is over: the iterable's own state again
 

@@ -33,8 +33,9 @@ from typing import Any, TextIO
 import grpc
 
 from batchwire import wire
-from batchwire.client._channel import BatchClient, check_target, wait_for_server
+from batchwire.client._channel import BatchClient, wait_for_server
 from batchwire.client._errors import BatchwireError, ConnectError, ServerError
+from batchwire.client._targets import grpc_target
 from batchwire.compression import NAMES as compression_names
 from batchwire.compression import codec
 from batchwire.v1 import batchwire_pb2 as pb
@@ -83,7 +84,7 @@ class BenchConfig:
             raise ValueError(
                 f"compression should be one of {', '.join(compression_names)}, got {self.compression!r}"
             )
-        check_target(self.target)
+        grpc_target(self.target)
 
 
 # -- one client process ---------------------------------------------------------

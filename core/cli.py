@@ -21,9 +21,10 @@ LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 
 
 def _target(args: argparse.Namespace) -> str:
-    from batchwire.client._channel import check_target
+    """The gRPC target: one host:port, replicas comma-separated, or a gRPC name (dns:///...)."""
+    from batchwire.client._targets import grpc_target
 
-    return check_target(args.target or os.environ.get("BATCHWIRE_TARGET") or DEFAULT_TARGET)
+    return grpc_target(args.target or os.environ.get("BATCHWIRE_TARGET") or DEFAULT_TARGET)
 
 
 def _version() -> str:
@@ -151,20 +152,26 @@ def cmd_health(args: argparse.Namespace) -> int:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from batchwire.client._credentials import open_channel
+    from batchwire.client._targets import list_entries
 
-    target = _target(args)
-    try:
-        with open_channel(target) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            reply = stub.Check(
-                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
-            )
-    except grpc.RpcError as error:
-        print(f"{target}: {error.code().name}: {error.details()}", file=sys.stderr)
-        return 1
-    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-    print(f"{target}: {status}")
-    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+    _target(args)  # refuses a bad target, or a bad entry of a list
+    failed = 0
+    # Replicas given as a list: each one's health; exit 0 only when all serve.
+    for target in list_entries(args.target or os.environ.get("BATCHWIRE_TARGET") or DEFAULT_TARGET):
+        try:
+            with open_channel(target) as channel:
+                stub = health_pb2_grpc.HealthStub(channel)
+                reply = stub.Check(
+                    health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+                )
+        except grpc.RpcError as error:
+            print(f"{target}: {error.code().name}: {error.details()}", file=sys.stderr)
+            failed += 1
+            continue
+        status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+        print(f"{target}: {status}")
+        failed += reply.status != health_pb2.HealthCheckResponse.SERVING
+    return 1 if failed else 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -235,7 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     def client_command(name: str, help_text: str):
         sub = commands.add_parser(name, parents=[common], help=help_text)
         sub.add_argument(
-            "--target", help=f"server host:port (default: $BATCHWIRE_TARGET or {DEFAULT_TARGET})"
+            "--target",
+            help="server host:port, replicas as host:port,host:port, or a gRPC name "
+            f"such as dns:///name:port (default: $BATCHWIRE_TARGET or {DEFAULT_TARGET})",
         )
         sub.add_argument(
             "--connect-timeout",

@@ -6,12 +6,21 @@ non-zero if it is below --min-accuracy.
 
     python examples/train_digits.py                       # server started for you
     python examples/train_digits.py --target host:50051   # an existing server
+    python examples/train_digits.py --batch-ramp 32,64,128   # growing batches (below)
+
+--batch-ramp B1,B2,... grows the batch size as training goes: stage k of K
+takes the k-th K-th of all the training samples, so a stage may begin in the
+middle of an epoch (RemoteDataset.set_batch_size continues from the same
+sample). The learning rate follows the batch size (linear scaling rule, from
+--lr at --batch-size) times a cosine schedule over the samples seen, and
+gradients are clipped to norm --clip.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import sys
 import time
@@ -58,6 +67,49 @@ def train(train_batches, epochs: int, device: torch.device) -> nn.Module:
     return model
 
 
+def ramp_stage(ramp: list[int], seen: int, total: int) -> int:
+    """The ramp's batch size once ``seen`` of ``total`` samples were trained on."""
+    return ramp[min(len(ramp) - 1, seen * len(ramp) // total)]
+
+
+def train_ramped(
+    train_set: RemoteDataset, args: argparse.Namespace, device: torch.device
+) -> nn.Module:
+    """Trains with the batch size growing along ``args.batch_ramp``, mid-epoch too."""
+    model = make_model().to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    loss_fn = nn.CrossEntropyLoss()
+    total = args.epochs * train_set.describe().length
+    seen = 0
+    for epoch in range(args.epochs):
+        train_set.set_epoch(epoch)
+        loss_sum, count = 0.0, 0
+        for x, y in train_set:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            # Linear scaling rule, times a cosine decay over the samples seen.
+            cosine = 0.5 * (1 + math.cos(math.pi * seen / total))
+            for group in optimizer.param_groups:
+                group["lr"] = args.lr * len(y) / args.batch_size * (0.05 + 0.95 * cosine)
+            loss = loss_fn(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+            optimizer.step()
+            loss_sum += loss.item() * len(y)
+            count += len(y)
+            seen += len(y)
+            size = ramp_stage(args.batch_ramp, seen, total)
+            if size != train_set.batch_size:
+                print(
+                    f"epoch {epoch + 1:2d}: batch size {train_set.batch_size} -> {size} "
+                    f"after {count} samples of this epoch",
+                    flush=True,
+                )
+                train_set.set_batch_size(size)  # the next batch: the next sample, new size
+        print(f"epoch {epoch + 1:2d}/{args.epochs}  loss {loss_sum / count:.4f}", flush=True)
+    return model
+
+
 @torch.no_grad()
 def accuracy(model: nn.Module, batches, device: torch.device) -> float:
     correct = count = 0
@@ -69,7 +121,8 @@ def accuracy(model: nn.Module, batches, device: torch.device) -> float:
 
 
 def run(target: str, args: argparse.Namespace, device: torch.device) -> float:
-    train_set = RemoteDataset(target, "digits", batch_size=args.batch_size, shuffle=True, seed=0)
+    batch_size = args.batch_ramp[0] if args.batch_ramp else args.batch_size
+    train_set = RemoteDataset(target, "digits", batch_size=batch_size, shuffle=True, seed=0)
     test_set = RemoteDataset(target, "digits-test", batch_size=256)
     print(
         f"training on {train_set.describe().length} digits from {target}, "
@@ -82,10 +135,22 @@ def run(target: str, args: argparse.Namespace, device: torch.device) -> float:
         return train_set
 
     started = time.perf_counter()
-    model = train(epochs, args.epochs, device)
+    if args.batch_ramp:
+        model = train_ramped(train_set, args, device)
+    else:
+        model = train(epochs, args.epochs, device)
     result = accuracy(model, test_set, device)
     print(f"trained {args.epochs} epochs in {time.perf_counter() - started:.1f}s", flush=True)
     return result
+
+
+def batch_sizes(text: str) -> list[int]:
+    sizes = [int(part) for part in text.split(",")]
+    if not sizes or min(sizes) <= 0:
+        raise argparse.ArgumentTypeError(
+            f"expected positive batch sizes like 32,64,128, got {text!r}"
+        )
+    return sizes
 
 
 def main() -> int:
@@ -100,6 +165,13 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--min-accuracy", type=float, default=0.95)
+    parser.add_argument(
+        "--batch-ramp",
+        type=batch_sizes,
+        help="batch sizes to grow through, e.g. 32,64,128 (stages evenly over the samples)",
+    )
+    parser.add_argument("--lr", type=float, default=1e-2, help="with --batch-ramp: at --batch-size")
+    parser.add_argument("--clip", type=float, default=1.0, help="with --batch-ramp: gradient norm")
     parser.add_argument(
         "--local-baseline",
         action="store_true",

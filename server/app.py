@@ -41,7 +41,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from batchwire.server.config import Config
+from batchwire.server.config import Config, ServerConfig
 from batchwire.server.dashboard import DashboardPages
 from batchwire.server.decoding import DecodeInterceptor
 from batchwire.server.executor import Executor, make_executor
@@ -69,6 +69,19 @@ def bind_error(host: str, port: int) -> OSError:
             return OSError(errno.EADDRINUSE, f"port {port} is in use")
         return OSError(exc.errno, f"cannot bind {host}:{port}: {exc.strerror or exc}")
     return OSError(f"cannot bind {host}:{port}")
+
+
+def connection_age_options(settings: ServerConfig) -> list[tuple[str, int]]:
+    """gRPC's max connection age: a connection older than ``max_connection_age_seconds``
+    is sent GOAWAY (its streams go on for ``max_connection_age_grace_seconds``, then
+    end UNAVAILABLE and resume), so long-lived clients re-resolve and spread onto
+    replicas that joined. grpc jitters the age by +-10% so clients do not move in step."""
+    if not settings.max_connection_age_seconds:
+        return []
+    return [
+        ("grpc.max_connection_age_ms", int(settings.max_connection_age_seconds * 1000)),
+        ("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace_seconds * 1000)),
+    ]
 
 
 class BatchwireServer:
@@ -133,6 +146,7 @@ class BatchwireServer:
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.max_pings_without_data", 0),
                 ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
+                *connection_age_options(settings),
             ],
         )
         self._grpc.add_generic_rpc_handlers((self.service.handler(),))
@@ -154,6 +168,9 @@ class BatchwireServer:
             port = 0
         if port == 0:
             raise bind_error(self.host, self._requested_port)
+        # Names this replica in DatasetInfo: its address, or its host name when bound to all.
+        wildcard = self.host in ("0.0.0.0", "::", "[::]", "")
+        self.service.replica = f"{socket.gethostname() if wildcard else self.host}:{port}"
         return port
 
     @property

@@ -174,6 +174,11 @@ class ServerConfig:
     """A ping unanswered this long closes the connection."""
     grace_seconds: float = 10.0
     """On SIGTERM, open streams get this long before they end with UNAVAILABLE."""
+    max_connection_age_seconds: float = 0.0
+    """End client connections older than this (gRPC GOAWAY; 0: never), so that clients
+    re-resolve their target and spread onto replicas that joined since."""
+    max_connection_age_grace_seconds: float = 10.0
+    """Streams of a connection past its age go on this long, then end UNAVAILABLE (and resume)."""
     task_timeout_seconds: float = 300.0
     """A worker building one batch longer than this is killed and replaced; the batch fails."""
     metrics_port: int | None = None
@@ -294,6 +299,18 @@ def _server_config(table: Table) -> ServerConfig:
         ),
         grace_seconds=_positive_number(
             table, "grace_seconds", defaults.grace_seconds, allow_zero=True
+        ),
+        max_connection_age_seconds=_positive_number(
+            table,
+            "max_connection_age_seconds",
+            defaults.max_connection_age_seconds,
+            allow_zero=True,
+        ),
+        max_connection_age_grace_seconds=_positive_number(
+            table,
+            "max_connection_age_grace_seconds",
+            defaults.max_connection_age_grace_seconds,
+            allow_zero=True,
         ),
         task_timeout_seconds=_positive_number(
             table, "task_timeout_seconds", defaults.task_timeout_seconds

@@ -3,6 +3,7 @@
 Exposed over HTTP when ``metrics_port`` is set. Names:
 
     batchwire_batches_sent_total{dataset}        batches fully sent
+    batchwire_shared_batches_total{dataset}      batches a stream got from another stream's build
     batchwire_bytes_sent_total{dataset}          payload bytes sent
     batchwire_active_streams                     open StreamBatches calls
     batchwire_queue_depth{dataset}               built batches waiting to be sent, over a dataset's open streams
@@ -40,6 +41,12 @@ class Metrics:
         )
         self.bytes_sent = Counter(
             "batchwire_bytes_sent", "Payload bytes sent.", ["dataset"], registry=r
+        )
+        self.shared_batches = Counter(
+            "batchwire_shared_batches",
+            "Batches a stream got from a build another stream asked for (shared builds).",
+            ["dataset"],
+            registry=r,
         )
         self.active_streams = Gauge(
             "batchwire_active_streams", "Open StreamBatches calls.", registry=r

@@ -9,6 +9,7 @@ from typing import Any
 
 from batchwire import wire
 from batchwire.server.config import Config
+from batchwire.server.fingerprint import dataset_fingerprint
 from batchwire.server.pipeline import Pipeline, build_pipeline
 from batchwire.server.requests import PLANS
 from batchwire.v1 import batchwire_pb2 as pb
@@ -24,6 +25,7 @@ class DatasetEntry:
     source: str
     dataset: Pipeline
     length: int
+    fingerprint: str = ""  # see fingerprint.py
     _info: pb.DatasetInfo | None = field(default=None, repr=False)
 
     def info(self) -> pb.DatasetInfo:
@@ -55,6 +57,7 @@ class DatasetEntry:
                     max_tokens=sampler.max_tokens,
                     max_items=sampler.max_items,
                 ),
+                fingerprint=self.fingerprint,
             )
         return self._info
 
@@ -76,7 +79,14 @@ class DatasetRegistry:
         self.entries: dict[str, DatasetEntry] = {}
         for name, dataset_config in config.datasets.items():
             dataset = build_pipeline(dataset_config, config.file)
-            self.entries[name] = DatasetEntry(name, dataset_config.source, dataset, len(dataset))
+            length = len(dataset)
+            self.entries[name] = DatasetEntry(
+                name,
+                dataset_config.source,
+                dataset,
+                length,
+                dataset_fingerprint(dataset_config, length),
+            )
 
     def get(self, name: str) -> DatasetEntry | None:
         return self.entries.get(name)

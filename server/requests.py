@@ -20,6 +20,8 @@ from batchwire.server.samplers import (
     BudgetError,
     distributed_order,
     dynamic_plan,
+    elastic_order,
+    global_order,
     random_order,
     subset_order,
     weighted_order,
@@ -89,7 +91,19 @@ def plan_stream(
         raise InvalidRequest(
             f"batch_stride should be non-negative, but got batch_stride={request.batch_stride}"
         )
-    plan = _cached_plan(kind, request, config, length, max_batch_size)
+    if request.start_sample < 0:
+        raise InvalidRequest(
+            f"start_sample should be non-negative, but got start_sample={request.start_sample}"
+        )
+    if request.start_sample and kind == "dynamic":
+        raise InvalidRequest(
+            f"start_sample={request.start_sample}: the 'dynamic' sampler packs the whole epoch, "
+            "so it resumes at a start_batch only; leave start_sample at 0"
+        )
+    if kind == "elastic":
+        plan = _elastic_plan(request, length)
+    else:
+        plan = _from_sample(_cached_plan(kind, request, config, length, max_batch_size), request)
     total = len(plan)
     if not 0 <= request.start_batch <= total:
         raise InvalidRequest(
@@ -143,6 +157,57 @@ def _cached_plan(
             epoch_samples, lambda: _plan(kind, request, config, length, max_batch_size)
         ),
     )
+
+
+def _from_sample(plan: BatchPlan, request: pb.StreamBatchesRequest) -> BatchPlan:
+    """The rank's order from ``start_sample`` on, cut into batches anew (a view, not a copy)."""
+    if not request.start_sample:
+        return plan
+    return BatchPlan.fixed(
+        plan.indices[request.start_sample :],
+        request.batch_size,
+        request.drop_last,
+        seed=request.seed,
+        epoch=request.epoch,
+    )
+
+
+def _elastic_plan(request: pb.StreamBatchesRequest, length: int) -> BatchPlan:
+    """Rank ``rank``'s steps from global position ``start_sample`` (see ``elastic_order``).
+
+    The global order is kept once per (shuffle, seed, epoch), whatever the shapes
+    that ask for it; each shape's share of it is kept as well, for its streams.
+    """
+    order_key = ("elastic order", request.shuffle, request.seed, request.epoch, length)
+    share_key = (
+        *order_key,
+        request.start_sample,
+        request.rank,
+        request.world_size,
+        request.batch_size,
+        request.drop_last,
+    )
+
+    def order() -> BatchPlan:
+        indices = global_order(
+            length, shuffle=request.shuffle, seed=request.seed, epoch=request.epoch
+        )
+        return BatchPlan.fixed(indices, max(1, length), False)
+
+    def share() -> BatchPlan:
+        indices = elastic_order(
+            _within_planning_limit(length, lambda: PLANS.get(order_key, order)).indices,
+            start=request.start_sample,
+            rank=request.rank,
+            world_size=request.world_size,
+            batch_size=request.batch_size,
+            drop_last=request.drop_last,
+        )
+        return BatchPlan.fixed(
+            indices, request.batch_size, False, seed=request.seed, epoch=request.epoch
+        )
+
+    return PLANS.get(share_key, share)
 
 
 HEAVY_PLAN_SAMPLES = 1 << 23

@@ -14,6 +14,9 @@ needs no state but b, and every server computes the same plan.
 - ``dynamic_plan`` fills batches up to a budget (tokens and/or items) in a
   (shuffled) order, then deals whole batches to ranks round-robin: every
   sample once per epoch, ranks disjoint.
+- ``elastic_order`` cuts one global order of the epoch, independent of
+  ``world_size`` and ``batch_size``, into global steps from a global sample
+  position: the shape of the job may change between any two steps.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-KINDS = ("distributed", "random", "weighted", "subset", "dynamic")
+KINDS = ("distributed", "random", "weighted", "subset", "dynamic", "elastic")
 
 
 def _generator(seed: int, epoch: int) -> torch.Generator:
@@ -58,11 +61,7 @@ def distributed_order(
     """The indices ``DistributedSampler(..., shuffle, seed)`` yields after ``set_epoch(epoch)``."""
     if length == 0:
         return np.empty(0, dtype=np.int64)
-    if shuffle:
-        order = torch.randperm(length, generator=_generator(seed, epoch)).numpy()
-    else:
-        order = np.arange(length, dtype=np.int64)
-    return shard(order, rank, world_size)
+    return shard(global_order(length, shuffle=shuffle, seed=seed, epoch=epoch), rank, world_size)
 
 
 def random_order(
@@ -101,6 +100,36 @@ def subset_order(
         len(subset), shuffle=shuffle, seed=seed, epoch=epoch, rank=rank, world_size=world_size
     )
     return subset[positions]
+
+
+def global_order(length: int, *, shuffle: bool, seed: int, epoch: int) -> np.ndarray:
+    """The epoch's order over all ranks: DistributedSampler's permutation before it is sharded."""
+    if shuffle:
+        return torch.randperm(length, generator=_generator(seed, epoch)).numpy()
+    return np.arange(length, dtype=np.int64)
+
+
+def elastic_order(
+    order: np.ndarray, *, start: int, rank: int, world_size: int, batch_size: int, drop_last: bool
+) -> np.ndarray:
+    """Rank ``rank``'s samples of ``order`` from global position ``start``, step by step.
+
+    Each global step takes the next ``world_size * batch_size`` samples of the
+    order; the rank's batch is the ``rank``-th run of ``batch_size`` of them.
+    A last, short step of ``R`` samples is dropped with ``drop_last``, else split
+    in ``world_size`` consecutive runs as evenly as possible (``np.array_split``:
+    the first ``R % world_size`` ranks get one more, a rank may get none).
+    Cut into batches of ``batch_size``, the result is the rank's batches: all
+    full but the last step's.
+    """
+    rest = order[min(start, len(order)) :]
+    step = world_size * batch_size
+    full = len(rest) // step
+    mine = rest[: full * step].reshape(full, world_size, batch_size)[:, rank, :].reshape(-1)
+    if drop_last or full * step == len(rest):
+        return mine.copy()
+    last = np.array_split(rest[full * step :], world_size)[rank]
+    return np.concatenate([mine, last])
 
 
 def balanced_weights(labels: np.ndarray) -> np.ndarray:
@@ -159,11 +188,7 @@ def dynamic_plan(
     and together see every sample once. Ranks may differ by one batch; with
     ``drop_last`` the tail is dropped so that all ranks get the same count.
     """
-    length = len(lengths)
-    if shuffle:
-        order = torch.randperm(length, generator=_generator(seed, epoch)).numpy()
-    else:
-        order = np.arange(length, dtype=np.int64)
+    order = global_order(len(lengths), shuffle=shuffle, seed=seed, epoch=epoch)
     offsets = dynamic_batches(lengths, order, max_tokens=max_tokens, max_items=max_items)
     total = len(offsets) - 1
     if drop_last:

@@ -38,6 +38,7 @@ from batchwire.server.executor import (
 from batchwire.server.metrics import Metrics, StreamMeter
 from batchwire.server.registry import DatasetEntry, DatasetRegistry, DescribeError
 from batchwire.server.requests import InvalidRequest, StreamPlan, echo, plan_stream
+from batchwire.server.shared_builds import SharedBuilds
 from batchwire.server.stream import (
     BatchStream,
     BatchTooLarge,
@@ -92,10 +93,13 @@ def _executor_failed(failure: str, position: int | None = None) -> str:
 class Refused(Exception):
     """Ends the call with ``code``; raised by the checks, turned into the status by the method."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(
+        self, code: grpc.StatusCode, message: str, metadata: tuple[tuple[str, str], ...] = ()
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.metadata = metadata  # trailing metadata for clients to read (not to parse messages)
 
 
 class BatchService:
@@ -110,8 +114,15 @@ class BatchService:
     ) -> None:
         self._registry = registry
         self._executor = executor
+        # Streams build through it: identical batches of concurrent streams are built once.
+        self._builds = SharedBuilds(
+            executor, on_shared=lambda dataset: metrics.shared_batches.labels(dataset).inc()
+        )
+        for name in registry.names():  # a series per dataset from the start, at 0
+            metrics.shared_batches.labels(name)
         self._settings = settings
         self._metrics = metrics
+        self.replica = ""  # "HOSTNAME:PORT", set once bound: names this server in DatasetInfo
         self._stream_slots = threading.BoundedSemaphore(settings.max_concurrent_streams)
         self._stream_ids = itertools.count()
         self._active = 0
@@ -149,10 +160,12 @@ class BatchService:
         deadline = self._drain_deadline
         return deadline is not None and time.monotonic() >= deadline
 
-    def _refuse(self, code: grpc.StatusCode, message: str) -> NoReturn:
+    def _refuse(
+        self, code: grpc.StatusCode, message: str, metadata: tuple[tuple[str, str], ...] = ()
+    ) -> NoReturn:
         """Counts the error and raises ``Refused``; the method ends the call with it."""
         self._metrics.errors.labels(code.name).inc()
-        raise Refused(code, message)
+        raise Refused(code, message, metadata)
 
     async def _blocking(
         self,
@@ -165,7 +178,7 @@ class BatchService:
         try:
             return await asyncio.get_running_loop().run_in_executor(threads, function, *args)
         except Refused as refused:
-            await context.abort(refused.code, refused.message)
+            await context.abort(refused.code, refused.message, refused.metadata)
             raise  # unreachable: abort raises
 
     def handler(self) -> grpc.GenericRpcHandler:
@@ -220,17 +233,31 @@ class BatchService:
         for name in self._registry.names():
             entry = self._registry.entries[name]
             try:
-                infos.append(entry.info())
+                infos.append(self._info(entry))
             except DescribeError:
-                infos.append(pb.DatasetInfo(name=name, length=entry.length, source=entry.source))
+                infos.append(
+                    pb.DatasetInfo(
+                        name=name,
+                        length=entry.length,
+                        source=entry.source,
+                        fingerprint=entry.fingerprint,
+                        replica=self.replica,
+                    )
+                )
         return pb.ListDatasetsResponse(datasets=infos)
 
     def _describe(self, name: str) -> pb.DatasetInfo:
         entry = self._lookup(name)
         try:
-            return entry.info()
+            return self._info(entry)
         except DescribeError as exc:
             self._refuse(grpc.StatusCode.INTERNAL, str(exc))
+
+    def _info(self, entry: DatasetEntry) -> pb.DatasetInfo:
+        info = pb.DatasetInfo()
+        info.CopyFrom(entry.info())  # the entry's own is shared and cached
+        info.replica = self.replica
+        return info
 
     async def stream_batches(
         self, request: pb.StreamBatchesRequest, context: grpc.aio.ServicerContext
@@ -251,7 +278,8 @@ class BatchService:
             f"peer={context.peer()} stream={stream_id} dataset={entry.name} "
             f"batch_size={request.batch_size} shuffle={request.shuffle} seed={request.seed} "
             f"epoch={request.epoch} rank={request.rank}/{request.world_size} "
-            f"drop_last={request.drop_last} start={request.start_batch} end={request.end_batch} "
+            f"drop_last={request.drop_last} sample={request.start_sample} "
+            f"start={request.start_batch} end={request.end_batch} "
             f"stride={request.batch_stride}"
         )
         log.info("stream start %s", parameters)
@@ -355,8 +383,9 @@ class BatchService:
             on_depth=meter.set_depth,
             on_waited=meter.waited,
         )
+        builds = self._builds.stream(stream.plan, stream.positions)
         batches = BatchStream(
-            self._executor,
+            builds,
             entry.name,
             stream.plan,
             stream.positions,
@@ -369,6 +398,8 @@ class BatchService:
         except StreamStopped as stopped:
             code, message = failure_status(stopped.failure, stopped.position)
             self._refuse(code, message)
+        finally:
+            builds.close()  # what was held for this stream alone goes
 
     def _batch_bytes(self, entry: DatasetEntry, plan, positions: range) -> int:
         """Estimated payload bytes of the stream's first batch (0: unknown)."""
@@ -379,6 +410,7 @@ class BatchService:
     def _plan(self, request: pb.StreamBatchesRequest) -> tuple[DatasetEntry, StreamPlan]:
         """The dataset and the batch positions a request asks for; refuses a bad request."""
         entry = self._lookup(request.dataset)
+        self._check_fingerprint(entry, request.fingerprint)
         try:
             stream = plan_stream(
                 request,
@@ -393,6 +425,22 @@ class BatchService:
             self._refuse(grpc.StatusCode.INTERNAL, f"cannot plan the request: {exc!r}")
         self._check_batch_bytes(entry, stream)
         return entry, stream
+
+    def _check_fingerprint(self, entry: DatasetEntry, expected: str) -> None:
+        """Refuses a client whose batches so far came from another config of the dataset."""
+        if expected and expected != entry.fingerprint:
+            shown = expected if len(expected) <= 100 else echo(expected)
+            self._refuse(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"dataset {entry.name!r} on {self.replica or 'this server'} has fingerprint "
+                f"{entry.fingerprint}, but the request expects {shown}: this server's "
+                "config of the dataset differs from the one the client's batches came from "
+                "(another replica, or a checkpoint), so its batches would differ",
+                (
+                    ("batchwire-fingerprint", entry.fingerprint),
+                    ("batchwire-replica", self.replica),
+                ),
+            )
 
     def _check_batch_bytes(self, entry: DatasetEntry, stream: StreamPlan) -> None:
         # Refuse before any worker builds (and /dev/shm holds) a batch that will be

@@ -89,6 +89,7 @@ def test_public_exports_are_pinned():
         "BatchwireError",
         "ConnectError",
         "DevicePrefetcher",
+        "FingerprintMismatch",
         "RemoteDataset",
         "RetryError",
         "RetryPolicy",

@@ -68,23 +68,27 @@ class FieldInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DatasetInfo(_message.Message):
-    __slots__ = ("name", "length", "fields", "source", "transforms", "sampler")
+    __slots__ = ("name", "length", "fields", "source", "transforms", "sampler", "fingerprint", "replica")
     NAME_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
     FIELDS_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     TRANSFORMS_FIELD_NUMBER: _ClassVar[int]
     SAMPLER_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
     name: str
     length: int
     fields: _containers.RepeatedCompositeFieldContainer[FieldInfo]
     source: str
     transforms: _containers.RepeatedScalarFieldContainer[str]
     sampler: SamplerSpec
-    def __init__(self, name: _Optional[str] = ..., length: _Optional[int] = ..., fields: _Optional[_Iterable[_Union[FieldInfo, _Mapping]]] = ..., source: _Optional[str] = ..., transforms: _Optional[_Iterable[str]] = ..., sampler: _Optional[_Union[SamplerSpec, _Mapping]] = ...) -> None: ...
+    fingerprint: str
+    replica: str
+    def __init__(self, name: _Optional[str] = ..., length: _Optional[int] = ..., fields: _Optional[_Iterable[_Union[FieldInfo, _Mapping]]] = ..., source: _Optional[str] = ..., transforms: _Optional[_Iterable[str]] = ..., sampler: _Optional[_Union[SamplerSpec, _Mapping]] = ..., fingerprint: _Optional[str] = ..., replica: _Optional[str] = ...) -> None: ...
 
 class StreamBatchesRequest(_message.Message):
-    __slots__ = ("dataset", "batch_size", "shuffle", "seed", "epoch", "rank", "world_size", "drop_last", "start_batch", "end_batch", "batch_stride", "compression", "sampler", "max_batches_per_message", "trainer_report")
+    __slots__ = ("dataset", "batch_size", "shuffle", "seed", "epoch", "rank", "world_size", "drop_last", "start_batch", "end_batch", "batch_stride", "compression", "sampler", "max_batches_per_message", "trainer_report", "start_sample", "fingerprint")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     SHUFFLE_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +104,8 @@ class StreamBatchesRequest(_message.Message):
     SAMPLER_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCHES_PER_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     TRAINER_REPORT_FIELD_NUMBER: _ClassVar[int]
+    START_SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     batch_size: int
     shuffle: bool
@@ -115,7 +121,9 @@ class StreamBatchesRequest(_message.Message):
     sampler: SamplerSpec
     max_batches_per_message: int
     trainer_report: TrainerReport
-    def __init__(self, dataset: _Optional[str] = ..., batch_size: _Optional[int] = ..., shuffle: _Optional[bool] = ..., seed: _Optional[int] = ..., epoch: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., drop_last: _Optional[bool] = ..., start_batch: _Optional[int] = ..., end_batch: _Optional[int] = ..., batch_stride: _Optional[int] = ..., compression: _Optional[_Union[Compression, str]] = ..., sampler: _Optional[_Union[SamplerSpec, _Mapping]] = ..., max_batches_per_message: _Optional[int] = ..., trainer_report: _Optional[_Union[TrainerReport, _Mapping]] = ...) -> None: ...
+    start_sample: int
+    fingerprint: str
+    def __init__(self, dataset: _Optional[str] = ..., batch_size: _Optional[int] = ..., shuffle: _Optional[bool] = ..., seed: _Optional[int] = ..., epoch: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., drop_last: _Optional[bool] = ..., start_batch: _Optional[int] = ..., end_batch: _Optional[int] = ..., batch_stride: _Optional[int] = ..., compression: _Optional[_Union[Compression, str]] = ..., sampler: _Optional[_Union[SamplerSpec, _Mapping]] = ..., max_batches_per_message: _Optional[int] = ..., trainer_report: _Optional[_Union[TrainerReport, _Mapping]] = ..., start_sample: _Optional[int] = ..., fingerprint: _Optional[str] = ...) -> None: ...
 
 class TrainerReport(_message.Message):
     __slots__ = ("wait_seconds", "compute_seconds", "batches")

@@ -28,6 +28,7 @@ SCRIPTS = {
     "pipeline_vs_dataloader": ["ratio", "local_samples_per_s", "batchwire_samples_per_s"],
     "grpc_cost": ["results"],
     "aio_server": ["results"],
+    "shared_builds": ["ratio", "identical_batches_per_s", "different_seeds_batches_per_s"],
 }
 # The smoke run compares the tree with itself: an old ref may be missing from a shallow clone.
 EXTRA_ARGS = {"aio_server": ["--before", "HEAD"]}
