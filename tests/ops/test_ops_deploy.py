@@ -3,14 +3,16 @@
 No cluster and no Docker engine run here, so the manifests are checked for
 structure (selectors, ports, probes, security) and every container command is
 run the way the cluster would run it, minus the containers: the Deployment's
-server command for each replica, its probes until ready, then the trainer
-Job's command. Inside the cluster a replica binds 0.0.0.0:50051 and the
-trainer resolves ``dns:///batchwire-hl.<ns>.svc.cluster.local:50051`` to every
-ready replica; here each replica is 127.0.0.1 on free ports, and the trainer's
-target is the address list that name resolves to (``ipv4:ADDR,ADDR,...``,
-the gRPC name of exactly that list). The ConfigMap's files lie in a folder,
-and the image's working directory /app is this checkout. The compose
-service ``server`` is run three times the same way.
+server command once per replica, its probes until ready, then the trainer
+Job's command. Inside the cluster each replica binds 0.0.0.0:50051 in its own
+pod and the trainer resolves ``dns:///batchwire-hl.<ns>.svc.cluster.local:50051``
+to every ready replica. Here replica i binds 127.0.0.i+1 (all of 127/8 is
+loopback) on one free port, and the trainer's target is the same name
+resolved by a DNS server on loopback (tests/replicas/dns_stub.py) to those
+addresses. The ConfigMap's files lie in a folder, and the image's working
+directory /app is this checkout. The compose service ``server`` is run three
+times the same way (``--scale server=3``: compose's DNS answers ``server``
+with every replica).
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ from _serverproc import batchwire_command, free_port
 from batchwire.cli import build_parser
 from batchwire.client._channel import check_target
 from batchwire.server.config import load_config
+
+# tests/replicas' DNS server on loopback, which resolves one name to every replica.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "replicas"))
+from dns_stub import DnsStub
 
 ROOT = Path(__file__).resolve().parents[2]
 KUBE = ROOT / "deploy" / "kubernetes"
@@ -218,53 +224,73 @@ def write_config_map(config_map: dict, folder: Path) -> Path:
 
 
 class Local:
-    """One container's view mapped onto this machine: 0.0.0.0 -> 127.0.0.1, its fixed
-    ports -> free ones, mounted folders -> local ones, the target of every replica ->
-    their address list."""
+    """One container's view mapped onto this machine.
 
-    def __init__(self, ports: list[int], mounts: dict[str, Path], everyone: str = "") -> None:
-        self.ports = {str(p): str(free_port()) for p in ports}
+    Its address (0.0.0.0, localhost) -> ``host`` (replica i is 127.0.0.i+1: all of
+    127/8 is loopback), its fixed ports -> free ones (one map for all replicas, which
+    share a port as pods do), mounted folders -> local ones, and a DNS target naming
+    every replica -> the same name resolved by a DNS server on loopback.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        ports: dict[str, str],
+        mounts: dict[str, Path],
+        names: dict[str, str] | None = None,
+    ) -> None:
+        self.host = host
+        self.ports = ports
         self.mounts = mounts
-        self.everyone = everyone  # a DNS target naming all replicas
+        self.names = names or {}
 
-    def arg(self, value: str, replicas: list[Local] = ()) -> str:
-        if self.everyone and value == self.everyone:
-            port = self.everyone.rsplit(":", 1)[1]
-            return "ipv4:" + ",".join(f"127.0.0.1:{r.ports[port]}" for r in replicas)
+    def arg(self, value: str) -> str:
+        if value in self.names:
+            return self.names[value]
         if value in self.ports:  # --port 50051
             return self.ports[value]
-        value = value.replace("0.0.0.0", "127.0.0.1").replace("localhost:", "127.0.0.1:")
+        value = value.replace("0.0.0.0", self.host).replace("localhost:", f"{self.host}:")
         value = re.sub(r"(?<=:)(\d+)\b", lambda port: self.ports.get(port[1], port[1]), value)
         for mounted, folder in self.mounts.items():
             if value.startswith(mounted + "/"):
                 value = str(folder) + value[len(mounted) :]
         return value
 
-    def command(self, words: list[str], replicas: list[Local] = ()) -> list[str]:
+    def command(self, words: list[str]) -> list[str]:
         head = {"batchwire": batchwire_command(), "python": [sys.executable]}.get(words[0])
-        return [*(head or [words[0]]), *(self.arg(w, replicas) for w in words[1:])]
+        return [*(head or [words[0]]), *(self.arg(w) for w in words[1:])]
 
-    def env(self, pairs: dict[str, str], replicas: list[Local] = ()) -> dict[str, str]:
-        return {**os.environ, **{k: self.arg(str(v), replicas) for k, v in pairs.items()}}
+    def env(self, pairs: dict[str, str]) -> dict[str, str]:
+        return {**os.environ, **{k: self.arg(str(v)) for k, v in pairs.items()}}
+
+
+def replica_hosts(count: int) -> list[str]:
+    return [f"127.0.0.{i + 1}" for i in range(count)]
+
+
+@contextmanager
+def resolving(target: str, hosts: list[str], ports: dict[str, str]) -> Iterator[dict[str, str]]:
+    """``{target: the same name, resolved by a DNS stub to every replica}``."""
+    name, port = target.removeprefix("dns:///").rsplit(":", 1)
+    stub = DnsStub(name, hosts)
+    try:
+        yield {target: stub.target(int(ports[port]))}
+    finally:
+        stub.close()
 
 
 @contextmanager
 def replicas_running(
-    count: int,
-    command: list[str],
-    env: dict[str, str],
-    probe: list[str],
-    locals_: list[Local],
-    logs: Path,
+    command: list[str], env: dict[str, str], probe: list[str], views: list[Local], logs: Path
 ) -> Iterator[list[subprocess.Popen]]:
-    """``count`` replicas of one server command, each healthy by its own probe."""
+    """One server process per view, each ready by its own probe; SIGTERM drains them."""
     with ExitStack() as stack:
         processes = []
-        for i, local in enumerate(locals_[:count]):
+        for i, view in enumerate(views):
             log = stack.enter_context((logs / f"replica{i}.log").open("w"))
             process = subprocess.Popen(
-                local.command(command),
-                env=local.env(env),
+                view.command(command),
+                env=view.env(env),
                 cwd=ROOT,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -272,8 +298,8 @@ def replicas_running(
             stack.callback(_stop, process)
             processes.append(process)
         deadline = time.monotonic() + 180
-        for process, local in zip(processes, locals_, strict=False):
-            while subprocess.run(local.command(probe), capture_output=True, timeout=60).returncode:
+        for process, view in zip(processes, views, strict=True):
+            while subprocess.run(view.command(probe), capture_output=True, timeout=60).returncode:
                 assert process.poll() is None, "a replica exited before it was ready"
                 assert time.monotonic() < deadline, "a replica never became ready"
                 time.sleep(0.5)
@@ -289,55 +315,46 @@ def _stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
-def client_balances() -> bool:
-    """Whether this client spreads one target's calls over its addresses (round_robin).
+def run_trainer(view: Local, command: list[str], env: dict[str, str]) -> None:
+    result = subprocess.run(
+        view.command(command),
+        env=view.env(env),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "test accuracy through batchwire" in result.stdout
 
-    Issue 13.1 adds it; before, gRPC's pick_first sends every call to the first.
-    """
-    sources = (ROOT / "client").glob("*.py")
-    return any("round_robin" in p.read_text() for p in sources)
 
-
-def check_every_replica_served(logs: Path, count: int) -> None:
+def assert_every_replica_served(logs: Path, count: int) -> None:
     served = ["stream start" in (logs / f"replica{i}.log").read_text() for i in range(count)]
-    if not client_balances():
-        assert served[0]
-        pytest.skip(f"the client does not balance over replicas yet (issue 13.1); served: {served}")
-    assert all(served), served
+    assert all(served), f"replicas that served streams: {served}"
 
 
 def test_the_deployment_and_the_trainer_job_run_as_local_processes(
     objects: dict[str, dict], tmp_path: Path
 ) -> None:
-    deployment, job, service = objects["Deployment"], objects["Job"], objects["Service"]
+    deployment, job = objects["Deployment"], objects["Job"]
     server, trainer = container(deployment), container(job)
     config_dir = next(m["mountPath"] for m in server["volumeMounts"] if m["name"] == "config")
-    files = write_config_map(objects["ConfigMap"], tmp_path)
-    count = deployment["spec"]["replicas"]
-    dns = {e["name"]: e["value"] for e in trainer["env"]}["BATCHWIRE_TARGET"]
-    assert dns.startswith("dns:///") and service["metadata"]["name"] in dns
-    locals_ = [
-        Local(list(container_ports(deployment).values()), {config_dir: files}) for _ in range(count)
-    ]
-    env = {e["name"]: e["value"] for e in server.get("env", [])}
+    mounts = {config_dir: write_config_map(objects["ConfigMap"], tmp_path)}
+    ports = {str(p): str(free_port()) for p in container_ports(deployment).values()}
+    hosts = replica_hosts(deployment["spec"]["replicas"])
+    views = [Local(host, ports, mounts) for host in hosts]
+    server_env = {e["name"]: e["value"] for e in server.get("env", [])}
+    trainer_env = {e["name"]: e["value"] for e in trainer["env"]}
     probe = server["readinessProbe"]["exec"]["command"]
-    with replicas_running(count, server["command"], env, probe, locals_, tmp_path):
+    with (
+        replicas_running(server["command"], server_env, probe, views, tmp_path),
+        resolving(trainer_env["BATCHWIRE_TARGET"], hosts, ports) as names,
+    ):
         liveness = server["livenessProbe"]["exec"]["command"]
-        for local in locals_:  # the same check, passing
-            assert subprocess.run(local.command(liveness), capture_output=True).returncode == 0
-        pod = Local([], {}, everyone=dns)
-        trainer_env = {e["name"]: e["value"] for e in trainer["env"]}
-        result = subprocess.run(
-            pod.command(trainer["command"], locals_),
-            env=pod.env(trainer_env, locals_),
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert result.returncode == 0, result.stdout + result.stderr
-        assert "test accuracy through batchwire" in result.stdout
-    check_every_replica_served(tmp_path, count)
+        for view in views:  # the same check, passing
+            assert subprocess.run(view.command(liveness), capture_output=True).returncode == 0
+        run_trainer(Local("127.0.0.1", ports, {}, names), trainer["command"], trainer_env)
+    assert_every_replica_served(tmp_path, len(hosts))
 
 
 # -- docker compose up --scale server=3 --------------------------------------------
@@ -383,21 +400,16 @@ print(service.specifies_host_port(), service.custom_container_name)
 def test_compose_scaled_to_three_runs_as_local_processes(tmp_path: Path) -> None:
     services = yaml.safe_load(COMPOSE_FILE.read_text())["services"]
     server, trainer = services["server"], services["trainer"]
-    count = 3
-    locals_ = [Local([50051, 9090], {}) for _ in range(count)]
+    ports = {str(p): str(free_port()) for p in server["ports"]}
+    hosts = replica_hosts(3)  # docker compose up --scale server=3
+    views = [Local(host, ports, {}) for host in hosts]
     probe = server["healthcheck"]["test"][1:]
-    with replicas_running(
-        count, server["command"], server.get("environment", {}), probe, locals_, tmp_path
+    environment = server.get("environment", {})
+    with (
+        replicas_running(server["command"], environment, probe, views, tmp_path),
+        resolving(trainer["environment"]["BATCHWIRE_TARGET"], hosts, ports) as names,
     ):
-        pod = Local([], {}, everyone=trainer["environment"]["BATCHWIRE_TARGET"])
-        result = subprocess.run(
-            pod.command(trainer["command"], locals_),
-            env=pod.env(trainer["environment"], locals_),
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=600,
+        run_trainer(
+            Local("127.0.0.1", ports, {}, names), trainer["command"], trainer["environment"]
         )
-        assert result.returncode == 0, result.stdout + result.stderr
-        assert "test accuracy through batchwire" in result.stdout
-    check_every_replica_served(tmp_path, count)
+    assert_every_replica_served(tmp_path, len(hosts))
