@@ -93,11 +93,12 @@ class Snapshot:
     trainers: float
     machine: float
     at: float
+    each_server: tuple[float, ...]  # per replica's gRPC process: who served how much
 
     def __sub__(self, other: Snapshot) -> Snapshot:
-        return Snapshot(
-            *(getattr(self, f) - getattr(other, f) for f in Snapshot.__dataclass_fields__)
-        )
+        fields = ("server", "workers", "trainers", "machine", "at")
+        each = tuple(a - b for a, b in zip(self.each_server, other.each_server, strict=True))
+        return Snapshot(*(getattr(self, f) - getattr(other, f) for f in fields), each)
 
 
 def machine_busy_seconds() -> float:
@@ -143,9 +144,9 @@ def spread_run(
     def snapshot() -> Snapshot:
         cpu = cpu_of(fleet)
         trainers = sum(h._cpu(p.pid) for p in processes)
-        return Snapshot(
-            cpu["server"], cpu["workers"], trainers, machine_busy_seconds(), time.monotonic()
-        )
+        each = tuple(h._cpu(server.pid()) for server in fleet)
+        busy, now = machine_busy_seconds(), time.monotonic()
+        return Snapshot(cpu["server"], cpu["workers"], trainers, busy, now, each)
 
     records: dict[int, dict[str, Any]] = {}
     try:
@@ -185,12 +186,25 @@ def spread_run(
 
 
 def measure(
-    fleet: list[h.Server], workers: int, dataset: str, batch_size: int, trainers: int, args
+    fleet: list[h.Server],
+    workers: int,
+    dataset: str,
+    batch_size: int,
+    trainers: int,
+    args: argparse.Namespace,
+    *,
+    balanced: bool = False,
 ) -> dict[str, Any]:
-    """One real run: throughput, CPU per batch of each side, and the cores others used meanwhile."""
+    """One real run: throughput, CPU per batch of each side, and the cores others used meanwhile.
+
+    Trainer i streams from replica i mod R; ``balanced``: every trainer gets the list
+    of all replicas as its target, and gRPC's round_robin picks.
+    """
     duration, warmup, _ = h.timing(args)
     replicas = len(fleet)
-    targets = [fleet[i % replicas].target for i in range(trainers)]  # the spread
+    targets = [fleet[i % replicas].target for i in range(trainers)]
+    if balanced:
+        targets = [",".join(server.target for server in fleet)] * trainers
     records, cpu = spread_run(fleet, targets, dataset, batch_size, duration=duration, warmup=warmup)
     streams = [s for r in records for s in r["streams"]]
     batches = max(1, sum(s["window_batches"] for s in streams))
@@ -220,18 +234,20 @@ def measure(
             "receive": cpu.trainers / batches,
         },
         "others_cores": others / cpu.at,
+        "balanced": balanced,
+        "server_cpu_each": list(cpu.each_server),
         "window_seconds": cpu.at,
     }
 
 
-def calibrate(run: dict[str, Any]) -> Costs:
-    cost = run["cpu_per_batch"]
-    return Costs(
-        build=cost["build"],
-        serve=cost["serve"],
-        receive=cost["receive"],
-        batch_bytes=run["batch_bytes"],
-    )
+def calibrate(runs: list[dict[str, Any]]) -> Costs:
+    """Each cost the median over the calibration runs (one replica, worker and trainer)."""
+
+    def median(key: str) -> float:
+        return statistics.median(r["cpu_per_batch"][key] for r in runs)
+
+    batch_bytes = int(statistics.median(r["batch_bytes"] for r in runs))
+    return Costs(median("build"), median("serve"), median("receive"), batch_bytes)
 
 
 def model_of(costs: Costs, run: dict[str, Any]) -> dict[str, Any]:
@@ -300,7 +316,16 @@ def main() -> None:
         nargs="+",
         help="no measuring: the model again on the runs of these JSON files (pooled)",
     )
+    parser.add_argument(
+        "--acceptance",
+        action="store_true",
+        help="only issue 13 acceptance 6: imagenet, 3 replicas x 1 worker with one list "
+        "target (round_robin) vs 1 server x 3 workers, --repeats times",
+    )
     args = parser.parse_args()
+    if args.acceptance:
+        acceptance(args)
+        return
     measured_on = {}
     if args.from_json:
         results, machines = pooled(args.from_json)
@@ -308,7 +333,7 @@ def main() -> None:
     else:
         results = measure_all(args)
     for result in results.values():
-        costs = calibrate(h.best(result["calibration"]))
+        costs = calibrate(result["calibration"])
         result["costs"] = costs.__dict__
         for runs in result["validation"].values():
             for run in runs:
@@ -323,6 +348,44 @@ def main() -> None:
     h.write_json(
         "scaleout_model", args, {"pipelines": results, "trainers": TRAINERS, **setup, **measured_on}
     )
+
+
+def acceptance(args: argparse.Namespace) -> None:
+    """3 replicas x 1 worker, each trainer's target the list of all three (round_robin),
+    against 1 server x 3 workers; 3 trainers of one stream each, interleaved."""
+    _, _, repeats = h.timing(args)
+    config = h.server_toml(
+        [h.dataset_toml("imagenet", *h.SHAPES["imagenet"][1:], source="python", length=1 << 20)]
+    )
+    batch_size = 8 if args.quick else PIPELINES["imagenet"]
+    runs: dict[str, list[dict[str, Any]]] = {"3x1 list": [], "1x3": []}
+    with Replicas(config, 3, 1) as singles, Replicas(config, 1, 3) as triple:
+        for _ in range(repeats):
+            spread = measure(singles.servers, 1, "imagenet", batch_size, 3, args, balanced=True)
+            runs["3x1 list"].append(spread)
+            runs["1x3"].append(measure(triple.servers, 3, "imagenet", batch_size, 3, args))
+            print(
+                f"3x1 list {spread['mb_per_s']:.0f} MB/s (gRPC CPU by replica "
+                f"{[round(c, 1) for c in spread['server_cpu_each']]} s), "
+                f"1x3 {runs['1x3'][-1]['mb_per_s']:.0f} MB/s",
+                flush=True,
+            )
+    pairs = [a["mb_per_s"] / b["mb_per_s"] for a, b in zip(*runs.values(), strict=True)]
+    rows = [
+        [
+            i + 1,
+            a["mb_per_s"],
+            a["others_cores"],
+            b["mb_per_s"],
+            b["others_cores"],
+            pair,
+        ]
+        for i, (a, b, pair) in enumerate(zip(*runs.values(), pairs, strict=True))
+    ]
+    columns = ["run", "3x1 list MB/s", "others' cores", "1x3 MB/s", "others' cores", "ratio"]
+    print(h.table("imagenet, 3 trainers x 1 stream", columns, rows))
+    print(f"median ratio {statistics.median(pairs):.2f}")
+    h.write_json("scaleout_acceptance", args, {"runs": runs, "ratios": pairs})
 
 
 def pooled(paths: list[Path]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
