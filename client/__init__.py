@@ -17,6 +17,7 @@ from batchwire.client._errors import (
 )
 from batchwire.client._prefetch import DevicePrefetcher
 from batchwire.client._retry import RetryError, RetryPolicy
+from batchwire.client._shm import TransportError
 from batchwire.client._stats import StreamStats, enable_metrics
 
 __all__ = [
@@ -31,5 +32,6 @@ __all__ = [
     "ServerError",
     "StreamStats",
     "TargetError",
+    "TransportError",
     "enable_metrics",
 ]

@@ -15,7 +15,7 @@ from typing import Protocol
 import grpc
 
 from batchwire import compression, wire
-from batchwire.client import _credentials
+from batchwire.client import _credentials, _shm
 from batchwire.client._errors import ConnectError, ServerError
 from batchwire.client._retry import StreamCutShort
 from batchwire.client._targets import (
@@ -285,6 +285,18 @@ class BatchClient:
         """
         return self._unary("CountBatches", request, pb.BatchCount, wait_for_ready=False)
 
+    def transport(self, wanted: str, *, fail_fast: bool = False) -> _shm.Decision:
+        """The path streams take: shared memory when proven usable (see ``_shm``), else bytes.
+
+        ``fail_fast``: as a stream, UNAVAILABLE at once while the server is down (the
+        stream's RetryPolicy waits), instead of waiting for a first connection.
+        """
+        if wanted != _shm.GRPC:
+            wait_for_server(self.target, self.connect_timeout, fail_fast=fail_fast)
+        return _shm.negotiate(
+            channel(self.target), self.target, wanted, self.timeout, wait_for_ready=not fail_fast
+        )
+
     def stream(self, request: pb.StreamBatchesRequest) -> grpc.Call:
         """Opens a StreamBatches call; iterate it for ``wire.Chunk`` objects.
 
@@ -315,7 +327,8 @@ class BatchClient:
         away, so a CANCELLED status raised here is never the client's own doing.
         """
         call = self.stream(request)
-        assembler = wire.BatchAssembler(compression.decompress)
+        mapper = _shm.PayloadMapper(self.target) if request.shared_memory_nonce else None
+        assembler = wire.BatchAssembler(compression.decompress, mapper)
         try:
             for chunk in call:
                 decoding = time.perf_counter()
@@ -332,3 +345,5 @@ class BatchClient:
             raise ServerError.from_rpc(error, self.name) from None
         finally:
             call.cancel()
+            if mapper is not None:
+                mapper.close()

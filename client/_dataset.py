@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 import warnings
@@ -13,17 +14,20 @@ import grpc
 from google.protobuf import json_format
 from torch.utils.data import IterableDataset, get_worker_info
 
-from batchwire.client import _position, _ranks
+from batchwire.client import _position, _ranks, _shm
 from batchwire.client._channel import BatchClient
 from batchwire.client._errors import CHECKPOINT, BatchwireError, FingerprintMismatch, ServerError
 from batchwire.client._ledger import PassLedger
 from batchwire.client._parallel import merge_in_order
 from batchwire.client._resume import resuming_batches
 from batchwire.client._retry import RetryPolicy, call_with_retry
-from batchwire.client._stats import StatsRecorder, StreamStats, transport
+from batchwire.client._stats import StatsRecorder, StreamStats
+from batchwire.client._stats import transport as grpc_transport
 from batchwire.client._targets import Target
 from batchwire.compression import codec as compression_codec
 from batchwire.v1 import batchwire_pb2 as pb
+
+log = logging.getLogger("batchwire.client")
 
 _COUNTS_KEPT = 8  # epochs whose batch count is remembered
 _FINGERPRINT_LOCK = threading.Lock()  # module-wide: a dataset pickles into DataLoader workers
@@ -84,6 +88,10 @@ class RemoteDataset(IterableDataset):
         compression: ``"none"``, ``"lz4"`` or ``"zstd"``: payload compression,
             worth it for compressible data (uint8 images) on a slow link only
             (see benchmarks/RESULTS.md).
+        transport: ``"auto"`` (shared memory when this process proves it can map the
+            server's, else bytes over gRPC), ``"shm"`` (require it: ``TransportError``
+            saying why not) or ``"grpc"`` (bytes always); ``"auto"`` follows
+            ``BATCHWIRE_TRANSPORT`` when set. ``ds.transport`` says which path is taken.
     """
 
     # Keys of state_dict(); CONFIG_KEY holds what must match for a resume to be exact.
@@ -111,6 +119,7 @@ class RemoteDataset(IterableDataset):
         buffer: int = 2,
         retry: RetryPolicy | None = None,
         compression: str = "none",
+        transport: str = "auto",
     ) -> None:
         super().__init__()
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
@@ -136,8 +145,10 @@ class RemoteDataset(IterableDataset):
         self.streams = streams
         self.buffer = buffer
         self.retry = retry or RetryPolicy()
+        self._transport_wanted = _shm.check_transport(transport)
+        self._decision: _shm.Decision | None = None
         self._client = BatchClient(target, timeout=timeout)
-        self._stats = StatsRecorder(dataset, transport(self._client.target, self.compression))
+        self._stats = StatsRecorder(dataset, grpc_transport(self._client.target, self.compression))
         # The fingerprint every request carries (None: not asked yet), and where it came from.
         self._fingerprint: str | None = None
         self._fingerprint_from = ""
@@ -318,6 +329,34 @@ class RemoteDataset(IterableDataset):
         epoch, sample, batch = self._base(ask=ask)
         passes = self._ledger.passes()
         return (epoch + passes, 0, 0) if passes else (epoch, sample, batch)
+
+    @property
+    def transport(self) -> str:
+        """``"shm"`` or ``"grpc"``: the path batches take (decided at the first contact)."""
+        return self._decide().transport
+
+    def _decide(self, *, again: bool = False, stream: bool = False) -> _shm.Decision:
+        """Proves shared memory usable (once, and again after a reconnect), or says why not.
+
+        ``stream``: for a stream about to open, failing as it would (UNAVAILABLE at once
+        while the server is down: its RetryPolicy waits).
+        """
+        previous = self._decision
+        if previous is None or again:
+            self._decision = self._client.transport(self._transport_wanted, fail_fast=stream)
+            if previous is None or previous.transport != self._decision.transport:
+                log.info(
+                    "dataset %r from %s: batches over %s (%s)",
+                    self.dataset,
+                    self.target,
+                    "shared memory" if self._decision.transport == _shm.SHM else "gRPC",
+                    self._decision.reason,
+                )
+            if self._decision.transport == _shm.SHM:
+                self._stats.set_transport(_shm.SHM)
+            else:
+                self._stats.set_transport(grpc_transport(self._client.target, self.compression))
+        return self._decision
 
     def describe(self) -> pb.DatasetInfo:
         """The dataset's length and fields, as the server reports them."""
@@ -673,6 +712,8 @@ class RemoteDataset(IterableDataset):
             request = self.request(
                 epoch, first, batch_stride=stride, start_sample=sample, batch_size=batch_size
             )
+            # After a reconnect the server may be another (or restarted): proven again.
+            request.shared_memory_nonce = self._decide(again=opened > 1, stream=True).nonce
             report = self._stats.take_report()  # the previous pass, for the server's dashboard
             if report is not None:
                 request.trainer_report.CopyFrom(report)

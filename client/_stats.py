@@ -153,6 +153,11 @@ class StatsRecorder:
         self.__dict__.update(state)
         self._lock = threading.Lock()
 
+    def set_transport(self, transport: str) -> None:
+        """The path batches take, once known ("shm", or the gRPC one given at first)."""
+        with self._lock:
+            self._transport = transport
+
     def stats(self) -> StreamStats:
         with self._lock:
             return StreamStats(

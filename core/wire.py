@@ -61,6 +61,7 @@ _WIRE_TO_TORCH = {wire: dtype for dtype, wire in _TORCH_TO_WIRE.items()}
 _HEADER_TAG = bytes([(1 << 3) | 2])  # BatchChunk.header, length-delimited
 _DATA_TAG = bytes([(2 << 3) | 2])  # BatchChunk.data, length-delimited
 _PACKED_TAG = bytes([(3 << 3) | 2])  # BatchChunk.packed, length-delimited
+_SHARED_TAG = bytes([(4 << 3) | 2])  # BatchChunk.shared_memory, length-delimited
 
 MAX_BATCHES_PER_MESSAGE = 16
 """What Python clients accept in one message (``StreamBatchesRequest.max_batches_per_message``)."""
@@ -243,11 +244,28 @@ def _varint(value: int) -> bytes:
             return bytes(out)
 
 
+class Shared:
+    """A payload that travels as a handle (a serialised ``SharedMemoryPayload``), not as bytes.
+
+    Its length is 0: it adds no payload bytes to a message (see ``server/shm_delivery``).
+    """
+
+    __slots__ = ("handle",)
+
+    def __init__(self, handle: bytes) -> None:
+        self.handle = handle
+
+    def __len__(self) -> int:
+        return 0
+
+
 def _batch_fields(header: pb.BatchHeader, piece: Any) -> list[Any]:
     """The parts of a frame that starts a batch: its header, then ``piece`` of its payload."""
     header_bytes = header.SerializeToString()
     parts: list[Any] = [_HEADER_TAG, _varint(len(header_bytes)), header_bytes]
-    if len(piece):
+    if isinstance(piece, Shared):
+        parts += [_SHARED_TAG, _varint(len(piece.handle)), piece.handle]
+    elif len(piece):
         parts += [_DATA_TAG, _varint(len(piece)), piece]
     return parts
 
@@ -258,6 +276,9 @@ def frames(header: pb.BatchHeader, payload: memoryview, chunk_bytes: int) -> Ite
     The first frame holds the header and the first slice of the payload; each
     frame carries at most ``chunk_bytes`` payload bytes.
     """
+    if isinstance(payload, Shared):
+        yield b"".join(_batch_fields(header, payload))
+        return
     size = len(payload)
     count = max(1, math.ceil(size / chunk_bytes))
     for i in range(count):
@@ -306,6 +327,8 @@ class Chunk:
     header: pb.BatchHeader | None
     data: memoryview
     packed: tuple[Chunk, ...] = ()
+    shared: pb.SharedMemoryPayload | None = None
+    """Where the payload lies in shared memory, instead of ``data`` (same-host delivery)."""
 
 
 def parse_chunk(frame: bytes) -> Chunk:
@@ -317,6 +340,7 @@ def _parse(view: memoryview) -> Chunk:
     header: pb.BatchHeader | None = None
     data = view[0:0]
     packed: list[Chunk] = []
+    shared: pb.SharedMemoryPayload | None = None
     pos = 0
     while pos < len(view):
         tag, pos = _read_varint(view, pos)
@@ -331,8 +355,10 @@ def _parse(view: memoryview) -> Chunk:
             data = body
         elif tag >> 3 == 3:
             packed.append(_parse(body))
+        elif tag >> 3 == 4:
+            shared = pb.SharedMemoryPayload.FromString(body)
         # Unknown length-delimited fields are skipped, as protobuf does.
-    return Chunk(header, data, tuple(packed))
+    return Chunk(header, data, tuple(packed), shared)
 
 
 def decode_tensors(header: pb.BatchHeader, payload: Any) -> list[torch.Tensor]:
@@ -374,11 +400,13 @@ class BatchAssembler:
     """Joins the chunks of a stream into decoded batches.
 
     ``add(chunk)`` returns ``(batch_index, batch)`` when a chunk completes a
-    batch, else ``None``.
+    batch, else ``None``. ``shared(handle, header)`` maps a payload that came as a
+    shared-memory handle (None: a handle is an error).
     """
 
-    def __init__(self, decompress: Any = None) -> None:
+    def __init__(self, decompress: Any = None, shared: Any = None) -> None:
         self._decompress = decompress
+        self._shared = shared
         self._header: pb.BatchHeader | None = None
         self._buffer: bytearray | mmap.mmap | None = None
         self._filled = 0
@@ -393,6 +421,13 @@ class BatchAssembler:
             self._header = chunk.header
             self._filled = 0
             self._buffer = None
+            if chunk.shared is not None:
+                if self._shared is None:
+                    raise WireError(
+                        f"batch {chunk.header.batch_index} came as a shared-memory handle, "
+                        "which this client did not ask for"
+                    )
+                return self._finish(self._shared(chunk.shared, chunk.header))
             if len(chunk.data) == self._header.payload_size:
                 return self._finish(chunk.data)  # one chunk: decode in place
         header = self._header

@@ -12,12 +12,17 @@ The free list is capped (``RECYCLE_BYTES``), and ``trim`` empties it, which
 the pool does when it has been idle for a while: idle servers hold no shared
 memory. Names are ``batchwire-{server pid}-{pool id}-{n}``, so the files of a
 server that died without cleaning up are found and removed at the next start.
+
+A file handed to a same-host client (``give_away``, see ``shm_delivery``) is
+never recycled: the client's tensors map it, so its name is removed as soon as
+this process's mapping is gone, and its memory returns once the client's is.
 """
 
 from __future__ import annotations
 
 import contextlib
 import glob
+import grp
 import itertools
 import logging
 import mmap
@@ -27,6 +32,8 @@ import re
 import tempfile
 import threading
 import weakref
+
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +50,10 @@ def default_shm_dir() -> str:
 class PayloadFiles:
     """Hands out payload file names, maps finished files, and recycles them once unmapped."""
 
-    def __init__(self, shm_dir: str, owner: object) -> None:
+    def __init__(self, shm_dir: str, owner: object, *, group: str = "") -> None:
         self.shm_dir = shm_dir
+        # A configured shm_group may map payloads too (same-host delivery): 0640 of that group.
+        self._gid = grp.getgrnam(group).gr_gid if group else None
         self._prefix = f"batchwire-{os.getpid()}-{id(owner):x}-"
         self._names = itertools.count()
         self._lock = threading.Lock()
@@ -53,6 +62,7 @@ class PayloadFiles:
         # any thread, even one holding _lock; SimpleQueue.put takes no lock of ours.
         self._unmapped: queue.SimpleQueue[tuple[str, int]] = queue.SimpleQueue()
         self._closed = False
+        self._given: set[str] = set()  # paths clients map: removed, never recycled, once unmapped
 
     def take(self) -> str:
         """A path for a worker to write a task's payload to: a free file, else a new name."""
@@ -74,13 +84,29 @@ class PayloadFiles:
             return memoryview(b"")
         fd = os.open(path, os.O_RDONLY)
         try:
+            if self._gid is not None:
+                os.fchown(fd, -1, self._gid)
+                os.fchmod(fd, 0o640)
             # MAP_POPULATE maps every page now, in one call, instead of one fault per page.
             flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
             mapped = mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ)
         finally:
             os.close(fd)
-        weakref.finalize(mapped, self._unmapped.put, (path, size))
+        weakref.finalize(mapped, self._on_unmapped, path, size)
+        _located[mapped] = (self, path)
         return memoryview(mapped)
+
+    def _on_unmapped(self, path: str, size: int) -> None:
+        # May run in the cyclic GC, in any thread: set operations and unlink take no lock of ours.
+        if path in self._given:
+            self._given.discard(path)
+            self.discard(path)
+        else:
+            self._unmapped.put((path, size))
+
+    def give_away(self, path: str) -> None:
+        """Marks ``path`` as mapped by a client: removed, not recycled, once unmapped here."""
+        self._given.add(path)
 
     def discard(self, path: str) -> None:
         """Removes a file nobody will map (the batch failed, or its stream ended)."""
@@ -127,6 +153,24 @@ class PayloadFiles:
                 removed += 1
         if removed:
             log.info("removed %d payload file(s) of stopped servers from %s", removed, self.shm_dir)
+
+
+_located: weakref.WeakKeyDictionary[mmap.mmap, tuple[PayloadFiles, str]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def locate(view: memoryview) -> tuple[PayloadFiles, str, int, mmap.mmap] | None:
+    """Where a payload view lies: (its files, path, offset in the file, the mapping); None when
+    it is no view of a payload file (an empty batch, a Ray executor's array)."""
+    base = view.obj
+    found = _located.get(base) if isinstance(base, mmap.mmap) else None
+    if found is None or not len(view):
+        return None
+    files, path = found
+    start = np.frombuffer(base, np.uint8).ctypes.data
+    offset = np.frombuffer(view, np.uint8).ctypes.data - start
+    return files, path, offset, base
 
 
 def _alive(pid: int) -> bool:

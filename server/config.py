@@ -9,6 +9,7 @@ same ``Table`` reader so that their errors read alike.
 
 from __future__ import annotations
 
+import grp
 import os
 import tomllib
 from collections.abc import Mapping
@@ -160,6 +161,9 @@ class ServerConfig:
     """Folders (relative to the config file) added to sys.path for `python` sources."""
     shm_dir: str = ""
     """Where workers put finished batches; default /dev/shm."""
+    shm_group: str = ""
+    """A group whose members may map batches too (objects 0640 of that group); empty:
+    the server's user only (0600). See ``shm_delivery``."""
     max_batch_bytes: int = 1 << 30
     """A batch larger than this ends its stream with RESOURCE_EXHAUSTED."""
     max_message_bytes: int = 64 << 20
@@ -290,6 +294,7 @@ def _server_config(table: Table) -> ServerConfig:
         ),
         python_path=tuple(str((table.file.parent / p).resolve()) for p in python_path),
         shm_dir=table.get("shm_dir", str, defaults.shm_dir),
+        shm_group=_group(table, "shm_group", defaults.shm_group),
         max_batch_bytes=table.positive_int("max_batch_bytes", defaults.max_batch_bytes),
         max_message_bytes=max_message_bytes,
         plan_cache_bytes=_non_negative_int(table, "plan_cache_bytes", defaults.plan_cache_bytes),
@@ -324,6 +329,16 @@ def _server_config(table: Table) -> ServerConfig:
         tls=_tls_config(table.table("tls")) if "tls" in table.data else None,
         auth=_auth_config(table.table("auth")) if "auth" in table.data else None,
     )
+
+
+def _group(table: Table, name: str, default: str) -> str:
+    group = table.get(name, str, default)
+    if group:
+        try:
+            grp.getgrnam(group)
+        except KeyError:
+            raise table.error(name, f"no group {group!r} on this host") from None
+    return group
 
 
 def _non_negative_int(table: Table, name: str, default: int) -> int:

@@ -8,7 +8,7 @@ Exposed over HTTP when ``metrics_port`` is set. Names:
     batchwire_active_streams                     open StreamBatches calls
     batchwire_queue_depth{dataset}               built batches waiting to be sent, over a dataset's open streams
     batchwire_stream_worker_wait_seconds_total{dataset}  time streams waited for a worker to finish a batch
-    batchwire_transport_bytes_sent_total{transport,compression}  payload bytes by transport (tcp, unix, ...)
+    batchwire_transport_bytes_sent_total{transport,compression}  payload bytes by transport (tcp, unix, shm, ...)
     batchwire_trainer_data_wait_seconds_total{dataset}  trainer-reported: training loops waited for data
     batchwire_trainer_compute_seconds_total{dataset}    trainer-reported: training loops computed
     batchwire_worker_busy_seconds_total          time worker processes spent building batches
@@ -67,7 +67,7 @@ class Metrics:
         )
         self.transport_bytes = Counter(
             "batchwire_transport_bytes_sent",
-            "Payload bytes sent, by transport (tcp, unix, ...) and payload compression.",
+            "Payload bytes sent, by transport (tcp, unix, shm, ...) and payload compression.",
             ["transport", "compression"],
             registry=r,
         )
@@ -104,9 +104,14 @@ class Metrics:
         self._streams_lock = threading.Lock()
         self.streams: dict[str, StreamMeter] = {}  # open ones; at most max_concurrent_streams
 
-    def open_stream(self, stream_id: str, dataset: str, peer: str, compression: str) -> StreamMeter:
-        """Starts counting one stream; ``close()`` it when the stream ends."""
-        meter = StreamMeter(self, stream_id, dataset, transport_of(peer), compression)
+    def open_stream(
+        self, stream_id: str, dataset: str, peer: str, compression: str, transport: str = ""
+    ) -> StreamMeter:
+        """Starts counting one stream; ``close()`` it when the stream ends.
+
+        ``transport``: "shm" for a same-host stream; by default, the peer's (tcp, unix).
+        """
+        meter = StreamMeter(self, stream_id, dataset, transport or transport_of(peer), compression)
         with self._streams_lock:
             self.streams[stream_id] = meter
         self.active_streams.inc()

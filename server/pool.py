@@ -172,7 +172,9 @@ class WorkerPool:
             )
         self._config = config
         self._num_workers = num_workers
-        self._files = PayloadFiles(shm_dir or default_shm_dir(), self)
+        self._files = PayloadFiles(
+            shm_dir or default_shm_dir(), self, group=config.server.shm_group
+        )
         self._task_timeout = config.server.task_timeout_seconds
         self._context = mp.get_context("forkserver")
         self._context.set_forkserver_preload(["batchwire.server._worker"])

@@ -39,6 +39,7 @@ from batchwire.server.metrics import Metrics, StreamMeter
 from batchwire.server.registry import DatasetEntry, DatasetRegistry, DescribeError
 from batchwire.server.requests import InvalidRequest, StreamPlan, echo, plan_stream
 from batchwire.server.shared_builds import SharedBuilds
+from batchwire.server.shm_delivery import SharedMemory, SharedStream
 from batchwire.server.stream import (
     BatchStream,
     BatchTooLarge,
@@ -134,11 +135,13 @@ class BatchService:
             settings.max_concurrent_streams + STREAM_SPARE_THREADS,
             thread_name_prefix="batchwire-stream",
         )
+        self._shm = SharedMemory(settings.shm_dir, settings.shm_group)
 
     def close(self) -> None:
         """Drops blocking work not yet started (the server has stopped)."""
         for threads in (self._call_threads, self._stream_threads):
             threads.shutdown(wait=False, cancel_futures=True)
+        self._shm.close()
 
     @property
     def active_streams(self) -> int:
@@ -200,6 +203,11 @@ class BatchService:
                     request_deserializer=pb.StreamBatchesRequest.FromString,
                     response_serializer=pb.BatchCount.SerializeToString,
                 ),
+                "SharedMemoryOffer": grpc.unary_unary_rpc_method_handler(
+                    self.shared_memory_offer,
+                    request_deserializer=pb.SharedMemoryOfferRequest.FromString,
+                    response_serializer=pb.SharedMemoryOfferResponse.SerializeToString,
+                ),
                 "StreamBatches": grpc.unary_stream_rpc_method_handler(
                     self.stream_batches,
                     request_deserializer=pb.StreamBatchesRequest.FromString,
@@ -227,6 +235,11 @@ class BatchService:
             num_samples=len(stream.plan.indices),
             sampler=stream.sampler,
         )
+
+    async def shared_memory_offer(
+        self, request: pb.SharedMemoryOfferRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SharedMemoryOfferResponse:
+        return await self._blocking(self._call_threads, context, self._shm.offer)
 
     def _list_datasets(self) -> pb.ListDatasetsResponse:
         infos = []
@@ -282,17 +295,24 @@ class BatchService:
             f"start={request.start_batch} end={request.end_batch} "
             f"stride={request.batch_stride}"
         )
+        shared = self._shm.accepts(request.shared_memory_nonce)  # the client proved it maps ours
+        if shared:
+            parameters += " transport=shm"
         log.info("stream start %s", parameters)
         with self._active_lock:
             self._active += 1
         meter = self._metrics.open_stream(
-            stream_id, entry.name, context.peer(), pb.Compression.Name(request.compression).lower()
+            stream_id,
+            entry.name,
+            context.peer(),
+            "none" if shared else pb.Compression.Name(request.compression).lower(),
+            "shm" if shared else "",
         )
         started = time.monotonic()
         sent = {"batches": 0, "bytes": 0}
         status = "OK"
         try:
-            await self._stream(entry, stream, request, context, sent, meter)
+            await self._stream(entry, stream, request, context, sent, meter, shared=shared)
         except Refused as refused:
             status = refused.code.name  # counted by _refuse
             await context.abort(refused.code, refused.message)
@@ -348,8 +368,13 @@ class BatchService:
         context: grpc.aio.ServicerContext,
         sent: dict[str, int],
         meter: StreamMeter,
+        *,
+        shared: bool = False,
     ) -> None:
-        """Runs the stream's ``BatchStream``; a failure that stops it becomes ``Refused``."""
+        """Runs the stream's ``BatchStream``; a failure that stops it becomes ``Refused``.
+
+        ``shared``: payloads go as shared-memory handles (see ``shm_delivery``).
+        """
 
         def on_built(built: BuiltBatch) -> None:
             meter.built(built.build_seconds)
@@ -374,7 +399,16 @@ class BatchService:
             max_batch_bytes=self._settings.max_batch_bytes,
             per_message=min(request.max_batches_per_message, MAX_BATCHES_PER_MESSAGE),
         )
+        handles: SharedStream | None = None
+        if shared:
+            try:
+                handles = self._shm.stream(limits.prefetch_batches, limits.chunk_bytes)
+            except OSError as exc:  # /dev/shm full, ...: this stream's payloads go as bytes
+                log.warning(
+                    "no shared-memory release board for a %s stream (%s): bytes", entry.name, exc
+                )
         hooks = StreamHooks(
+            shared=handles,
             write=context.write,
             compress=compress if codec != pb.NONE else None,
             draining=self._drain_due,
@@ -395,11 +429,17 @@ class BatchService:
         )
         try:
             await batches.run()
+            if handles is not None:
+                await handles.finish(self._drain_due)  # every handle mapped before the end
         except StreamStopped as stopped:
             code, message = failure_status(stopped.failure, stopped.position)
+            if handles is not None:
+                await handles.finish(self._drain_due)  # the batches before the failure arrive
             self._refuse(code, message)
         finally:
             builds.close()  # what was held for this stream alone goes
+            if handles is not None:
+                handles.close()
 
     def _batch_bytes(self, entry: DatasetEntry, plan, positions: range) -> int:
         """Estimated payload bytes of the stream's first batch (0: unknown)."""

@@ -24,6 +24,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Protocol
 
+from batchwire import wire
 from batchwire.server._tasks import BatchFailed, BatchTask, BuiltBatch, Unavailable, release_all
 from batchwire.server.executor import Executor
 from batchwire.server.outbox import Outbox
@@ -83,6 +84,16 @@ class StreamHooks:
     """Batches built and waiting to be sent, after each task arrives."""
     on_waited: Callable[[float], None] = lambda seconds: None
     """Seconds the stream waited on the executor for a task."""
+    shared: SharedPayloads | None = None
+    """Same-host delivery (``shm_delivery.SharedStream``): payloads go as handles, uncompressed."""
+
+
+class SharedPayloads(Protocol):
+    def shareable(self, payload: memoryview) -> bool: ...
+    def must_wait(self, size: int) -> bool: ...
+    def has_room(self, size: int) -> bool: ...
+    async def wait(self) -> None: ...
+    def handle(self, payload: memoryview) -> bytes: ...
 
 
 class BatchStream:
@@ -176,6 +187,16 @@ class BatchStream:
             )
             raise StreamStopped(too_large, position)
         payload = batch.payload
+        shared = self._hooks.shared
+        if shared is not None and shared.shareable(payload):
+            if shared.must_wait(len(payload)):
+                await self._flush()  # the client maps (and counts) what it has first
+                while shared.must_wait(len(payload)):
+                    self._check_drain(position)
+                    await shared.wait()
+            if shared.has_room(len(payload)):  # else the client holds many: bytes
+                await self._write(self._outbox.add(header, wire.Shared(shared.handle(payload))))
+                return
         if self._hooks.compress is not None:
             payload = await self._hooks.compress(header, payload)
         await self._write(self._outbox.add(header, payload))

@@ -96,6 +96,7 @@ def test_public_exports_are_pinned():
         "ServerError",
         "StreamStats",
         "TargetError",
+        "TransportError",
         "enable_metrics",
     ]
     assert batchwire.server.__all__ == ["BatchwireServer", "Config", "ConfigError", "load_config"]

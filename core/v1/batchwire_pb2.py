@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x62\x61tchwire/v1/batchwire.proto\x12\x0c\x62\x61tchwire.v1\"\x15\n\x13ListDatasetsRequest\"C\n\x14ListDatasetsResponse\x12+\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32\x19.batchwire.v1.DatasetInfo\")\n\x16\x44\x65scribeDatasetRequest\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\"L\n\tFieldInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x05\x64type\x18\x02 \x01(\x0e\x32\x13.batchwire.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\"\xca\x01\n\x0b\x44\x61tasetInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06length\x18\x02 \x01(\x03\x12\'\n\x06\x66ields\x18\x03 \x03(\x0b\x32\x17.batchwire.v1.FieldInfo\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x12\n\ntransforms\x18\x05 \x03(\t\x12*\n\x07sampler\x18\x06 \x01(\x0b\x32\x19.batchwire.v1.SamplerSpec\x12\x13\n\x0b\x66ingerprint\x18\x07 \x01(\t\x12\x0f\n\x07replica\x18\x08 \x01(\t\"\xb9\x03\n\x14StreamBatchesRequest\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\x12\n\nbatch_size\x18\x02 \x01(\x03\x12\x0f\n\x07shuffle\x18\x03 \x01(\x08\x12\x0c\n\x04seed\x18\x04 \x01(\x03\x12\r\n\x05\x65poch\x18\x05 \x01(\x03\x12\x0c\n\x04rank\x18\x06 \x01(\x03\x12\x12\n\nworld_size\x18\x07 \x01(\x03\x12\x11\n\tdrop_last\x18\x08 \x01(\x08\x12\x13\n\x0bstart_batch\x18\t \x01(\x03\x12\x11\n\tend_batch\x18\n \x01(\x03\x12\x14\n\x0c\x62\x61tch_stride\x18\x0b \x01(\x03\x12.\n\x0b\x63ompression\x18\x0c \x01(\x0e\x32\x19.batchwire.v1.Compression\x12*\n\x07sampler\x18\r \x01(\x0b\x32\x19.batchwire.v1.SamplerSpec\x12\x1f\n\x17max_batches_per_message\x18\x0e \x01(\x03\x12\x33\n\x0etrainer_report\x18\x0f \x01(\x0b\x32\x1b.batchwire.v1.TrainerReport\x12\x14\n\x0cstart_sample\x18\x10 \x01(\x03\x12\x13\n\x0b\x66ingerprint\x18\x14 \x01(\t\"O\n\rTrainerReport\x12\x14\n\x0cwait_seconds\x18\x01 \x01(\x01\x12\x17\n\x0f\x63ompute_seconds\x18\x02 \x01(\x01\x12\x0f\n\x07\x62\x61tches\x18\x03 \x01(\x03\"t\n\x0bSamplerSpec\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x03\x12\x1b\n\x13without_replacement\x18\x03 \x01(\x08\x12\x12\n\nmax_tokens\x18\x04 \x01(\x03\x12\x11\n\tmax_items\x18\x05 \x01(\x03\"G\n\nBatchCount\x12\x13\n\x0bnum_batches\x18\x01 \x01(\x03\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x03\x12\x0f\n\x07sampler\x18\x03 \x01(\t\"_\n\nTensorMeta\x12\"\n\x05\x64type\x18\x01 \x01(\x0e\x32\x13.batchwire.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x0e\n\x06nbytes\x18\x04 \x01(\x03\"\x97\x01\n\x04Node\x12\x10\n\x06tensor\x18\x01 \x01(\x05H\x00\x12\'\n\x05tuple\x18\x02 \x01(\x0b\x32\x16.batchwire.v1.NodeListH\x00\x12&\n\x04list\x18\x03 \x01(\x0b\x32\x16.batchwire.v1.NodeListH\x00\x12$\n\x03map\x18\x04 \x01(\x0b\x32\x15.batchwire.v1.NodeMapH\x00\x42\x06\n\x04kind\"-\n\x08NodeList\x12!\n\x05items\x18\x01 \x03(\x0b\x32\x12.batchwire.v1.Node\";\n\x07NodeMap\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12\"\n\x06values\x18\x02 \x03(\x0b\x32\x12.batchwire.v1.Node\"\x8e\x02\n\x0b\x42\x61tchHeader\x12\x13\n\x0b\x62\x61tch_index\x18\x01 \x01(\x03\x12\x14\n\x0cpayload_size\x18\x02 \x01(\x03\x12)\n\x07tensors\x18\x03 \x03(\x0b\x32\x18.batchwire.v1.TensorMeta\x12%\n\tstructure\x18\x04 \x01(\x0b\x32\x12.batchwire.v1.Node\x12.\n\x0b\x63ompression\x18\x05 \x01(\x0e\x32\x19.batchwire.v1.Compression\x12\x10\n\x08raw_size\x18\x06 \x01(\x03\x12\x13\n\x0bnum_samples\x18\x07 \x01(\x03\x12\x15\n\rbuild_seconds\x18\x08 \x01(\x01\x12\x14\n\x0cwait_seconds\x18\t \x01(\x01\"o\n\nBatchChunk\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.batchwire.v1.BatchHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12(\n\x06packed\x18\x03 \x03(\x0b\x32\x18.batchwire.v1.BatchChunk*\x93\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT64\x10\x02\x12\x0b\n\x07\x46LOAT16\x10\x03\x12\x0c\n\x08\x42\x46LOAT16\x10\x04\x12\x08\n\x04INT8\x10\x05\x12\t\n\x05INT16\x10\x06\x12\t\n\x05INT32\x10\x07\x12\t\n\x05INT64\x10\x08\x12\t\n\x05UINT8\x10\t\x12\x08\n\x04\x42OOL\x10\n**\n\x0b\x43ompression\x12\x08\n\x04NONE\x10\x00\x12\x07\n\x03LZ4\x10\x01\x12\x08\n\x04ZSTD\x10\x02\x32\xd8\x02\n\x0c\x42\x61tchService\x12U\n\x0cListDatasets\x12!.batchwire.v1.ListDatasetsRequest\x1a\".batchwire.v1.ListDatasetsResponse\x12R\n\x0f\x44\x65scribeDataset\x12$.batchwire.v1.DescribeDatasetRequest\x1a\x19.batchwire.v1.DatasetInfo\x12O\n\rStreamBatches\x12\".batchwire.v1.StreamBatchesRequest\x1a\x18.batchwire.v1.BatchChunk0\x01\x12L\n\x0c\x43ountBatches\x12\".batchwire.v1.StreamBatchesRequest\x1a\x18.batchwire.v1.BatchCountb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x62\x61tchwire/v1/batchwire.proto\x12\x0c\x62\x61tchwire.v1\"\x15\n\x13ListDatasetsRequest\"C\n\x14ListDatasetsResponse\x12+\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32\x19.batchwire.v1.DatasetInfo\")\n\x16\x44\x65scribeDatasetRequest\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\"L\n\tFieldInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x05\x64type\x18\x02 \x01(\x0e\x32\x13.batchwire.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\"\xca\x01\n\x0b\x44\x61tasetInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06length\x18\x02 \x01(\x03\x12\'\n\x06\x66ields\x18\x03 \x03(\x0b\x32\x17.batchwire.v1.FieldInfo\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x12\n\ntransforms\x18\x05 \x03(\t\x12*\n\x07sampler\x18\x06 \x01(\x0b\x32\x19.batchwire.v1.SamplerSpec\x12\x13\n\x0b\x66ingerprint\x18\x07 \x01(\t\x12\x0f\n\x07replica\x18\x08 \x01(\t\"\xd6\x03\n\x14StreamBatchesRequest\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\x12\n\nbatch_size\x18\x02 \x01(\x03\x12\x0f\n\x07shuffle\x18\x03 \x01(\x08\x12\x0c\n\x04seed\x18\x04 \x01(\x03\x12\r\n\x05\x65poch\x18\x05 \x01(\x03\x12\x0c\n\x04rank\x18\x06 \x01(\x03\x12\x12\n\nworld_size\x18\x07 \x01(\x03\x12\x11\n\tdrop_last\x18\x08 \x01(\x08\x12\x13\n\x0bstart_batch\x18\t \x01(\x03\x12\x11\n\tend_batch\x18\n \x01(\x03\x12\x14\n\x0c\x62\x61tch_stride\x18\x0b \x01(\x03\x12.\n\x0b\x63ompression\x18\x0c \x01(\x0e\x32\x19.batchwire.v1.Compression\x12*\n\x07sampler\x18\r \x01(\x0b\x32\x19.batchwire.v1.SamplerSpec\x12\x1f\n\x17max_batches_per_message\x18\x0e \x01(\x03\x12\x33\n\x0etrainer_report\x18\x0f \x01(\x0b\x32\x1b.batchwire.v1.TrainerReport\x12\x14\n\x0cstart_sample\x18\x10 \x01(\x03\x12\x13\n\x0b\x66ingerprint\x18\x14 \x01(\t\x12\x1b\n\x13shared_memory_nonce\x18\x17 \x01(\x0c\"O\n\rTrainerReport\x12\x14\n\x0cwait_seconds\x18\x01 \x01(\x01\x12\x17\n\x0f\x63ompute_seconds\x18\x02 \x01(\x01\x12\x0f\n\x07\x62\x61tches\x18\x03 \x01(\x03\"t\n\x0bSamplerSpec\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x03\x12\x1b\n\x13without_replacement\x18\x03 \x01(\x08\x12\x12\n\nmax_tokens\x18\x04 \x01(\x03\x12\x11\n\tmax_items\x18\x05 \x01(\x03\"G\n\nBatchCount\x12\x13\n\x0bnum_batches\x18\x01 \x01(\x03\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x03\x12\x0f\n\x07sampler\x18\x03 \x01(\t\"_\n\nTensorMeta\x12\"\n\x05\x64type\x18\x01 \x01(\x0e\x32\x13.batchwire.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x0e\n\x06nbytes\x18\x04 \x01(\x03\"\x97\x01\n\x04Node\x12\x10\n\x06tensor\x18\x01 \x01(\x05H\x00\x12\'\n\x05tuple\x18\x02 \x01(\x0b\x32\x16.batchwire.v1.NodeListH\x00\x12&\n\x04list\x18\x03 \x01(\x0b\x32\x16.batchwire.v1.NodeListH\x00\x12$\n\x03map\x18\x04 \x01(\x0b\x32\x15.batchwire.v1.NodeMapH\x00\x42\x06\n\x04kind\"-\n\x08NodeList\x12!\n\x05items\x18\x01 \x03(\x0b\x32\x12.batchwire.v1.Node\";\n\x07NodeMap\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12\"\n\x06values\x18\x02 \x03(\x0b\x32\x12.batchwire.v1.Node\"\x8e\x02\n\x0b\x42\x61tchHeader\x12\x13\n\x0b\x62\x61tch_index\x18\x01 \x01(\x03\x12\x14\n\x0cpayload_size\x18\x02 \x01(\x03\x12)\n\x07tensors\x18\x03 \x03(\x0b\x32\x18.batchwire.v1.TensorMeta\x12%\n\tstructure\x18\x04 \x01(\x0b\x32\x12.batchwire.v1.Node\x12.\n\x0b\x63ompression\x18\x05 \x01(\x0e\x32\x19.batchwire.v1.Compression\x12\x10\n\x08raw_size\x18\x06 \x01(\x03\x12\x13\n\x0bnum_samples\x18\x07 \x01(\x03\x12\x15\n\rbuild_seconds\x18\x08 \x01(\x01\x12\x14\n\x0cwait_seconds\x18\t \x01(\x01\"\xa9\x01\n\nBatchChunk\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.batchwire.v1.BatchHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12(\n\x06packed\x18\x03 \x03(\x0b\x32\x18.batchwire.v1.BatchChunk\x12\x38\n\rshared_memory\x18\x04 \x01(\x0b\x32!.batchwire.v1.SharedMemoryPayload\"d\n\x13SharedMemoryPayload\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x14\n\x0crelease_path\x18\x03 \x01(\t\x12\x0c\n\x04slot\x18\x04 \x01(\x03\x12\x0b\n\x03seq\x18\x05 \x01(\x03\"\x1a\n\x18SharedMemoryOfferRequest\"7\n\x19SharedMemoryOfferResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03*\x93\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT64\x10\x02\x12\x0b\n\x07\x46LOAT16\x10\x03\x12\x0c\n\x08\x42\x46LOAT16\x10\x04\x12\x08\n\x04INT8\x10\x05\x12\t\n\x05INT16\x10\x06\x12\t\n\x05INT32\x10\x07\x12\t\n\x05INT64\x10\x08\x12\t\n\x05UINT8\x10\t\x12\x08\n\x04\x42OOL\x10\n**\n\x0b\x43ompression\x12\x08\n\x04NONE\x10\x00\x12\x07\n\x03LZ4\x10\x01\x12\x08\n\x04ZSTD\x10\x02\x32\xbe\x03\n\x0c\x42\x61tchService\x12U\n\x0cListDatasets\x12!.batchwire.v1.ListDatasetsRequest\x1a\".batchwire.v1.ListDatasetsResponse\x12R\n\x0f\x44\x65scribeDataset\x12$.batchwire.v1.DescribeDatasetRequest\x1a\x19.batchwire.v1.DatasetInfo\x12O\n\rStreamBatches\x12\".batchwire.v1.StreamBatchesRequest\x1a\x18.batchwire.v1.BatchChunk0\x01\x12L\n\x0c\x43ountBatches\x12\".batchwire.v1.StreamBatchesRequest\x1a\x18.batchwire.v1.BatchCount\x12\x64\n\x11SharedMemoryOffer\x12&.batchwire.v1.SharedMemoryOfferRequest\x1a\'.batchwire.v1.SharedMemoryOfferResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'batchwire.v1.batchwire_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=1926
-  _globals['_DTYPE']._serialized_end=2073
-  _globals['_COMPRESSION']._serialized_start=2075
-  _globals['_COMPRESSION']._serialized_end=2117
+  _globals['_DTYPE']._serialized_start=2201
+  _globals['_DTYPE']._serialized_end=2348
+  _globals['_COMPRESSION']._serialized_start=2350
+  _globals['_COMPRESSION']._serialized_end=2392
   _globals['_LISTDATASETSREQUEST']._serialized_start=46
   _globals['_LISTDATASETSREQUEST']._serialized_end=67
   _globals['_LISTDATASETSRESPONSE']._serialized_start=69
@@ -46,25 +46,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DATASETINFO']._serialized_start=260
   _globals['_DATASETINFO']._serialized_end=462
   _globals['_STREAMBATCHESREQUEST']._serialized_start=465
-  _globals['_STREAMBATCHESREQUEST']._serialized_end=906
-  _globals['_TRAINERREPORT']._serialized_start=908
-  _globals['_TRAINERREPORT']._serialized_end=987
-  _globals['_SAMPLERSPEC']._serialized_start=989
-  _globals['_SAMPLERSPEC']._serialized_end=1105
-  _globals['_BATCHCOUNT']._serialized_start=1107
-  _globals['_BATCHCOUNT']._serialized_end=1178
-  _globals['_TENSORMETA']._serialized_start=1180
-  _globals['_TENSORMETA']._serialized_end=1275
-  _globals['_NODE']._serialized_start=1278
-  _globals['_NODE']._serialized_end=1429
-  _globals['_NODELIST']._serialized_start=1431
-  _globals['_NODELIST']._serialized_end=1476
-  _globals['_NODEMAP']._serialized_start=1478
-  _globals['_NODEMAP']._serialized_end=1537
-  _globals['_BATCHHEADER']._serialized_start=1540
-  _globals['_BATCHHEADER']._serialized_end=1810
-  _globals['_BATCHCHUNK']._serialized_start=1812
-  _globals['_BATCHCHUNK']._serialized_end=1923
-  _globals['_BATCHSERVICE']._serialized_start=2120
-  _globals['_BATCHSERVICE']._serialized_end=2464
+  _globals['_STREAMBATCHESREQUEST']._serialized_end=935
+  _globals['_TRAINERREPORT']._serialized_start=937
+  _globals['_TRAINERREPORT']._serialized_end=1016
+  _globals['_SAMPLERSPEC']._serialized_start=1018
+  _globals['_SAMPLERSPEC']._serialized_end=1134
+  _globals['_BATCHCOUNT']._serialized_start=1136
+  _globals['_BATCHCOUNT']._serialized_end=1207
+  _globals['_TENSORMETA']._serialized_start=1209
+  _globals['_TENSORMETA']._serialized_end=1304
+  _globals['_NODE']._serialized_start=1307
+  _globals['_NODE']._serialized_end=1458
+  _globals['_NODELIST']._serialized_start=1460
+  _globals['_NODELIST']._serialized_end=1505
+  _globals['_NODEMAP']._serialized_start=1507
+  _globals['_NODEMAP']._serialized_end=1566
+  _globals['_BATCHHEADER']._serialized_start=1569
+  _globals['_BATCHHEADER']._serialized_end=1839
+  _globals['_BATCHCHUNK']._serialized_start=1842
+  _globals['_BATCHCHUNK']._serialized_end=2011
+  _globals['_SHAREDMEMORYPAYLOAD']._serialized_start=2013
+  _globals['_SHAREDMEMORYPAYLOAD']._serialized_end=2113
+  _globals['_SHAREDMEMORYOFFERREQUEST']._serialized_start=2115
+  _globals['_SHAREDMEMORYOFFERREQUEST']._serialized_end=2141
+  _globals['_SHAREDMEMORYOFFERRESPONSE']._serialized_start=2143
+  _globals['_SHAREDMEMORYOFFERRESPONSE']._serialized_end=2198
+  _globals['_BATCHSERVICE']._serialized_start=2395
+  _globals['_BATCHSERVICE']._serialized_end=2841
 # @@protoc_insertion_point(module_scope)

@@ -88,7 +88,7 @@ class DatasetInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., length: _Optional[int] = ..., fields: _Optional[_Iterable[_Union[FieldInfo, _Mapping]]] = ..., source: _Optional[str] = ..., transforms: _Optional[_Iterable[str]] = ..., sampler: _Optional[_Union[SamplerSpec, _Mapping]] = ..., fingerprint: _Optional[str] = ..., replica: _Optional[str] = ...) -> None: ...
 
 class StreamBatchesRequest(_message.Message):
-    __slots__ = ("dataset", "batch_size", "shuffle", "seed", "epoch", "rank", "world_size", "drop_last", "start_batch", "end_batch", "batch_stride", "compression", "sampler", "max_batches_per_message", "trainer_report", "start_sample", "fingerprint")
+    __slots__ = ("dataset", "batch_size", "shuffle", "seed", "epoch", "rank", "world_size", "drop_last", "start_batch", "end_batch", "batch_stride", "compression", "sampler", "max_batches_per_message", "trainer_report", "start_sample", "fingerprint", "shared_memory_nonce")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     SHUFFLE_FIELD_NUMBER: _ClassVar[int]
@@ -106,6 +106,7 @@ class StreamBatchesRequest(_message.Message):
     TRAINER_REPORT_FIELD_NUMBER: _ClassVar[int]
     START_SAMPLE_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_NONCE_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     batch_size: int
     shuffle: bool
@@ -123,7 +124,8 @@ class StreamBatchesRequest(_message.Message):
     trainer_report: TrainerReport
     start_sample: int
     fingerprint: str
-    def __init__(self, dataset: _Optional[str] = ..., batch_size: _Optional[int] = ..., shuffle: _Optional[bool] = ..., seed: _Optional[int] = ..., epoch: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., drop_last: _Optional[bool] = ..., start_batch: _Optional[int] = ..., end_batch: _Optional[int] = ..., batch_stride: _Optional[int] = ..., compression: _Optional[_Union[Compression, str]] = ..., sampler: _Optional[_Union[SamplerSpec, _Mapping]] = ..., max_batches_per_message: _Optional[int] = ..., trainer_report: _Optional[_Union[TrainerReport, _Mapping]] = ..., start_sample: _Optional[int] = ..., fingerprint: _Optional[str] = ...) -> None: ...
+    shared_memory_nonce: bytes
+    def __init__(self, dataset: _Optional[str] = ..., batch_size: _Optional[int] = ..., shuffle: _Optional[bool] = ..., seed: _Optional[int] = ..., epoch: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., drop_last: _Optional[bool] = ..., start_batch: _Optional[int] = ..., end_batch: _Optional[int] = ..., batch_stride: _Optional[int] = ..., compression: _Optional[_Union[Compression, str]] = ..., sampler: _Optional[_Union[SamplerSpec, _Mapping]] = ..., max_batches_per_message: _Optional[int] = ..., trainer_report: _Optional[_Union[TrainerReport, _Mapping]] = ..., start_sample: _Optional[int] = ..., fingerprint: _Optional[str] = ..., shared_memory_nonce: _Optional[bytes] = ...) -> None: ...
 
 class TrainerReport(_message.Message):
     __slots__ = ("wait_seconds", "compute_seconds", "batches")
@@ -220,11 +222,39 @@ class BatchHeader(_message.Message):
     def __init__(self, batch_index: _Optional[int] = ..., payload_size: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorMeta, _Mapping]]] = ..., structure: _Optional[_Union[Node, _Mapping]] = ..., compression: _Optional[_Union[Compression, str]] = ..., raw_size: _Optional[int] = ..., num_samples: _Optional[int] = ..., build_seconds: _Optional[float] = ..., wait_seconds: _Optional[float] = ...) -> None: ...
 
 class BatchChunk(_message.Message):
-    __slots__ = ("header", "data", "packed")
+    __slots__ = ("header", "data", "packed", "shared_memory")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     PACKED_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     header: BatchHeader
     data: bytes
     packed: _containers.RepeatedCompositeFieldContainer[BatchChunk]
-    def __init__(self, header: _Optional[_Union[BatchHeader, _Mapping]] = ..., data: _Optional[bytes] = ..., packed: _Optional[_Iterable[_Union[BatchChunk, _Mapping]]] = ...) -> None: ...
+    shared_memory: SharedMemoryPayload
+    def __init__(self, header: _Optional[_Union[BatchHeader, _Mapping]] = ..., data: _Optional[bytes] = ..., packed: _Optional[_Iterable[_Union[BatchChunk, _Mapping]]] = ..., shared_memory: _Optional[_Union[SharedMemoryPayload, _Mapping]] = ...) -> None: ...
+
+class SharedMemoryPayload(_message.Message):
+    __slots__ = ("path", "offset", "release_path", "slot", "seq")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_PATH_FIELD_NUMBER: _ClassVar[int]
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    offset: int
+    release_path: str
+    slot: int
+    seq: int
+    def __init__(self, path: _Optional[str] = ..., offset: _Optional[int] = ..., release_path: _Optional[str] = ..., slot: _Optional[int] = ..., seq: _Optional[int] = ...) -> None: ...
+
+class SharedMemoryOfferRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SharedMemoryOfferResponse(_message.Message):
+    __slots__ = ("path", "size")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    size: int
+    def __init__(self, path: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...

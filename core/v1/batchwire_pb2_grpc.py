@@ -55,6 +55,11 @@ class BatchServiceStub:
                 request_serializer=batchwire_dot_v1_dot_batchwire__pb2.StreamBatchesRequest.SerializeToString,
                 response_deserializer=batchwire_dot_v1_dot_batchwire__pb2.BatchCount.FromString,
                 _registered_method=True)
+        self.SharedMemoryOffer = channel.unary_unary(
+                '/batchwire.v1.BatchService/SharedMemoryOffer',
+                request_serializer=batchwire_dot_v1_dot_batchwire__pb2.SharedMemoryOfferRequest.SerializeToString,
+                response_deserializer=batchwire_dot_v1_dot_batchwire__pb2.SharedMemoryOfferResponse.FromString,
+                _registered_method=True)
 
 
 class BatchServiceServicer:
@@ -95,6 +100,20 @@ class BatchServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SharedMemoryOffer(self, request, context):
+        """Offers same-host shared-memory delivery (see SharedMemoryOffer): the
+        server creates a small object holding a random nonce and names it; a
+        client that can open and read it proves it shares the server's host,
+        kernel, IPC namespace (/dev/shm) and permissions, and sends the nonce in
+        StreamBatchesRequest.shared_memory_nonce. Only then do its streams carry
+        payload handles (BatchChunk.shared_memory) instead of payload bytes.
+        UNIMPLEMENTED (an older server) or FAILED_PRECONDITION (shared memory
+        off on this server): use bytes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BatchServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -117,6 +136,11 @@ def add_BatchServiceServicer_to_server(servicer, server):
                     servicer.CountBatches,
                     request_deserializer=batchwire_dot_v1_dot_batchwire__pb2.StreamBatchesRequest.FromString,
                     response_serializer=batchwire_dot_v1_dot_batchwire__pb2.BatchCount.SerializeToString,
+            ),
+            'SharedMemoryOffer': grpc.unary_unary_rpc_method_handler(
+                    servicer.SharedMemoryOffer,
+                    request_deserializer=batchwire_dot_v1_dot_batchwire__pb2.SharedMemoryOfferRequest.FromString,
+                    response_serializer=batchwire_dot_v1_dot_batchwire__pb2.SharedMemoryOfferResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -228,6 +252,33 @@ class BatchService:
             '/batchwire.v1.BatchService/CountBatches',
             batchwire_dot_v1_dot_batchwire__pb2.StreamBatchesRequest.SerializeToString,
             batchwire_dot_v1_dot_batchwire__pb2.BatchCount.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SharedMemoryOffer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/batchwire.v1.BatchService/SharedMemoryOffer',
+            batchwire_dot_v1_dot_batchwire__pb2.SharedMemoryOfferRequest.SerializeToString,
+            batchwire_dot_v1_dot_batchwire__pb2.SharedMemoryOfferResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -29,6 +29,7 @@ SCRIPTS = {
     "grpc_cost": ["results"],
     "aio_server": ["results"],
     "shared_builds": ["ratio", "identical_batches_per_s", "different_seeds_batches_per_s"],
+    "shm_throughput": ["mnist", "cifar"],
 }
 # The smoke run compares the tree with itself: an old ref may be missing from a shallow clone.
 EXTRA_ARGS = {"aio_server": ["--before", "HEAD"]}

@@ -65,7 +65,8 @@ def test_a_stream_cancelled_by_the_draining_server_is_resumed(
 ):
     expected = [digest(b) for b in RemoteDataset(big_server.target, "big", batch_size=1)]
     assert len(set(expected)) == 24
-    ds = RemoteDataset(big_server.target, "big", batch_size=1, retry=FAST_RETRY)
+    # Bytes: the stream must sit in gRPC flow control (shared memory would not).
+    ds = RemoteDataset(big_server.target, "big", batch_size=1, retry=FAST_RETRY, transport="grpc")
     received: list[str] = []
     restart = None
     with caplog.at_level(logging.WARNING, logger="batchwire.client"):

@@ -1,0 +1,90 @@
+"""The server's half of shared-memory delivery without a server: offers, windows, release, give-away.
+
+The client side here is ``batchwire.client._shm.PayloadMapper``, the one a real
+trainer uses; see tests/client/test_client_shm.py for the whole path.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from batchwire.client._shm import PayloadMapper
+from batchwire.server import shm_delivery
+from batchwire.server._payloads import PayloadFiles
+from batchwire.v1 import batchwire_pb2 as pb
+
+SIZE = 4096
+
+
+def payload(files: PayloadFiles, fill: int) -> memoryview:
+    path = files.take()
+    Path(path).write_bytes(bytes([fill]) * SIZE)
+    return files.open(path, SIZE)
+
+
+def test_offer_is_private_and_proves_only_its_nonce(tmp_path: Path):
+    shm = shm_delivery.SharedMemory(str(tmp_path))
+    offer = shm.offer()
+    assert stat.S_IMODE(os.stat(offer.path).st_mode) == 0o600
+    nonce = Path(offer.path).read_bytes()
+    assert len(nonce) == offer.size == shm_delivery.NONCE_BYTES
+    assert not shm.accepts(b"") and not shm.accepts(b"x" * len(nonce))
+    assert shm.accepts(nonce) and not os.path.exists(offer.path)  # read: removed
+    assert shm.accepts(nonce)  # other streams of the same client
+    shm.close()
+
+
+def test_window_release_recycling_and_give_away(tmp_path: Path):
+    files = PayloadFiles(str(tmp_path), object())
+    shm = shm_delivery.SharedMemory(str(tmp_path))
+    stream = shm.stream(window=2, window_bytes=SIZE)
+    mapper = PayloadMapper()
+    header = pb.BatchHeader(payload_size=SIZE)
+
+    def share(fill: int) -> pb.SharedMemoryPayload:
+        view = payload(files, fill)
+        assert stream.shareable(view) and stream.has_room(SIZE)
+        return pb.SharedMemoryPayload.FromString(stream.handle(view))
+
+    sent = [share(0), share(1)]
+    assert stream.must_wait(SIZE)  # window=2 sent, none mapped yet
+    kept = [mapper(handle, header) for handle in sent]
+    assert not stream.must_wait(SIZE)
+    sent += [share(2), share(3)]
+    kept += [mapper(handle, header) for handle in sent[2:]]
+    assert [bytes(view[:1]) for view in kept] == [b"\0", b"\1", b"\2", b"\3"]
+    view = payload(files, 4)
+    assert not stream.has_room(SIZE)  # the client holds 2 * window: the next goes as bytes
+    # The client lets go of batch 1 (not the oldest): the full scan finds it.
+    del kept[1]
+    gc.collect()
+    assert stream.has_room(SIZE)
+    sent.append(pb.SharedMemoryPayload.FromString(stream.handle(view)))
+    kept.append(mapper(sent[-1], header))
+    del view
+    gc.collect()
+    assert os.path.exists(sent[1].path)  # released: kept for the pool to write over
+    # The stream ends while the client holds 4: those are given away, never recycled.
+    stream.close()
+    kept.clear()
+    mapper.close()
+    gc.collect()
+    assert not [h.path for h in sent if h is not sent[1] and os.path.exists(h.path)]  # unlinked
+    files.trim()
+    assert not os.listdir(tmp_path)
+    shm.close()
+
+
+def test_group_makes_objects_0640(tmp_path: Path):
+    if os.geteuid() != 0:
+        pytest.skip("changing an object's group needs root or membership")
+    shm = shm_delivery.SharedMemory(str(tmp_path), "nogroup")
+    offer = shm.offer()
+    info = os.stat(offer.path)
+    assert stat.S_IMODE(info.st_mode) == 0o640 and info.st_gid == 65534
+    shm.close()
