@@ -61,10 +61,18 @@ def test_prometheus_scrapes_the_servers_metrics_port(services: dict) -> None:
     targets = {
         job["job_name"]: t
         for job in config["scrape_configs"]
-        for s in job["static_configs"]
+        for s in job.get("static_configs", [])
         for t in s["targets"]
     }
-    assert targets["batchwire-server"] == f"server:{metrics_port}"
+    # The servers by DNS: one target per replica of a scaled `server` service.
+    (servers,) = next(
+        job["dns_sd_configs"]
+        for job in config["scrape_configs"]
+        if job["job_name"] == "batchwire-server"
+    )
+    assert servers["names"] == ["server"] and servers["type"] == "A"
+    assert servers["port"] == int(metrics_port)
+    assert "batchwire-server" not in targets
 
 
 def test_grafana_provisions_the_datasource_and_the_dashboard(services: dict) -> None:
