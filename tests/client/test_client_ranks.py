@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
-from _serverproc import ServerProcess, free_port
+from _gloo import run_gloo_job
+from _serverproc import ServerProcess
 from torch.utils.data import DistributedSampler
 
 LENGTH = 103  # the core config's "dict" dataset
@@ -39,31 +35,7 @@ dist.destroy_process_group()
 
 
 def test_a_torchrun_job_without_rank_arguments_splits_the_epoch(core_server: ServerProcess):
-    world_size, port = 2, free_port()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", RANK_SCRIPT, core_server.target],
-            env={
-                **os.environ,
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(port),
-                "RANK": str(rank),
-                "LOCAL_RANK": str(rank),
-                "WORLD_SIZE": str(world_size),
-                "LOCAL_WORLD_SIZE": str(world_size),
-            },
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for rank in range(world_size)
-    ]
-    results = []
-    for proc in procs:
-        out, err = proc.communicate(timeout=180)
-        assert proc.returncode == 0, err
-        results.append(json.loads(out.strip().splitlines()[-1]))
-    results.sort(key=lambda r: r["rank"])
+    results = run_gloo_job(RANK_SCRIPT, [core_server.target], world_size=2)
     shares = [r["indices"] for r in results]
     for rank, result in enumerate(results):
         sampler = DistributedSampler(range(LENGTH), num_replicas=2, rank=rank, shuffle=True, seed=3)

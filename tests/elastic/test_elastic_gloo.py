@@ -11,13 +11,10 @@ in the global order.
 from __future__ import annotations
 
 import itertools
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-from _serverproc import ServerProcess, free_port
+from _gloo import run_gloo_job
+from _serverproc import ServerProcess
 
 from batchwire.server.samplers import global_order
 
@@ -67,7 +64,6 @@ def run_job(
     save: Path | None = None,
 ) -> list[list[list[int]]]:
     """Runs a gloo job of ``world_size`` processes; returns each rank's batches (indices)."""
-    port = free_port()
     args = [
         str(batch_size),
         str(steps),
@@ -76,30 +72,7 @@ def run_job(
         str(load or ""),
         str(save or ""),
     ]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", RANK_SCRIPT, target, *args],
-            env={
-                **os.environ,
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(port),
-                "RANK": str(rank),
-                "LOCAL_RANK": str(rank),
-                "WORLD_SIZE": str(world_size),
-                "LOCAL_WORLD_SIZE": str(world_size),
-            },
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for rank in range(world_size)
-    ]
-    results = []
-    for proc in procs:
-        out, err = proc.communicate(timeout=180)
-        assert proc.returncode == 0, err
-        results.append(json.loads(out.strip().splitlines()[-1]))
-    results.sort(key=lambda result: result["rank"])
+    results = run_gloo_job(RANK_SCRIPT, [target, *args], world_size)
     return [result["batches"] for result in results]
 
 
