@@ -17,6 +17,7 @@ import grpc
 from batchwire import compression, wire
 from batchwire.client import _credentials, _shm
 from batchwire.client._errors import ConnectError, ServerError
+from batchwire.client._parallel import Stop
 from batchwire.client._retry import StreamCutShort
 from batchwire.client._targets import (
     Target,
@@ -317,16 +318,22 @@ class BatchClient:
         return call(request)
 
     def batches(
-        self, request: pb.StreamBatchesRequest, observer: BatchObserver | None = None
+        self,
+        request: pb.StreamBatchesRequest,
+        observer: BatchObserver | None = None,
+        stop: Stop | None = None,
     ) -> Iterator[tuple[int, object]]:
         """Yields ``(batch_index, batch)`` for one stream; raises ``ServerError`` if it fails.
 
         ``observer.batch(header, decode_seconds)`` hears of each batch (see ``_stats``).
+        ``stop``: setting it (from another thread) cancels the call.
 
-        The call is cancelled only once the stream is over or its consumer went
-        away, so a CANCELLED status raised here is never the client's own doing.
+        The call is cancelled only once the stream is over, its consumer went away
+        or ``stop`` was set, so a CANCELLED status raised here while ``stop`` is
+        unset is never the client's own doing.
         """
         call = self.stream(request)
+        unhook = stop.on_set(call.cancel) if stop is not None else None
         mapper = _shm.PayloadMapper(self.target) if request.shared_memory_nonce else None
         assembler = wire.BatchAssembler(compression.decompress, mapper)
         try:
@@ -344,6 +351,8 @@ class BatchClient:
         except grpc.RpcError as error:
             raise ServerError.from_rpc(error, self.name) from None
         finally:
+            if unhook is not None:
+                unhook()
             call.cancel()
             if mapper is not None:
                 mapper.close()

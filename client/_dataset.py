@@ -18,7 +18,7 @@ from batchwire.client import _position, _ranks, _shm
 from batchwire.client._channel import BatchClient
 from batchwire.client._errors import CHECKPOINT, BatchwireError, FingerprintMismatch, ServerError
 from batchwire.client._ledger import PassLedger
-from batchwire.client._parallel import merge_in_order
+from batchwire.client._parallel import Stop, merge_in_order
 from batchwire.client._resume import resuming_batches
 from batchwire.client._retry import RetryPolicy, call_with_retry
 from batchwire.client._stats import StatsRecorder, StreamStats
@@ -699,7 +699,7 @@ class RemoteDataset(IterableDataset):
         stride: int,
         batch_size: int,
         what: str,
-        stop: threading.Event | None = None,
+        stop: Stop | None = None,
     ) -> Iterator[tuple[int, Any]]:
         opened = 0
 
@@ -717,7 +717,7 @@ class RemoteDataset(IterableDataset):
             report = self._stats.take_report()  # the previous pass, for the server's dashboard
             if report is not None:
                 request.trainer_report.CopyFrom(report)
-            return self._client.batches(request, self._stats)
+            return self._client.batches(request, self._stats, stop)
 
         return resuming_batches(
             open_stream,

@@ -9,12 +9,12 @@ position, so no batch is lost or repeated.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from batchwire.client._errors import BatchwireError, ServerError
+from batchwire.client._parallel import Stop
 from batchwire.client._retry import Outage, RetryPolicy, StreamCutShort
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ def resuming_batches(
     stride: int,
     policy: RetryPolicy,
     what: str,
-    stop: threading.Event | None = None,
+    stop: Stop | None = None,
     end: Callable[[], int] | None = None,
 ) -> Iterator[tuple[int, Any]]:
     """Yields ``(batch_index, batch)`` of the share ``start, start + stride, ...``.
@@ -40,7 +40,8 @@ def resuming_batches(
         start, stride: the share.
         policy: when to reconnect and when to give up.
         what: names the share in logs and errors ("dataset 'x' epoch 3 ...").
-        stop: set by the consumer to cut a backoff wait short.
+        stop: set by the consumer to end the share: it cancels the open stream and
+            cuts a backoff wait short.
         end: the epoch's number of batches, asked when a stream ends without an
             error: one that ends before the share does is resumed, not trusted.
 
@@ -49,7 +50,7 @@ def resuming_batches(
         RetryError: the retry budget of one outage was spent.
         BatchwireError: the server sent a batch other than the one owed.
     """
-    stop = stop or threading.Event()
+    stop = stop or Stop()
     owed = start
     outage = Outage(policy, time.monotonic)
     while True:
@@ -77,6 +78,8 @@ def resuming_batches(
                 f"but the epoch has {total} batches"
             )
         except ServerError as error:
+            if stop.is_set():
+                return  # the consumer left and cancelled the call: not an outage
             wait = outage.next_wait(error, f"{what} at batch {owed}")
             # The first failure of an outage is a warning; the attempts after it are detail.
             log.log(
