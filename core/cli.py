@@ -293,11 +293,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command != "serve":
         _configure_logging(args.log_level or "WARNING")
-        from batchwire.client import BatchwireError
-        from batchwire.client._channel import CONNECT_TIMEOUT_SECONDS_ENV
-        from batchwire.client._errors import TargetError
+        # Only what each command needs: `health` (a Kubernetes probe) runs without torch.
+        from batchwire.client._errors import BatchwireError, TargetError
 
         if args.connect_timeout is not None:  # the environment: bench's client processes too
+            from batchwire.client._channel import CONNECT_TIMEOUT_SECONDS_ENV
+
             os.environ[CONNECT_TIMEOUT_SECONDS_ENV] = str(args.connect_timeout)
         try:
             return args.func(args)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -85,6 +86,21 @@ def test_health_command_fails_when_nothing_listens() -> None:
     result = health_command(f"127.0.0.1:{free_port()}")
     assert result.returncode == 1
     assert "UNAVAILABLE" in result.stderr or "DEADLINE_EXCEEDED" in result.stderr
+
+
+def test_the_health_probe_does_not_import_torch() -> None:
+    # Kubernetes runs it every few seconds in every replica: torch's import alone is
+    # 1-2 s of CPU, which made probes slow and timeouts long (deploy/kubernetes).
+    probe = (
+        "import sys; from batchwire.cli import main; "
+        f"code = main(['health', '--target', '127.0.0.1:{free_port()}', '--timeout', '1']); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'numpy')))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_reflection_lists_the_services(tmp_path: Path) -> None:
