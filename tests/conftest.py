@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -74,3 +76,14 @@ def assert_same_batch(actual: Any, expected: Any, where: str = "batch") -> None:
         assert len(actual) == len(expected), f"{where}: length {len(actual)} != {len(expected)}"
         for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
             assert_same_batch(a, e, f"{where}[{i}]")
+
+
+@pytest.fixture(autouse=True)
+def _no_stream_threads_left() -> Iterator[None]:
+    """A client pass that a test leaves open keeps threads inside grpc; a DataLoader that
+    forks later in the run may then crash far from the cause. Fails the test that leaked."""
+    yield
+    deadline = time.monotonic() + 10
+    while left := [t.name for t in threading.enumerate() if t.name.startswith("batchwire-stream")]:
+        assert time.monotonic() < deadline, f"client stream threads left running: {left}"
+        time.sleep(0.05)

@@ -154,7 +154,7 @@ def test_unreachable_server_exits_nonzero() -> None:
     result = bench(target, "--dataset", "big", "--batch-size", "2", "--batches", "1")
     # The message every client command gives (client/_channel.py), after the 5 s
     # connect timeout; the bound is generous (process start-up on a busy machine).
-    assert time.monotonic() - started < 25
+    assert time.monotonic() - started < 60  # bounds a hang (a retry budget would be ~32 s more)
     assert result.returncode == 1
     assert f"cannot reach {target}: is 'batchwire serve' running there?" in result.stderr
     assert "Summary" not in result.stdout

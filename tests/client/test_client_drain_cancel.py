@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,7 +38,6 @@ fields.label = { shape = [], dtype = "int64", high = 1000000 }
 """
 
 STALL_AFTER = 3  # batches read before the SIGTERM; the epoch has 24 of 4 MiB
-STALL_SECONDS = 5.0  # longer than grace (0.5) + the drain's poll slack (2) + stop(1.0)
 
 
 @pytest.fixture
@@ -73,13 +71,15 @@ def test_a_stream_cancelled_by_the_draining_server_is_resumed(
         for count, batch in enumerate(ds, start=1):
             received.append(digest(batch))
             if count == STALL_AFTER:
-                big_server.process.send_signal(15)  # graceful stop, mid-epoch
+                draining = big_server.process
+                draining.send_signal(15)  # graceful stop, mid-epoch
                 restart = threading.Thread(
-                    target=lambda: (big_server.process.wait(30), big_server.start()),
-                    daemon=True,
+                    target=lambda old=draining: (old.wait(60), big_server.start()), daemon=True
                 )
                 restart.start()
-                time.sleep(STALL_SECONDS)  # a slow trainer: the stream sits in flow control
+                # A slow trainer: the stream sits in flow control until the old server,
+                # past its grace, has cancelled it and exited (a count, not a clock).
+                draining.wait(60)
     assert restart is not None
     restart.join(timeout=60)
     assert received == expected  # every batch once, in order

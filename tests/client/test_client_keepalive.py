@@ -18,9 +18,10 @@ from client_support import CLIENT_TESTS_DIR, FAST_RETRY
 from batchwire.client import RemoteDataset
 
 KEEPALIVE = 1.0  # seconds between pings, and to wait for an answer, in this test
-FREEZE_AFTER = 10  # batches received before the freeze; the epoch has 60
+FREEZE_AFTER = 3  # batches received before the freeze; the epoch has 60
 
-# Slow enough (~1.5 s an epoch) that the epoch is still being streamed at the freeze.
+# Slow enough (~3 s an epoch) that the epoch is still being built at the freeze, even
+# when the test itself is held up a second or two around it on a loaded machine.
 SLOW_CONFIG = f"""
 [server]
 python_path = ["{CLIENT_TESTS_DIR.parent}", "{CLIENT_TESTS_DIR}"]
@@ -29,7 +30,7 @@ prefetch_batches = 2
 [datasets.slow]
 source = "python"
 factory = "slow_datasets:slow_indexed"
-kwargs = {{ length = 120, delay = 0.025 }}
+kwargs = {{ length = 120, delay = 0.05 }}
 """
 
 

@@ -60,7 +60,7 @@ def health_command(target: str) -> subprocess.CompletedProcess[str]:
 def test_health_reports_starting_then_serving(tmp_path: Path) -> None:
     port = free_port()
     target = f"127.0.0.1:{port}"
-    config = write_config(tmp_path, slow_seconds=3.0)
+    config = write_config(tmp_path, slow_seconds=10.0)  # room to see NOT_SERVING when loaded
     server = ServerProcess(config, port=port, workers=2)
     starter = threading.Thread(target=server.start)
     starter.start()
@@ -119,7 +119,8 @@ def test_sigterm_drains_then_exits_zero_and_a_client_resumes_on_a_new_server(
 ) -> None:
     port = free_port()
     # Items load slowly, so the stream is still open when the grace period ends.
-    config = write_config(tmp_path, "grace_seconds = 1.5\nprefetch_batches = 1", item_seconds=0.1)
+    # Grace 3 s: time to see NOT_SERVING on a loaded machine; 32 batches of 0.2 s outlast it.
+    config = write_config(tmp_path, "grace_seconds = 3\nprefetch_batches = 1", item_seconds=0.1)
     expected = [int(i) for i in range(64)]
     received: list[int] = []
     server = ServerProcess(config, port=port, workers=1).start()

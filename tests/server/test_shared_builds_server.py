@@ -41,7 +41,7 @@ kwargs = {{ length = {LENGTH}, size = {size}, delay = {delay}, counter = "{folde
 """
         # counted: slow to build (a sweep's JPEG decode); wide: 2 MB batches, past the
         # window gRPC's flow control lets a stream run ahead of a client that stopped.
-        for name, size, delay in (("counted", 16, 0.02), ("seeds", 16, 0.0), ("wide", 65536, 0.0))
+        for name, size, delay in (("counted", 16, 0.05), ("seeds", 16, 0.0), ("wide", 65536, 0.0))
     )
     config = folder / "shared.toml"
     config.write_text(f'[server]\npython_path = ["{HERE}"]\n{datasets}')
