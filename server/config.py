@@ -172,6 +172,9 @@ class ServerConfig:
     """Batch plans kept between requests, all datasets together (0: only those streams hold).
 
     512 MiB: 64 epochs of a million samples (8 bytes each); see ``plan_cache``."""
+    shared_builds_bytes: int = 64 << 20
+    """Built batches kept for identical streams that have not taken them yet, all streams
+    together (0: only builds in flight are shared); see ``shared_builds``."""
     keepalive_seconds: float = 30.0
     """Ping an idle connection this often, to detect dead peers on long streams."""
     keepalive_timeout_seconds: float = 10.0
@@ -298,6 +301,9 @@ def _server_config(table: Table) -> ServerConfig:
         max_batch_bytes=table.positive_int("max_batch_bytes", defaults.max_batch_bytes),
         max_message_bytes=max_message_bytes,
         plan_cache_bytes=_non_negative_int(table, "plan_cache_bytes", defaults.plan_cache_bytes),
+        shared_builds_bytes=_non_negative_int(
+            table, "shared_builds_bytes", defaults.shared_builds_bytes
+        ),
         keepalive_seconds=_positive_number(table, "keepalive_seconds", defaults.keepalive_seconds),
         keepalive_timeout_seconds=_positive_number(
             table, "keepalive_timeout_seconds", defaults.keepalive_timeout_seconds

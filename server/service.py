@@ -117,7 +117,9 @@ class BatchService:
         self._executor = executor
         # Streams build through it: identical batches of concurrent streams are built once.
         self._builds = SharedBuilds(
-            executor, on_shared=lambda dataset: metrics.shared_batches.labels(dataset).inc()
+            executor,
+            on_shared=lambda dataset: metrics.shared_batches.labels(dataset).inc(),
+            held_bytes=settings.shared_builds_bytes,
         )
         for name in registry.names():  # a series per dataset from the start, at 0
             metrics.shared_batches.labels(name)

@@ -38,7 +38,7 @@ as its batches are built, whoever asked first: a slow stream's reading never
 holds up a fast one. Entries live while being built (at most the streams'
 prefetch), then, once built, only while an open stream of the same plan (the
 plan cache hands identical requests one plan object) still has the batch's
-position ahead of it, within ``HELD_BYTES`` over the whole server (oldest
+position ahead of it, within ``[server] shared_builds_bytes`` (64 MiB) over the whole server (oldest
 dropped first). So a stream that falls behind, or starts later, reuses what is
 still held and builds the rest itself; a solo stream, the ranks of a DDP job
 (different plans) and a trainer's parallel streams (disjoint positions) hold
@@ -65,10 +65,11 @@ from functools import partial
 import numpy as np
 
 from batchwire.server._tasks import BatchFailed, BatchTask, BuildError, BuiltBatch, release_all
+from batchwire.server.config import ServerConfig
 from batchwire.server.executor import Executor
 from batchwire.v1 import batchwire_pb2 as pb
 
-HELD_BYTES = 64 << 20
+HELD_BYTES = ServerConfig.shared_builds_bytes
 """Most payload bytes of built batches kept for streams that have not taken them yet."""
 
 _Outcome = BuiltBatch | BaseException | None  # a request's slot: a copy, a failure, or not yet

@@ -56,6 +56,11 @@ CASES = {
         "server.plan_cache_bytes",
         "expected a non-negative integer, got -1",
     ),
+    "negative shared builds": (
+        "[server]\nshared_builds_bytes = -5\n" + SYNTHETIC,
+        "server.shared_builds_bytes",
+        "expected a non-negative integer, got -5",
+    ),
     "unknown server key": ("[server]\nwrokers = 2\n" + SYNTHETIC, "server.wrokers", "unknown key"),
     "bad dtype": (
         '[datasets.s]\nsource = "synthetic"\nlength = 4\nfields.x = { shape = [2], dtype = "complex64" }\n',
