@@ -23,9 +23,13 @@ A field added to ``BatchTask`` joins the key by itself; it must be per task
 *Only where it can pay.* Streams share batches when their requests differ at
 most in start, end and stride: the plan cache hands such requests one plan
 object while any of them is open. A stream that is the only open one of its
-plan submits straight to the executor (tens of microseconds per task less in
-the gRPC process); once a second stream of that plan opens, both go through
-here (what was submitted before is not shared: a prefetch window at most).
+plan, with nothing held that it asked for, submits straight to the executor
+(tens of microseconds per task less in the gRPC process); once a second stream
+of that plan opens, both go through here, and one left alone keeps going
+through here while batches are held for it. What a stream submitted before the
+second one opened was held for nobody: the second builds those positions
+itself (the first one's reads so far, the batches in flight to its client and
+its prefetch: about 10 batches of 2 MiB, with the default windows).
 
 *Ownership.* An entry owns the ``BuiltBatch`` its build returned; each stream
 gets a copy: its own header, and its own view (a slice) of the same payload
@@ -39,8 +43,9 @@ holds up a fast one. Entries live while being built (at most the streams'
 prefetch), then, once built, only while an open stream of the same plan (the
 plan cache hands identical requests one plan object) still has the batch's
 position ahead of it, within ``[server] shared_builds_bytes`` (64 MiB) over the whole server (oldest
-dropped first). So a stream that falls behind, or starts later, reuses what is
-still held and builds the rest itself; a solo stream, the ranks of a DDP job
+dropped first). So a stream that falls behind, or starts later, reuses what was
+built since it opened and is still held (also once the others have ended) and
+builds the rest itself; a solo stream, the ranks of a DDP job
 (different plans) and a trainer's parallel streams (disjoint positions) hold
 nothing beyond their prefetch; when the streams end, nothing is held. A held
 batch of a grouped task keeps that task's payload file mapped (at most 1 MiB:
@@ -57,7 +62,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future, InvalidStateError
 from functools import partial
@@ -107,6 +112,8 @@ class _Entry:
     handed: int = 0  # copies handed out: all but the first are shared hits
     places: set[tuple[int, int]] = dataclasses.field(default_factory=set)
     """(plan id, position) of each stream that asked for it: who else may want it."""
+    held_for: set[int] = dataclasses.field(default_factory=set)
+    """While held: the plans counted in ``SharedBuilds._held_plans`` for it."""
 
 
 _TASK_FIELDS = tuple(f.name for f in dataclasses.fields(BatchTask) if f.name != "batches")
@@ -154,6 +161,7 @@ class SharedBuilds:
         self._plans: dict[int, set[StreamBuilds]] = {}  # id(plan) -> its open streams
         self._held: OrderedDict[tuple[Hashable, bytes], _Entry] = OrderedDict()
         self._held_bytes = 0
+        self._held_plans: Counter[int] = Counter()  # id(plan) -> held entries it asked for
 
     def stream(self, plan: object, positions: range) -> StreamBuilds:
         """The handle of one stream sending ``positions`` of ``plan``; close it when it ends.
@@ -176,7 +184,10 @@ class SharedBuilds:
 
     def _submit(self, handle: StreamBuilds, task: BatchTask) -> Future[list[BuiltBatch]]:
         with self._lock:
-            alone = len(self._plans.get(id(handle.plan), ())) < 2
+            plan = id(handle.plan)
+            # Alone: no other open stream of its plan, and nothing held that it may take
+            # (the stream it shares with may have ended, leaving batches held for it).
+            alone = len(self._plans.get(plan, ())) < 2 and not self._held_plans[plan]
             if alone:  # nobody to share with: straight to the executor, at no cost
                 for _ in task.batches:
                     handle.advance()
@@ -313,6 +324,9 @@ class SharedBuilds:
         ):
             self._forget(entry, drop)
             return
+        plans = {plan for plan, _ in entry.places} - entry.held_for
+        self._held_plans.update(plans)  # now or since held, these plans asked for it
+        entry.held_for |= plans
         if entry.key not in self._held:
             self._held[entry.key] = entry
             self._held_bytes += entry.batch.payload.nbytes
@@ -323,6 +337,11 @@ class SharedBuilds:
         if self._held.pop(entry.key, None) is not None:
             assert entry.batch is not None
             self._held_bytes -= entry.batch.payload.nbytes
+        for plan in entry.held_for:
+            self._held_plans[plan] -= 1
+            if not self._held_plans[plan]:
+                del self._held_plans[plan]
+        entry.held_for = set()
         del self._entries[entry.key]
         if entry.batch is not None:
             drop.append(entry.batch)  # released outside the lock: copies keep their views

@@ -204,6 +204,35 @@ def test_a_late_stream_reuses_what_is_still_held(executor: ThreadExecutor, tmp_p
     assert shared.held == (0, 0)
 
 
+def test_a_stream_left_alone_takes_what_is_held_for_it(
+    executor: ThreadExecutor, tmp_path: Path
+) -> None:
+    # Its client reads nothing until the other stream has ended: what that one built
+    # past its prefetch is held for it, and still taken once it is the plan's only
+    # stream (it used to go straight to the executor then, building it all again).
+    hits: list[str] = []
+    shared = SharedBuilds(executor, on_shared=hits.append)
+    behind, ahead = _Run(shared, "counted"), _Run(shared, "counted")
+
+    async def scenario() -> int:
+        behind.client.block.clear()
+        late = asyncio.create_task(behind.run())
+        await asyncio.wait_for(ahead.run(), timeout=120)
+        built = _loads(tmp_path)
+        assert shared.held[1] >= BATCHES - 1 - 4  # all but its first message and prefetch
+        behind.client.block.set()
+        await asyncio.wait_for(late, timeout=120)
+        return built
+
+    built = asyncio.run(scenario())
+    assert [p for p, _ in behind.client.batches()] == list(range(BATCHES))
+    assert _loads(tmp_path) == built  # nothing built again once alone
+    assert built <= LENGTH + 5 * BATCH
+    assert len(hits) >= BATCHES - 5
+    assert _all_released([behind, ahead])
+    assert shared.held == (0, 0)
+
+
 def test_streams_that_never_want_a_batch_hold_none(executor: ThreadExecutor) -> None:
     # A trainer's parallel streams (disjoint positions of one plan), and another seed:
     # nobody else will ask for what each builds, so nothing is held for later.

@@ -50,6 +50,27 @@ kwargs = {{ length = {LENGTH}, size = {size}, delay = {delay}, counter = "{folde
         yield started, metrics_port, folder
 
 
+@pytest.fixture(scope="module")
+def unheld(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, int, Path]]:
+    """A server with ``shared_builds_bytes = 0``: shares builds in flight, holds none."""
+    folder = tmp_path_factory.mktemp("unheld")
+    config = folder / "unheld.toml"
+    config.write_text(
+        f'''[server]
+python_path = ["{HERE}"]
+shared_builds_bytes = 0
+
+[datasets.wide]
+source = "python"
+factory = "stream_data:numbered"
+kwargs = {{ length = {LENGTH}, size = 65536, counter = "{folder / "wide"}" }}
+'''
+    )
+    metrics_port = free_port()
+    with ServerProcess(config, workers=2, extra=["--metrics-port", str(metrics_port)]) as started:
+        yield started, metrics_port, folder
+
+
 def _loads(folder: Path, dataset: str) -> int:
     counter = folder / dataset
     return len(counter.read_text().split()) if counter.exists() else 0
@@ -170,3 +191,46 @@ def test_cancelled_trainers_leave_no_payloads(server: tuple[ServerProcess, int, 
     for stream in streams:
         stream.close()  # the generator's close cancels its call
     assert _no_payload_files_left(process) == []
+
+
+def _one_behind(server: tuple[ServerProcess, int, Path]) -> tuple[int, float]:
+    """One stream opens after another has read 2 batches and reads 1, then waits for the
+    other to finish its epoch before reading on: (samples loaded after that, shared hits)."""
+    process, metrics_port, folder = server
+
+    def epoch() -> Iterator[torch.Tensor]:
+        return iter(RemoteDataset(process.target, "wide", batch_size=BATCH, shuffle=True, seed=5))
+
+    hits = _shared(metrics_port, "wide")
+    ahead = epoch()
+    first = [next(ahead), next(ahead)]
+    behind = epoch()
+    late = [next(behind)]
+    first += list(ahead)  # while the one behind still has most of the epoch ahead of it
+    loaded = _loads(folder, "wide")
+    late += list(behind)
+    assert len(first) == len(late) == BATCHES
+    assert all(torch.equal(a, b) for a, b in zip(first, late, strict=True))
+    assert _no_payload_files_left(process) == []  # nothing held once both ended
+    return _loads(folder, "wide") - loaded, _shared(metrics_port, "wide") - hits
+
+
+def test_a_stream_behind_takes_what_was_built_since_it_opened(
+    server: tuple[ServerProcess, int, Path],
+) -> None:
+    # What the one ahead built after the other opened (24 batches of 2 MiB fit in the
+    # default 64 MiB) is held for it; the other's client and server windows (~10 batches)
+    # were built before. Failed before: alone on the plan once the first ended, the one
+    # behind built its ~14 remaining batches again (56 loads, 1 to 3 shared).
+    loaded_after, hits = _one_behind(server)
+    assert loaded_after <= BATCH  # the one position it may not have asked for yet
+    assert hits >= BATCHES // 3  # measured 13 to 17
+
+
+def test_shared_builds_bytes_0_holds_nothing_for_a_stream_behind(
+    unheld: tuple[ServerProcess, int, Path],
+) -> None:
+    # The same, with nothing held: what the one behind had not asked for when the other
+    # ended (all but its ~10 batch window), it builds itself (measured 14 batches).
+    loaded_after, _ = _one_behind(unheld)
+    assert loaded_after >= BATCHES // 4 * BATCH
