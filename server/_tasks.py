@@ -87,6 +87,9 @@ class BuiltBatch:
     file: tuple[str, int] | None = None
     """Where the payload also lies, (payload file, offset): the stream reads it from there
     (``wire.FileSlice``). None: in memory only."""
+    shared: bool = False
+    """A copy of a batch built for another stream (``shared_builds``): its build is not
+    this stream's, so metrics count it once, where it was built."""
 
     def release(self) -> None:
         payload, self.payload = self.payload, memoryview(b"")

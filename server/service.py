@@ -379,7 +379,10 @@ class BatchService:
         """
 
         def on_built(built: BuiltBatch) -> None:
-            meter.built(built.build_seconds)
+            if (
+                not built.shared
+            ):  # a shared copy's build was counted by the stream that got it first
+                meter.built(built.build_seconds)
 
         def on_sent(header: pb.BatchHeader) -> None:
             sent["batches"] += 1

@@ -311,7 +311,9 @@ class SharedBuilds:
         """
         assert entry.batch is not None
         entry.handed += 1
-        return _copy(entry.batch), int(entry.handed > 1)
+        copied = _copy(entry.batch)
+        copied.shared = entry.handed > 1
+        return copied, int(copied.shared)
 
     def _keep_or_drop(self, entry: _Entry, drop: list[BuiltBatch]) -> None:
         """Holds a built entry while an open stream of its plan has its position ahead."""

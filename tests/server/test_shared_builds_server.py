@@ -76,16 +76,25 @@ def _loads(folder: Path, dataset: str) -> int:
     return len(counter.read_text().split()) if counter.exists() else 0
 
 
-def _shared(metrics_port: int, dataset: str) -> float:
-    """``batchwire_shared_batches_total{dataset}`` from the metrics endpoint (0: no series)."""
+def _metric(metrics_port: int, name: str, dataset: str) -> float:
+    """Sample ``name{dataset}`` from the metrics endpoint (0: no series)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as reply:
         text = reply.read().decode()
     return sum(
         sample.value
         for family in text_string_to_metric_families(text)
         for sample in family.samples
-        if sample.name == "batchwire_shared_batches_total" and sample.labels["dataset"] == dataset
+        if sample.name == name and sample.labels["dataset"] == dataset
     )
+
+
+def _shared(metrics_port: int, dataset: str) -> float:
+    return _metric(metrics_port, "batchwire_shared_batches_total", dataset)
+
+
+def _builds(metrics_port: int, dataset: str) -> float:
+    """Batches the build-time histogram counted."""
+    return _metric(metrics_port, "batchwire_batch_build_seconds_count", dataset)
 
 
 def _epoch(target: str, dataset: str, seed: int = 5) -> list[torch.Tensor]:
@@ -138,6 +147,7 @@ def test_identical_trainers_share_each_build(server: tuple[ServerProcess, int, P
     assert len(solo) == BATCHES
     before = _loads(folder, "counted")
     assert before >= LENGTH  # the solo epoch (and the warm-up) built them
+    builds_before = _builds(metrics_port, "counted")
     epochs = _concurrently(process.target, "counted", [5] * STREAMS)
     for epoch in epochs:
         assert len(epoch) == BATCHES
@@ -147,6 +157,8 @@ def test_identical_trainers_share_each_build(server: tuple[ServerProcess, int, P
     assert built <= 2 * LENGTH, f"{built} samples loaded for {STREAMS} identical streams"
     # Every batch was sent 8 times; all but the builds were shared hits.
     assert _shared(metrics_port, "counted") >= STREAMS * BATCHES - 2 * BATCHES
+    # The build-time histogram (and worker busy time) counts builds, not copies sent.
+    assert _builds(metrics_port, "counted") - builds_before <= 2 * BATCHES
     assert _no_payload_files_left(process) == []
 
 
