@@ -35,6 +35,7 @@ import grpc
 from batchwire import wire
 from batchwire.client._channel import BatchClient, wait_for_server
 from batchwire.client._errors import BatchwireError, ConnectError, ServerError
+from batchwire.client._shm import TRANSPORTS, PayloadMapper
 from batchwire.client._targets import grpc_target
 from batchwire.compression import NAMES as compression_names
 from batchwire.compression import codec
@@ -68,6 +69,10 @@ class BenchConfig:
     batches: int | None = None
     """Measure until each client has this many batches after the warm-up, instead of
     for ``duration`` seconds (a run that ends by count, as smoke runs must)."""
+    transport: str = "grpc"
+    """"grpc": bytes over gRPC, what a remote trainer gets; "shm": batches mapped from
+    the server's shared memory (same host; an error when it cannot be used); "auto":
+    shared memory where proven usable (as ``RemoteDataset``), else gRPC."""
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "clients", "streams", "batches"):
@@ -83,6 +88,10 @@ class BenchConfig:
         if self.compression not in compression_names:
             raise ValueError(
                 f"compression should be one of {', '.join(compression_names)}, got {self.compression!r}"
+            )
+        if self.transport not in TRANSPORTS:
+            raise ValueError(
+                f"transport should be one of {', '.join(TRANSPORTS)}, got {self.transport!r}"
             )
         grpc_target(self.target)
 
@@ -139,8 +148,15 @@ def _request(config: BenchConfig, epoch: int, stream: int) -> pb.StreamBatchesRe
 
 
 def _run_stream(
-    config: BenchConfig, stream: int, quota: _Quota, counters: Any, slot: int, log: _StreamLog
+    config: BenchConfig,
+    stream: int,
+    quota: _Quota,
+    counters: Any,
+    slot: int,
+    log: _StreamLog,
+    nonce: bytes = b"",
 ) -> None:
+    """``nonce``: the client's shared-memory proof (``_shm``); empty: bytes over gRPC."""
     from batchwire import compression
 
     client = BatchClient(config.target)
@@ -149,8 +165,12 @@ def _run_stream(
     epoch = 0
     try:
         while True:
-            call = client.stream(_request(config, epoch, stream))
-            assembler = wire.BatchAssembler(compression.decompress)
+            request = _request(config, epoch, stream)
+            request.shared_memory_nonce = nonce
+            call = client.stream(request)
+            # Mapped batches are dropped at once, as a fast trainer would: released to the server.
+            mapper = PayloadMapper(config.target) if nonce else None
+            assembler = wire.BatchAssembler(compression.decompress, mapper)
             try:
                 for chunk in call:
                     for header, _ in assembler.feed(chunk):
@@ -166,6 +186,8 @@ def _run_stream(
                             return
             finally:
                 call.cancel()
+                if mapper is not None:
+                    mapper.close()
             epoch += 1
     except grpc.RpcError as exc:
         log.error = f"stream {stream}: {ServerError.from_rpc(exc, config.target)}"
@@ -185,6 +207,8 @@ def _client_main(
     # not TCP and HTTP/2 set-up (which `ready` would otherwise include).
     with contextlib.suppress(ConnectError):  # the streams will report it
         wait_for_server(config.target)
+    # Each client process proves for itself that it can map the server's memory.
+    decision = BatchClient(config.target).transport(config.transport)
     results.put(("ready", index))
     if not go.wait(_READY_TIMEOUT):
         return
@@ -197,7 +221,7 @@ def _client_main(
     threads = [
         threading.Thread(
             target=_run_stream,
-            args=(config, j, quota, counters, 2 * index, logs[j]),
+            args=(config, j, quota, counters, 2 * index, logs[j], decision.nonce),
             name=f"bench-client{index}-stream{j}",
             daemon=True,
         )
@@ -208,6 +232,7 @@ def _client_main(
     for thread in threads:
         thread.join()
     record = {
+        "transport": decision.transport,
         "cpu_seconds": time.process_time() - cpu_start,
         "streams": [
             {
@@ -235,6 +260,7 @@ def _preflight(config: BenchConfig) -> tuple[pb.DatasetInfo, int]:
     """
     client = BatchClient(config.target, timeout=30.0)
     try:
+        client.transport(config.transport)  # "shm" that cannot be: TransportError, named
         info = client.describe(config.dataset)
         call = client.stream(_request(config, 0, 0))
         try:
@@ -487,6 +513,7 @@ def summarize(
             "length": info.length,
             "batch_bytes": batch_bytes,
         },
+        "transport": ",".join(sorted({r.get("transport", "grpc") for r in records})),
         "seconds": seconds,
         "batches": totals["batches"],
         "samples_per_s": totals["batches"] * config.batch_size / seconds,
@@ -534,6 +561,9 @@ def _ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1e3:.2f} ms"
 
 
+_TRANSPORT_NAMES = {"grpc": "gRPC (bytes)", "shm": "shared memory (mapped batches)"}
+
+
 def format_report(report: dict[str, Any]) -> str:
     """The human report (ghz-like): summary, latency, histogram, per-client table."""
     config, dataset = report["config"], report["dataset"]
@@ -544,6 +574,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"  Batch:        {config['batch_size']} samples, {dataset['batch_bytes'] / 1e6:.3f} MB",
         f"  Clients:      {config['clients']} x {config['streams']} stream(s)"
         + (f", {config['compression']}" if config["compression"] != "none" else ""),
+        f"  Transport:    {_TRANSPORT_NAMES.get(report['transport'], report['transport'])}",
         f"  Duration:     {report['seconds']:.3g} s measured"
         + (f" ({config['batches']} batches per client)" if config.get("batches") else "")
         + f" after {config['warmup']:g} s warm-up",

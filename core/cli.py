@@ -189,6 +189,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             compression=args.compression,
             shuffle=args.shuffle,
             batches=args.batches,
+            transport=args.transport,
         )
     except ValueError as exc:
         print(f"batchwire bench: {exc}", file=sys.stderr)
@@ -274,6 +275,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--streams", type=int, default=1, help="parallel streams per client (1)")
     bench.add_argument("--compression", choices=["none", "lz4", "zstd"], default="none")
+    bench.add_argument(
+        "--transport",
+        choices=["grpc", "shm", "auto"],
+        default="grpc",
+        help="grpc: bytes, as a remote trainer gets them (default); shm: mapped from the "
+        "server's shared memory (same host); auto: shm where usable",
+    )
     bench.add_argument("--shuffle", action="store_true", help="shuffled order (default: in order)")
     bench.add_argument("--json", metavar="FILE", help="also write the full report as JSON")
     bench.add_argument(

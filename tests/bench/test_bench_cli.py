@@ -32,6 +32,7 @@ TOP_KEYS = {
     "clients": list,
     "fairness": float,
     "errors": list,
+    "transport": str,
 }
 STAT_KEYS = {"count", "min", "mean", "p50", "p90", "p99", "max"}
 CLIENT_KEYS = {
@@ -109,6 +110,7 @@ def test_json_schema_and_consistency(report) -> None:
         "compression": "none",
         "shuffle": False,
         "batches": 6,
+        "transport": "grpc",
     }
     assert data["dataset"]["batch_bytes"] == 2 * 1024 * 1024 * 4 + 2 * 8  # images, labels
     assert data["batches"] == 12 == sum(c["batches"] for c in data["clients"])
@@ -195,3 +197,27 @@ def test_dataset_failing_mid_run_exits_nonzero(core_server: ServerProcess, tmp_p
     assert "INTERNAL" in result.stdout and "sample index 13" in result.stdout
     assert "stream(s) failed" in result.stderr
     assert json.loads(path.read_text())["errors"]
+
+
+@pytest.mark.parametrize("transport", ["shm", "auto"])
+def test_the_same_host_path_is_load_tested_over_shared_memory(
+    core_server: ServerProcess, tmp_path: Path, transport: str
+) -> None:
+    # The default stack's path (docker compose: the trainer maps the server's memory).
+    path = tmp_path / "shm.json"
+    result = bench(
+        core_server.target,
+        *("--dataset", "big", "--batch-size", "2", "--transport", transport),
+        *("--batches", "6", "--warmup", "0", "--json", str(path)),
+    )
+    assert result.returncode == 0, result.stderr
+    data = json.loads(path.read_text())
+    assert data["transport"] == "shm" and data["batches"] == 6 and not data["errors"]
+    assert data["bytes"] == 6 * 2 * (1024 * 1024 * 4 + 8)  # every batch whole: 2 images + labels
+    assert "Transport:    shared memory" in result.stdout
+
+
+def test_the_grpc_path_stays_the_default(report) -> None:
+    result, data = report
+    assert data["transport"] == "grpc" and data["config"]["transport"] == "grpc"
+    assert "Transport:    gRPC (bytes)" in result.stdout
