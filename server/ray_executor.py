@@ -15,7 +15,12 @@ actor one task at a time and waits for it with ``task_timeout_seconds``:
   new actor takes the slot.
 
 A slot whose new actor cannot be placed yet (the cluster lost the CPUs) takes
-no task until it can, so its tasks go to the slots that can build them.
+no task until it can, so its tasks go to the slots that can build them. When
+no actor at all is alive and none could be placed for ``place_seconds``, the
+executor reports itself failed (``failure``, ``on_health_change``: health says
+NOT_SERVING), and queued and new tasks fail with ``ExecutorFailed``
+(UNAVAILABLE, which clients retry) instead of waiting for a cluster that may
+never come back; the first actor placed again makes it healthy.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from batchwire.server._tasks import (
     BatchTask,
     BuiltBatch,
     ExecutorClosed,
+    ExecutorFailed,
     TaskTimedOut,
     WorkerCrashed,
     settle,
@@ -51,6 +57,9 @@ log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3
 """A task whose actor is lost this many times fails instead of being sent a fourth time."""
+
+PLACE_SECONDS = 30.0
+"""With no actor alive, how long placing one may take before the executor reports itself failed."""
 
 OBJECT_STORE_BYTES = 256 << 20
 """Object store of a Ray started by the server (Ray's minimum is 75 MiB)."""
@@ -127,7 +136,10 @@ class RayExecutor:
         self._started_ray = False
         self._threads: list[threading.Thread] = []
         self._temp_dir = f"/tmp/bwray-{os.getpid()}"  # short: AF_UNIX paths <= 107 bytes
+        self._failure: str | None = None
+        self._listeners: list[HealthListener] = []
         self.replaced = 0
+        self.place_seconds = PLACE_SECONDS
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -187,6 +199,8 @@ class RayExecutor:
         with self._changed:
             if self._closed:
                 job.future.set_exception(ExecutorClosed("the server is shutting down"))
+            elif self._failure is not None:
+                job.future.set_exception(ExecutorFailed(self._failure))
             else:
                 self._queue.append(job)
                 self._changed.notify()
@@ -197,10 +211,42 @@ class RayExecutor:
 
     @property
     def failure(self) -> str | None:
-        return None
+        """Why no batch can be built now (no actor alive or placeable); None while one can."""
+        with self._lock:
+            return self._failure
 
     def on_health_change(self, listener: HealthListener) -> None:
-        listener(None)
+        """Calls ``listener(failure)`` now and on each change (from a slot thread)."""
+        with self._lock:
+            self._listeners.append(listener)
+            failure = self._failure
+        listener(failure)
+
+    def _set_failure(self, failure: str | None) -> None:
+        with self._changed:
+            if (failure is None) == (self._failure is None):
+                return
+            self._failure = failure
+            doomed: list[_Job] = []
+            if failure is not None:
+                doomed, self._queue = list(self._queue), deque()
+            listeners = list(self._listeners)
+        for job in doomed:
+            settle(job.future, exception=ExecutorFailed(failure or ""))
+        if failure is None:
+            log.warning("ray executor: an actor is alive again: serving again")
+        else:
+            log.error("ray executor has failed: %s", failure)
+        for listener in listeners:
+            try:
+                listener(failure)
+            except Exception:
+                log.exception("a health listener failed")
+
+    def _actor_up(self) -> None:
+        with self._lock:
+            self._alive += 1
+        self._set_failure(None)
 
     @property
     def size(self) -> int:
@@ -225,6 +271,7 @@ class RayExecutor:
         import ray
 
         actor = self._actor_class.remote(self._config)
+        since = time.monotonic()
         while True:
             try:
                 ray.get(actor.ready.remote(), timeout=1.0)
@@ -235,6 +282,16 @@ class RayExecutor:
                     return None
             except ray.exceptions.RayActorError:
                 actor = self._actor_class.remote(self._config)
+            waited = time.monotonic() - since
+            with self._lock:
+                stranded = self._alive == 0 and waited > self.place_seconds
+            if stranded:
+                cpus = self._config.server.ray_actor_cpus
+                self._set_failure(
+                    f"no Ray actor is alive, and the cluster has placed none for {waited:.0f}s "
+                    f"(each of the {self._workers} needs ray_actor_cpus={cpus:g} CPU): batches "
+                    "cannot be built until it has the CPUs"
+                )
 
     def _run_slot(self, slot: int) -> None:
         import ray
@@ -242,8 +299,7 @@ class RayExecutor:
         actor = self._new_actor()
         if actor is None:
             return
-        with self._lock:
-            self._alive += 1
+        self._actor_up()
         try:
             while True:
                 job = self._next_job()
@@ -279,8 +335,7 @@ class RayExecutor:
         log.warning("ray actor of slot %d %s; starting a new one", slot, why)
         actor = self._new_actor()
         if actor is not None:
-            with self._lock:
-                self._alive += 1
+            self._actor_up()
         return actor
 
     def _requeue(self, job: _Job, exc: BaseException) -> None:
@@ -296,8 +351,12 @@ class RayExecutor:
             )
             return
         with self._changed:
-            self._queue.appendleft(job)  # first in line: its stream waits on it
-            self._changed.notify()
+            failure = self._failure
+            if failure is None:
+                self._queue.appendleft(job)  # first in line: its stream waits on it
+                self._changed.notify()
+        if failure is not None:
+            settle(job.future, exception=ExecutorFailed(failure))
 
     def _timed_out(self, task: BatchTask) -> str:
         indices = list(task.batches[0])

@@ -24,7 +24,7 @@ sys.path[:0] = [str(TESTS / "pipeline")]
 from pipeline_data import make_image_folder  # noqa: E402
 
 from batchwire import wire  # noqa: E402
-from batchwire.server._tasks import TaskTimedOut  # noqa: E402
+from batchwire.server._tasks import ExecutorFailed, TaskTimedOut  # noqa: E402
 from batchwire.server.config import load_config  # noqa: E402
 from batchwire.server.inprocess import ThreadExecutor  # noqa: E402
 from batchwire.server.samplers import BatchPlan  # noqa: E402
@@ -277,6 +277,41 @@ def main() -> None:
     assert executor.replaced >= 1, executor.replaced
     want = asyncio.run(stream(reference, "slow", plan))
     check("slow, its node removed mid-epoch", got, want)
+    executor.close()
+
+    # 4. Every builder node removed, none to take its place: the executor reports itself
+    # failed (health NOT_SERVING) and the stream ends UNAVAILABLE instead of waiting
+    # forever; a node that joins makes it healthy again and streams flow.
+    builders = cluster.list_all_nodes()[-1]
+    executor = RayExecutor(config, 2)
+    executor.place_seconds = 3.0
+    heard: list[str | None] = []
+    executor.on_health_change(heard.append)
+    executor.start()
+    lost = []
+
+    def remove_all(count: int) -> None:
+        if count == 4 and not lost:
+            lost.append(count)
+            cluster.remove_node(builders)
+
+    try:
+        asyncio.run(stream(executor, "slow", plan, on_message=remove_all))
+        raise AssertionError("the stream went on without any actor")
+    except StreamStopped as stopped:
+        assert isinstance(stopped.failure, ExecutorFailed), stopped.failure
+        print(f"no actors: the stream ended: {stopped.failure}", flush=True)
+    assert executor.failure is not None and heard[0] is None and heard[-1] is not None, heard
+    assert "no Ray actor is alive" in executor.failure, executor.failure
+    cluster.add_node(num_cpus=2, object_store_memory=store)
+    for _ in range(600):  # bounds a hang: until an actor is placed on the new node
+        if executor.failure is None:
+            break
+        time.sleep(0.1)
+    assert executor.failure is None and heard[-1] is None, heard
+    small = shuffled(300, 8, 4)
+    got = asyncio.run(stream(executor, "small", small))
+    check("small, after the cluster came back", got, asyncio.run(stream(reference, "small", small)))
     executor.close()
     reference.close()
     ray.shutdown()
