@@ -31,6 +31,10 @@ T = TypeVar("T")
 DEFAULT_RETRYABLE = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED}
 )
+# Any other status is retried too when the server marks it transient (trailing
+# metadata "batchwire-transient", see the .proto): RESOURCE_EXHAUSTED for its
+# stream limit, which a slot freeing up, or another replica, lifts.
+TRANSIENT_KEY = "batchwire-transient"
 
 
 @dataclass(frozen=True)
@@ -54,7 +58,8 @@ class RetryPolicy:
     """Each wait is shortened by a random fraction up to this, so that many
     trainers cut off by one server restart do not reconnect in lock-step."""
     retryable: frozenset[grpc.StatusCode] = field(default=DEFAULT_RETRYABLE)
-    """Status codes that start or continue an outage; others are raised at once."""
+    """Status codes that start or continue an outage; others are raised at once, unless
+    the server marked them transient (``batchwire-transient``: its stream limit)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.attempts, int) or self.attempts < 0:
@@ -129,7 +134,8 @@ class Outage:
     def next_wait(self, error: ServerError, what: str) -> float:
         """Seconds to wait before the next attempt; raises ``error`` or ``RetryError`` instead."""
         policy = self._policy
-        if error.code not in policy.retryable and not isinstance(error, StreamCutShort):
+        transient = isinstance(error, StreamCutShort) or TRANSIENT_KEY in error.metadata
+        if error.code not in policy.retryable and not transient:
             raise error
         now = self._clock()
         if self._started is None:

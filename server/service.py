@@ -50,6 +50,9 @@ from batchwire.server.stream import (
 )
 from batchwire.v1 import batchwire_pb2 as pb
 
+TRANSIENT_KEY = "batchwire-transient"
+"""Trailing metadata of a refusal that passes (the stream limit); see the .proto."""
+
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "batchwire.v1.BatchService"
@@ -284,7 +287,7 @@ class BatchService:
         try:
             self._admit(request)
         except Refused as refused:
-            await context.abort(refused.code, refused.message)
+            await context.abort(refused.code, refused.message, refused.metadata)
         stream_id = str(next(self._stream_ids))
         if request.HasField("trainer_report"):
             report = request.trainer_report
@@ -317,7 +320,7 @@ class BatchService:
             await self._stream(entry, stream, request, context, sent, meter, shared=shared)
         except Refused as refused:
             status = refused.code.name  # counted by _refuse
-            await context.abort(refused.code, refused.message)
+            await context.abort(refused.code, refused.message, refused.metadata)
         except asyncio.CancelledError:
             status = "CANCELLED"  # the client went away mid-stream, or the server stopped
             raise
@@ -360,6 +363,8 @@ class BatchService:
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"the server already has {self._settings.max_concurrent_streams} open streams "
                 "(max_concurrent_streams); retry later",
+                # Unlike a batch over max_batch_bytes, this passes: clients back off and retry.
+                ((TRANSIENT_KEY, "stream-limit"),),
             )
 
     async def _stream(

@@ -84,7 +84,10 @@ class BatchServiceServicer:
         """Streams the batches of one epoch (for one rank), from `start_batch` on,
         in order. Errors end the stream with a gRPC status:
         NOT_FOUND (unknown dataset), INVALID_ARGUMENT (bad parameter),
-        INTERNAL (the dataset raised while building a batch).
+        INTERNAL (the dataset raised while building a batch), RESOURCE_EXHAUSTED
+        (a batch over max_batch_bytes; or, with trailing metadata
+        "batchwire-transient", the server's stream limit: transient, so clients
+        back off and retry as for UNAVAILABLE).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

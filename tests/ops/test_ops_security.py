@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -112,7 +115,7 @@ def test_tokens_from_an_environment_variable(
         assert first_batch(server.target)["index"].tolist() == [0, 1, 2, 3]
 
 
-def test_stream_limit(tmp_path: Path) -> None:
+def test_stream_limit(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     # 20 ms an item: the two streams stay open (a fast stream of tiny batches may be
     # wholly sent, and its slot freed, before the client reads its second batch).
     config = write_config(
@@ -128,9 +131,21 @@ def test_stream_limit(tmp_path: Path) -> None:
             first_batch(server.target)
         assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "max_concurrent_streams" in refused.value.details
-        # The open streams are unharmed, and a slot frees up when one ends.
-        assert len(list(open_streams[0])) == 63
-        assert first_batch(server.target)["index"].tolist() == [0, 1, 2, 3]
+        assert refused.value.metadata.get("batchwire-transient") == "stream-limit"
+        # A trainer that arrives now waits its turn (RetryPolicy backs off) instead of failing.
+        waiting: list = []
+        trainer = threading.Thread(
+            target=lambda: waiting.extend(RemoteDataset(server.target, "dict", batch_size=4))
+        )
+        with caplog.at_level(logging.WARNING, logger="batchwire.client"):
+            trainer.start()
+            while not any("max_concurrent_streams" in r.getMessage() for r in caplog.records):
+                assert trainer.is_alive(), "the trainer ended without being refused"
+                time.sleep(0.05)
+            # The open streams are unharmed, and a slot frees up when one ends.
+            assert len(list(open_streams[0])) == 63
+            trainer.join(timeout=120)
+        assert not trainer.is_alive() and len(waiting) == 16
         assert len(list(open_streams[1])) == 63
 
 
