@@ -413,3 +413,19 @@ def test_compose_scaled_to_three_runs_as_local_processes(tmp_path: Path) -> None
             Local("127.0.0.1", ports, {}, names), trainer["command"], trainer["environment"]
         )
     assert_every_replica_served(tmp_path, len(hosts))
+
+
+def test_the_image_extras_are_the_packages_extras() -> None:
+    # `docker build --build-arg EXTRAS=...`: the default and the documented example name
+    # extras that pyproject.toml defines (pip would only warn about an unknown one).
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    named = re.findall(r'ARG EXTRAS="([^"]+)"', dockerfile) + re.findall(
+        r"--build-arg EXTRAS=(\S+)", dockerfile
+    )
+    assert len(named) == 2, named
+    for spec in named:
+        assert set(spec.split(",")) <= set(extras), (spec, sorted(extras))
+    assert 'pip install ".[${EXTRAS}]"' in dockerfile
