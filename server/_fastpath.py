@@ -84,9 +84,15 @@ class KeptFiles:
     def take(self, path: str) -> _Open | None:
         """The kept file of ``path``; None if there is none, or it has been removed since."""
         file = self._files.pop(path, None)
-        if file is not None and os.fstat(file.fd).st_nlink == 0:
+        if file is None:
+            return None
+        stat = os.fstat(file.fd)
+        if stat.st_nlink == 0:
             _close(file)  # the name may be a new file by now
             return None
+        # Another worker may have written it since, and cut it shorter: touching the
+        # mapping past its end would be a SIGBUS. ``region`` grows it again first.
+        file.size = stat.st_size
         return file
 
     def keep(self, path: str, file: _Open) -> None:

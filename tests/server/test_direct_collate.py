@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import multiprocessing
 import os
 from pathlib import Path
 
@@ -137,3 +138,24 @@ def test_a_kept_file_that_was_removed_is_not_written_for_its_name(tmp_path: Path
     assert path.read_bytes() == _old_task_bytes(tmp_path, _task(0))[: written.size]
     kept.sweep()
     kept.release()
+
+
+def _two_workers_take_turns(path: str, sizes: list[int]) -> None:
+    workers = [KeptFiles(), KeptFiles()]  # each worker keeps its own mappings
+    for turn, size in enumerate(sizes):
+        batches = _task(0)[:size]
+        written = build_and_write(_Items(), "demo", batches, path, kept=workers[turn % 2])
+        assert written.error is None and len(written.headers) == size
+
+
+def test_a_file_another_worker_cut_shorter_is_grown_before_it_is_written(tmp_path: Path) -> None:
+    # Worker A maps the file at 4 batches, B cuts it to 1, A writes 4 again: without
+    # re-reading the file's length, A wrote past its end (SIGBUS; in a child here).
+    path = str(tmp_path / "task")
+    child = multiprocessing.get_context("fork").Process(
+        target=_two_workers_take_turns, args=(path, [4, 1, 4, 1])
+    )
+    child.start()
+    child.join(60)
+    assert child.exitcode == 0
+    assert Path(path).read_bytes() == _old_task_bytes(tmp_path, _task(0)[:1])

@@ -1,4 +1,5 @@
-"""A source's ``__getitems__`` is called once per batch, as DataLoader calls it (real server)."""
+"""Worker fast paths through a real server: ``__getitems__`` once per batch, as DataLoader
+calls it; batches collated straight into kept payload files, workers sharing them."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import getitems_data
 import pytest
 from _serverproc import ServerProcess
 from conftest import assert_same_batch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, default_collate
 
 from batchwire.client import RemoteDataset, ServerError
 
@@ -41,6 +42,11 @@ source = "python"
 factory = "getitems_data:rows"
 kwargs = {{ length = 45 }}
 {CROP}
+
+[datasets.many]
+source = "python"
+factory = "getitems_data:rows"
+kwargs = {{ length = 200 }}
 
 [datasets.broken]
 source = "python"
@@ -82,3 +88,22 @@ def test_a_failing_getitems_names_its_batch(server: ServerProcess) -> None:
     assert "'broken', the batch starting at sample index 8" in caught.value.details
     assert "OSError: the batch read failed" in caught.value.details
     assert [batch["label"].tolist() for batch in received] == [list(range(8))]
+
+
+def test_workers_taking_turns_on_kept_files_neither_crash_nor_mix_batches(
+    server: ServerProcess,
+) -> None:
+    # 25 batches of 8, in tasks of up to 16: each epoch's last task is shorter and cuts
+    # its file, which the other worker may have mapped longer (was a SIGBUS, and the
+    # pool quietly rebuilt the batches on a new worker). Over gRPC, files are recycled
+    # from one stream to the next.
+    dataset = getitems_data.rows(200)
+    remote = RemoteDataset(server.target, "many", batch_size=8, transport="grpc")
+    for epoch in range(20):
+        remote.set_epoch(epoch)
+        batches = list(remote)
+        assert len(batches) == 25
+        for i in (0, 24):
+            expected = default_collate([dataset[k] for k in range(8 * i, 8 * i + 8)])
+            assert_same_batch(batches[i], expected, f"epoch {epoch} batch {i}")
+    assert not [line for line in server.output if "died with exit code" in line]
