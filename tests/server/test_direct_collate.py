@@ -122,10 +122,18 @@ def test_kept_files_are_written_in_place_task_after_task(tmp_path: Path) -> None
     kept = KeptFiles()
     path = tmp_path / "task"
     path.write_bytes(b"\xff" * 50_000)  # a recycled file, longer than any of these tasks
-    for start, batches in [(0, _task(0)), (100, _task(100)[:1]), (200, _task(200))]:
+    # Shorter by a little (its tail is zeroed), by a lot (it is cut), longer again.
+    for start, batches in [
+        (0, _task(0)),
+        (100, _task(100)[:3]),
+        (200, _task(200)[:1]),
+        (300, _task(300)),
+    ]:
         written = build_and_write(_Items(), "demo", batches, str(path), kept=kept)
         assert written.error is None and len(written.headers) == len(batches)
-        assert path.read_bytes() == _old_task_bytes(tmp_path, batches), start
+        content = path.read_bytes()
+        assert content[: written.size] == _old_task_bytes(tmp_path, batches), start
+        assert content[written.size :] == bytes(len(content) - written.size)  # no old bytes
     kept.release()
 
 
@@ -158,4 +166,5 @@ def test_a_file_another_worker_cut_shorter_is_grown_before_it_is_written(tmp_pat
     child.start()
     child.join(60)
     assert child.exitcode == 0
-    assert Path(path).read_bytes() == _old_task_bytes(tmp_path, _task(0)[:1])
+    expected = _old_task_bytes(tmp_path, _task(0)[:1])
+    assert Path(path).read_bytes()[: len(expected)] == expected
