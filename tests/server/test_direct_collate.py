@@ -168,3 +168,19 @@ def test_a_file_another_worker_cut_shorter_is_grown_before_it_is_written(tmp_pat
     assert child.exitcode == 0
     expected = _old_task_bytes(tmp_path, _task(0)[:1])
     assert Path(path).read_bytes()[: len(expected)] == expected
+
+
+def test_batches_of_one_structure_but_other_shapes_or_dtypes_get_their_own_header() -> None:
+    # Headers are reused by make-up (structure, dtypes, shapes): any change must show.
+    makeups = [
+        [{"x": torch.zeros(3), "y": 1} for _ in range(4)],
+        [{"x": torch.zeros(3), "y": 1} for _ in range(5)],  # another batch size
+        [{"x": torch.zeros(2), "y": 1} for _ in range(4)],  # another shape
+        [{"x": torch.zeros(3, dtype=torch.float16), "y": 1} for _ in range(4)],
+        [{"x": torch.zeros(3), "y": 1.0} for _ in range(4)],  # a float, not an int
+        [{"y": 1, "x": torch.zeros(3)} for _ in range(4)],  # another key order
+        [{"x": [torch.zeros(3)], "y": 1} for _ in range(4)],  # one level deeper
+    ]
+    for _ in range(2):
+        for samples in makeups:
+            assert _direct(samples) == _general(samples)
