@@ -69,6 +69,8 @@ def collate_into(samples: list[Any], reserve: Reserve) -> pb.BatchHeader | None:
     caller writes the batch there again by the general path. The header is
     shared by the batches of one make-up: serialise it, do not change it.
     """
+    if not samples:
+        return None  # default_collate's own error
     columns: list[_Column] = []
     key: list[Any] = []
     try:

@@ -85,6 +85,7 @@ UNPLANNED = {
     "a dtype that cannot travel": [np.zeros(2, np.uint16), np.zeros(2, np.uint16)],
     "an int beyond int64": [1, 1 << 70],
     "a missing key": [{"a": 1, "b": 2}, {"a": 3}],
+    "no samples": [],
 }
 
 
