@@ -17,7 +17,7 @@ from torch.utils.data import default_collate
 
 from batchwire import wire
 from batchwire.server._fastpath import KeptFiles, PayloadFile, write_payload_file
-from batchwire.server.direct_collate import collate_into
+from batchwire.server.direct_collate import collate_into, write_into
 from batchwire.server.pipeline import get_items
 from batchwire.v1 import batchwire_pb2 as pb
 
@@ -229,7 +229,13 @@ def build_each(
             header, tensors = encode_or_blame(
                 pipeline, name, indices, batch, seed=seed, epoch=epoch
             )
-            put(header, tensors)
+            if reserve is not None and header.payload_size:
+                # Another collate, or a source's gather: one copy into the payload memory.
+                size = header.payload_size
+                write_into(reserve(size, len(batches) - done), tensors, header.tensors, size)
+                put(header, None)
+            else:
+                put(header, tensors)
         except BatchBuildError as exc:
             return str(exc)
         except ITEM_ERRORS as exc:

@@ -187,3 +187,18 @@ def _write(memory: memoryview, columns: list[_Column], layout: _Layout) -> None:
         else:
             out.copy_(torch.tensor(column.values, dtype=column.dtype))
     raw[end:size] = 0
+
+
+def write_into(
+    memory: memoryview, tensors: list[torch.Tensor], metas: list[pb.TensorMeta], size: int
+) -> None:
+    """Copies built tensors to their offsets in ``memory``; zeros the alignment gaps."""
+    raw = np.frombuffer(memory, np.uint8, size)
+    end = 0
+    for tensor, meta in zip(tensors, metas, strict=True):
+        raw[end : meta.offset] = 0
+        end = meta.offset + meta.nbytes
+        if meta.nbytes:
+            flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+            torch.from_numpy(raw[meta.offset : end]).copy_(flat)
+    raw[end:size] = 0

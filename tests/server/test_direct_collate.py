@@ -15,6 +15,7 @@ from torch.utils.data import default_collate
 from batchwire import wire
 from batchwire.server._fastpath import KeptFiles, write_payload_file
 from batchwire.server.batches import build_and_write, encode_batch
+from batchwire.server.collate import PadCollate
 from batchwire.server.direct_collate import collate_into
 from batchwire.v1 import batchwire_pb2 as pb
 
@@ -185,3 +186,49 @@ def test_batches_of_one_structure_but_other_shapes_or_dtypes_get_their_own_heade
     for _ in range(2):
         for samples in makeups:
             assert _direct(samples) == _general(samples)
+
+
+class _Ragged:
+    """Items of varying length, collated by padding: not planned, so built, then copied."""
+
+    collate_fn = staticmethod(PadCollate(None, {}, -1.0))
+
+    def __len__(self) -> int:
+        return 1000
+
+    def __getitem__(self, index: int) -> dict:
+        return {"tokens": torch.arange(index % 5 + 1, dtype=torch.int16), "label": index}
+
+
+class _Gathered(_Items):
+    """A source-level gather (``load_batch``, as the synthetic and arrays sources have)."""
+
+    def load_batch(self, indices: list[int]) -> dict:
+        return default_collate([_item(i) for i in indices])
+
+
+@pytest.mark.parametrize("dataset", [_Ragged(), _Gathered()], ids=["custom collate", "gather"])
+def test_batches_built_another_way_are_copied_into_the_kept_file(dataset, tmp_path: Path) -> None:
+    path = tmp_path / "task"
+    path.write_bytes(b"\xff" * 20_000)
+    written = build_and_write(dataset, "demo", _task(0), str(path), kept=KeptFiles())
+    assert written.error is None and len(written.headers) == 4
+    expected, end = bytearray(), 0
+    for indices in _task(0):
+        if isinstance(dataset, _Gathered):
+            batch = dataset.load_batch(indices)
+        else:
+            batch = dataset.collate_fn([dataset[i] for i in indices])
+        header, payload = _encoded(batch)
+        base = wire.aligned(end)
+        expected += bytes(base - end) + payload
+        end = base + header.payload_size
+    assert path.read_bytes()[:end] == bytes(expected)
+    assert written.size == end
+
+
+def _encoded(batch) -> tuple[pb.BatchHeader, bytes]:
+    header, tensors = encode_batch(batch, "demo")
+    payload = bytearray(header.payload_size)
+    wire.write_payload(tensors, list(header.tensors), memoryview(payload))
+    return header, bytes(payload)
