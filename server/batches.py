@@ -72,23 +72,12 @@ def load_samples(
     ) from failed
 
 
-def build_batch(
-    pipeline: Any, name: str, indices: Sequence[int], *, seed: int = 0, epoch: int = 0
-) -> Any:
-    """The collated batch of ``indices``: in one call where the pipeline can, else per sample.
-
-    If the one-call path fails, the per-sample path runs instead, so that the
-    error names the sample that broke.
-    """
-    batch = gather_batch(pipeline, indices)
-    if batch is not None:
-        return batch
-    samples = load_samples(pipeline, name, indices, seed=seed, epoch=epoch)
-    return collate(samples, name, getattr(pipeline, "collate_fn", default_collate))
-
-
 def gather_batch(pipeline: Any, indices: Sequence[int]) -> Any | None:
-    """The batch from the pipeline's one-call path (``load_batch``); None where it has none."""
+    """The batch from the pipeline's one-call path (``load_batch``); None where it has none.
+
+    If it fails, None too: the per-sample path runs instead, so that the error
+    names the sample that broke.
+    """
     batched = getattr(pipeline, "load_batch", None)
     if batched is None:
         return None

@@ -89,9 +89,12 @@ class Pipeline:
         fetcher makes it; the transforms still run item by item, each with its
         own ``(seed, epoch, index)`` RNG: the same items as ``load``.
         """
-        items = get_items(self.source, indices)
         if self.transforms is None:
-            return items
+            return get_items(self.source, indices)
+        if not getattr(self.source, "__getitems__", None):
+            # Item by item, each transformed as it is loaded: the order load() had.
+            return [self.load(index, seed=seed, epoch=epoch) for index in indices]
+        items = get_items(self.source, indices)
         transforms = self.transforms
         return [
             transforms(item, sample_generator(seed, epoch, index))
