@@ -25,7 +25,12 @@ from multiprocessing.connection import Connection
 
 import torch
 
-from batchwire.server._fastpath import IDLE_SECONDS, release_freed_memory, reuse_freed_memory
+from batchwire.server._fastpath import (
+    IDLE_SECONDS,
+    KeptFiles,
+    release_freed_memory,
+    reuse_freed_memory,
+)
 from batchwire.server.batches import ITEM_ERRORS, WrittenBatches, build_and_write
 from batchwire.server.config import Config, ConfigError
 from batchwire.server.pipeline import Pipeline, build_pipeline
@@ -40,9 +45,11 @@ def run(config: Config, conn: Connection) -> None:
         if folder not in sys.path:
             sys.path.insert(0, folder)
     datasets: dict[str, Pipeline] = {}
+    kept = KeptFiles()  # payload files mapped between tasks (see _fastpath)
     while True:
         try:
             if not conn.poll(IDLE_SECONDS):
+                kept.release()
                 release_freed_memory()  # idle: give kept batch memory back (see _fastpath)
             task = conn.recv()
         except (EOFError, OSError):
@@ -56,7 +63,10 @@ def run(config: Config, conn: Connection) -> None:
                 datasets[name] = build_pipeline(
                     config.datasets[name], config.file, for_sampling=False
                 )
-            written = build_and_write(datasets[name], name, batches, path, seed=seed, epoch=epoch)
+            kept.sweep()  # let go of the files the pool removed since the last task
+            written = build_and_write(
+                datasets[name], name, batches, path, seed=seed, epoch=epoch, kept=kept
+            )
         except ConfigError as exc:
             written = WrittenBatches(error=str(exc))
         except (

@@ -16,7 +16,9 @@ import torch
 from torch.utils.data import default_collate
 
 from batchwire import wire
-from batchwire.server._fastpath import PayloadFile, write_payload_file
+from batchwire.server._fastpath import KeptFiles, PayloadFile, write_payload_file
+from batchwire.server.direct_collate import collate_into, write_into
+from batchwire.server.pipeline import get_items
 from batchwire.v1 import batchwire_pb2 as pb
 
 
@@ -39,41 +41,50 @@ def load_samples(
     """Items ``indices`` of ``dataset``, transformed with each sample's ``(seed, epoch, index)`` RNG.
 
     ``dataset`` is a ``Pipeline`` (its ``load`` applies the transforms) or any
-    map-style dataset.
+    map-style dataset. All in one call where it can (``Pipeline.load_many``: a
+    source's ``__getitems__``, as DataLoader calls it); if that raises, sample
+    by sample, so that the error names the sample that broke.
     """
+    indices = [int(index) for index in indices]
+    load_many = getattr(dataset, "load_many", None)
+    try:
+        if load_many is not None:
+            return load_many(indices, seed=seed, epoch=epoch)
+        return get_items(dataset, indices)
+    except ITEM_ERRORS as exc:
+        failed = exc
     load = getattr(dataset, "load", None)
     samples = []
     for index in indices:
         try:
             if load is not None:
-                samples.append(load(int(index), seed=seed, epoch=epoch))
+                samples.append(load(index, seed=seed, epoch=epoch))
             else:
-                samples.append(dataset[int(index)])
+                samples.append(dataset[index])
         except ITEM_ERRORS as exc:
             raise BatchBuildError(
-                f"dataset {name!r}, sample index {int(index)}: {type(exc).__name__}: {exc}"
+                f"dataset {name!r}, sample index {index}: {type(exc).__name__}: {exc}"
             ) from exc
-    return samples
+    # Every sample loads on its own: the batch call (``__getitems__``) is what broke.
+    raise BatchBuildError(
+        f"dataset {name!r}, the batch starting at sample index {indices[0]}: "
+        f"{type(failed).__name__}: {failed}"
+    ) from failed
 
 
-def build_batch(
-    pipeline: Any, name: str, indices: Sequence[int], *, seed: int = 0, epoch: int = 0
-) -> Any:
-    """The collated batch of ``indices``: in one call where the pipeline can, else per sample.
+def gather_batch(pipeline: Any, indices: Sequence[int]) -> Any | None:
+    """The batch from the pipeline's one-call path (``load_batch``); None where it has none.
 
-    If the one-call path fails, the per-sample path runs instead, so that the
-    error names the sample that broke.
+    If it fails, None too: the per-sample path runs instead, so that the error
+    names the sample that broke.
     """
     batched = getattr(pipeline, "load_batch", None)
-    if batched is not None:
-        try:
-            batch = batched(indices)
-        except Exception:
-            batch = None
-        if batch is not None:
-            return batch
-    samples = load_samples(pipeline, name, indices, seed=seed, epoch=epoch)
-    return collate(samples, name, getattr(pipeline, "collate_fn", default_collate))
+    if batched is None:
+        return None
+    try:
+        return batched(indices)
+    except Exception:
+        return None  # the per-sample path names the sample that broke
 
 
 def collate(
@@ -161,8 +172,16 @@ class WrittenBatches:
     error: str | None = None
 
 
-Put = Callable[[pb.BatchHeader, list[torch.Tensor]], None]
-"""Where a built batch's bytes go: a payload file, a buffer, an object store."""
+Put = Callable[[pb.BatchHeader, list[torch.Tensor] | None], None]
+"""Where a built batch's bytes go: a payload file, a buffer, an object store.
+
+``tensors`` None: the payload is already written, into the memory that the
+build's ``reserve`` handed out last.
+"""
+
+Reserve = Callable[[int, int], memoryview]
+"""``reserve(size, left)``: writable memory for the next batch's payload (``left``
+batches of the task to go, counting it), for collating straight into it."""
 
 
 def build_each(
@@ -173,20 +192,39 @@ def build_each(
     *,
     seed: int = 0,
     epoch: int = 0,
+    reserve: Reserve | None = None,
 ) -> str | None:
     """Builds ``batches`` in order, handing each header and its tensors to ``put``.
 
     Building (indices -> header + tensors) knows nothing of where the bytes go.
+    With ``reserve``, a batch of the default collate is written straight into
+    the memory it hands out (``direct_collate``), then ``put(header, None)``.
     Stops at the first batch that fails and returns why (naming the dataset and
     the sample); None when all were built.
     """
-    for indices in batches:
+    for done, indices in enumerate(batches):
         try:
-            batch = build_batch(pipeline, name, indices, seed=seed, epoch=epoch)
+            batch = gather_batch(pipeline, indices)
+            if batch is None:
+                samples = load_samples(pipeline, name, indices, seed=seed, epoch=epoch)
+                collate_fn = getattr(pipeline, "collate_fn", default_collate)
+                if reserve is not None and collate_fn is default_collate:
+                    left = len(batches) - done
+                    header = collate_into(samples, lambda size: reserve(size, left))  # noqa: B023
+                    if header is not None:
+                        put(header, None)
+                        continue
+                batch = collate(samples, name, collate_fn)
             header, tensors = encode_or_blame(
                 pipeline, name, indices, batch, seed=seed, epoch=epoch
             )
-            put(header, tensors)
+            if reserve is not None and header.payload_size:
+                # Another collate, or a source's gather: one copy into the payload memory.
+                size = header.payload_size
+                write_into(reserve(size, len(batches) - done), tensors, header.tensors, size)
+                put(header, None)
+            else:
+                put(header, tensors)
         except BatchBuildError as exc:
             return str(exc)
         except ITEM_ERRORS as exc:
@@ -203,24 +241,38 @@ def build_and_write(
     *,
     seed: int = 0,
     epoch: int = 0,
+    kept: KeptFiles | None = None,
 ) -> WrittenBatches:
     """Builds ``batches`` in order into one payload file, each at an aligned offset.
 
     Several small batches share a file (one create, one map) instead of a file each.
-    Stops at the first batch that fails, keeping those before it.
+    Stops at the first batch that fails, keeping those before it. ``kept``: the
+    worker's files kept mapped between tasks (see ``_fastpath``).
     """
-    out = PayloadFile(path)
+    out = PayloadFile(path, kept)
     written = WrittenBatches()
 
-    def put(header: pb.BatchHeader, tensors: list[torch.Tensor]) -> None:
+    def reserve(size: int, left: int) -> memoryview:
+        if not size:
+            return memoryview(bytearray())  # only empty tensors: no file, as with put
         base = wire.aligned(written.size)
-        out.write(tensors, header.tensors, base, header.payload_size)
+        # The task's later batches are likely this size: map room for them at once.
+        memory = out.region(written.size, base + size, base + wire.aligned(size) * left)
+        memory[: base - written.size] = bytes(base - written.size)  # the gap before it
+        return memory[base - written.size :]
+
+    def put(header: pb.BatchHeader, tensors: list[torch.Tensor] | None) -> None:
+        base = wire.aligned(written.size)
+        if tensors is not None:
+            out.write(tensors, header.tensors, base, header.payload_size)
         written.headers.append(header.SerializeToString())
         written.offsets.append(base)
         written.size = base + header.payload_size
 
     try:
-        written.error = build_each(pipeline, name, batches, put, seed=seed, epoch=epoch)
+        written.error = build_each(
+            pipeline, name, batches, put, seed=seed, epoch=epoch, reserve=reserve
+        )
     finally:
         out.close(written.size)
     return written

@@ -82,6 +82,25 @@ class Pipeline:
             return item
         return self.transforms(item, sample_generator(seed, epoch, index))
 
+    def load_many(self, indices: list[int], *, seed: int = 0, epoch: int = 0) -> list[Any]:
+        """Items ``indices`` after the transforms: ``load`` of each, in one call to the source.
+
+        A source with ``__getitems__`` gets one call per batch, as DataLoader's
+        fetcher makes it; the transforms still run item by item, each with its
+        own ``(seed, epoch, index)`` RNG: the same items as ``load``.
+        """
+        if self.transforms is None:
+            return get_items(self.source, indices)
+        if not getattr(self.source, "__getitems__", None):
+            # Item by item, each transformed as it is loaded: the order load() had.
+            return [self.load(index, seed=seed, epoch=epoch) for index in indices]
+        items = get_items(self.source, indices)
+        transforms = self.transforms
+        return [
+            transforms(item, sample_generator(seed, epoch, index))
+            for item, index in zip(items, indices, strict=True)
+        ]
+
     def load_batch(self, indices: Sequence[int]) -> Any | None:
         """The collated batch of ``indices`` in one call, where the source can build it so.
 
@@ -101,6 +120,22 @@ class Pipeline:
     def describe_transforms(self) -> list[str]:
         lines = self.transforms.describe() if self.transforms is not None else []
         return [*lines, f"collate: {describe_collate(self.collate_fn)}"]
+
+
+def get_items(source: Any, indices: list[int]) -> list[Any]:
+    """``[source[i] for i in indices]``, in one ``source.__getitems__(indices)`` where it has one.
+
+    That is PyTorch's batched-fetch protocol (DataLoader calls it since torch
+    2.0): a dataset that reads a batch at once (a database, a file of rows, a
+    Hugging Face dataset) defines it.
+    """
+    getitems = getattr(source, "__getitems__", None)
+    if not getitems:
+        return [source[index] for index in indices]
+    items = getitems(indices)
+    if len(items) != len(indices):
+        raise ValueError(f"__getitems__ returned {len(items)} items for {len(indices)} indices")
+    return list(items)
 
 
 def build_pipeline(dataset: DatasetConfig, file: Any, *, for_sampling: bool = True) -> Pipeline:

@@ -34,7 +34,7 @@ class DatasetEntry:
             fields: list[pb.FieldInfo] = []
             if self.length:
                 try:
-                    batch: Any = self.dataset.collate_fn([self.dataset[0]])
+                    batch: Any = self.dataset.collate_fn(self.dataset.load_many([0]))
                     tensors, structure = wire.flatten(batch)
                 except Exception as exc:
                     raise DescribeError(
