@@ -301,11 +301,15 @@ def main() -> None:
     except StreamStopped as stopped:
         assert isinstance(stopped.failure, ExecutorFailed), stopped.failure
         print(f"no actors: the stream ended: {stopped.failure}", flush=True)
-    assert executor.failure is not None and heard[0] is None and heard[-1] is not None, heard
-    assert "no Ray actor is alive" in executor.failure, executor.failure
+    # Health heard it (an actor may already be placed again by now: not asserted here).
+    assert heard[0] is None and any(h and "no Ray actor is alive" in h for h in heard), heard
     cluster.add_node(num_cpus=2, object_store_memory=store)
     for _ in range(600):  # bounds a hang: until an actor is placed on the new node
         if executor.failure is None:
+            break
+        time.sleep(0.1)
+    for _ in range(50):  # the listener runs just after the state changes
+        if heard[-1] is None:
             break
         time.sleep(0.1)
     assert executor.failure is None and heard[-1] is None, heard
