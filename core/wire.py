@@ -247,20 +247,27 @@ class FileSlice:
     the gRPC process then never touches the mapping, so it need not populate
     and tear down page tables for every batch (benchmarks/RESULTS.md, wire
     throughput). ``owner`` (a view of the file's mapping) keeps the file from
-    being recycled while the slice may still be read.
+    being recycled while the slice may still be read; when the file cannot be
+    opened (the process is at its open-file limit), the same bytes are copied
+    from it instead (``owner[start:start + size]``), so the stream goes on.
     """
 
-    __slots__ = ("offset", "owner", "path", "size")
+    __slots__ = ("offset", "owner", "path", "size", "start")
 
-    def __init__(self, path: str, offset: int, size: int, owner: object = None) -> None:
+    def __init__(
+        self, path: str, offset: int, size: int, owner: object = None, start: int = 0
+    ) -> None:
         self.path, self.offset, self.size, self.owner = path, offset, size, owner
+        self.start = start  # where the slice begins in ``owner``
 
     def __len__(self) -> int:
         return self.size
 
     def __getitem__(self, index: slice) -> FileSlice:
         start, stop, _ = index.indices(self.size)
-        return FileSlice(self.path, self.offset + start, max(0, stop - start), self.owner)
+        return FileSlice(
+            self.path, self.offset + start, max(0, stop - start), self.owner, self.start + start
+        )
 
 
 def _new_bytes(size: int) -> tuple[bytes, memoryview]:
@@ -292,9 +299,15 @@ def _join(parts: Sequence[Any]) -> bytes:
         for part in parts:
             end = pos + len(part)
             if isinstance(part, FileSlice):
-                if part.path not in files:
-                    files[part.path] = os.open(part.path, os.O_RDONLY)
-                _pread_into(files[part.path], view[pos:end], part.offset, part.path)
+                try:
+                    if part.path not in files:
+                        files[part.path] = os.open(part.path, os.O_RDONLY)
+                except OSError:  # EMFILE: no descriptor to spare, but the mapping is there
+                    if not isinstance(part.owner, memoryview):
+                        raise
+                    view[pos:end] = part.owner[part.start : part.start + len(part)]
+                else:
+                    _pread_into(files[part.path], view[pos:end], part.offset, part.path)
             else:
                 view[pos:end] = part
             pos = end

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gc
 import mmap
+import subprocess
+import sys
 
 import torch
 
@@ -91,3 +93,40 @@ def test_reassembly_buffers_are_reused_only_once_their_batch_is_gone(monkeypatch
         gc.collect()
     assert torch.equal(kept[0], images[0]) and torch.equal(kept[1], images[1])
     assert len(made) == 3  # two kept, one going round for the other four batches
+
+
+AT_THE_FILE_LIMIT = """
+import os, resource, sys
+from batchwire import wire
+from batchwire.v1 import batchwire_pb2 as pb
+path = sys.argv[1]
+data = open(path, "rb").read()
+owner = memoryview(data)[100:]  # the batch's mapping: bytes 100.. of the file
+piece = wire.FileSlice(path, 100, len(owner), owner=owner)[1000:5000]
+header = pb.BatchHeader(batch_index=3, payload_size=len(piece))
+open_now = len(os.listdir("/proc/self/fd"))
+resource.setrlimit(resource.RLIMIT_NOFILE, (open_now + 8, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+held = []
+try:
+    while True:  # every descriptor left, taken
+        held.append(os.open(os.devnull, os.O_RDONLY))
+except OSError:
+    frames = list(wire.frames(header, piece, 1 << 20))
+    expected = list(wire.frames(header, memoryview(data)[1100:5100], 1 << 20))
+    print("same" if frames == expected else "different")
+"""
+
+
+def test_a_process_at_its_open_file_limit_sends_the_bytes_from_the_mapping(tmp_path) -> None:
+    # The gRPC process under "too many open files" ended a stream UNKNOWN (an OSError
+    # from opening the payload file); the mapping holds the same bytes.
+    path = tmp_path / "payloads"
+    path.write_bytes(bytes(range(256)) * 64)
+    done = subprocess.run(
+        [sys.executable, "-c", AT_THE_FILE_LIMIT, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["same"], done.stdout
