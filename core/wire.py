@@ -228,6 +228,22 @@ def layout(tensors: list[torch.Tensor]) -> tuple[list[pb.TensorMeta], int]:
     return metas, offset
 
 
+def header_for(
+    tensors: list[torch.Tensor], structure: pb.Node
+) -> tuple[pb.BatchHeader, list[pb.TensorMeta]]:
+    """The header of a batch of ``tensors`` (``flatten``'s order and ``structure``),
+    uncompressed, with its tensors' metas (``layout``)."""
+    metas, size = layout(tensors)
+    header = pb.BatchHeader(
+        payload_size=size,
+        raw_size=size,
+        tensors=metas,
+        structure=structure,
+        num_samples=int(tensors[0].shape[0]) if tensors and tensors[0].dim() else 0,
+    )
+    return header, metas
+
+
 def write_payload(
     tensors: list[torch.Tensor], metas: list[pb.TensorMeta], buffer: memoryview
 ) -> None:

@@ -104,14 +104,7 @@ def encode_batch(batch: Any, name: str) -> tuple[pb.BatchHeader, list[torch.Tens
         tensors, structure = wire.flatten(batch)
     except wire.WireError as exc:
         raise BatchBuildError(f"dataset {name!r}: {exc}") from exc
-    metas, size = wire.layout(tensors)
-    header = pb.BatchHeader(
-        payload_size=size,
-        raw_size=size,
-        tensors=metas,
-        structure=structure,
-        num_samples=_num_samples(tensors),
-    )
+    header, _ = wire.header_for(tensors, structure)
     return header, tensors
 
 
@@ -276,7 +269,3 @@ def build_and_write(
     finally:
         out.close(written.size)
     return written
-
-
-def _num_samples(tensors: list[Any]) -> int:
-    return int(tensors[0].shape[0]) if tensors and tensors[0].dim() else 0

@@ -140,18 +140,10 @@ def _leaf(
 def _layout(key: tuple[Any, ...], nest: Any, columns: list[_Column]) -> _Layout:
     layout = _LAYOUTS.get(key)
     if layout is None:
-        tensors, structure = wire.flatten(_skeleton(nest, columns))
-        metas, size = wire.layout(tensors)
-        header = pb.BatchHeader(
-            payload_size=size,
-            raw_size=size,
-            tensors=metas,
-            structure=structure,
-            num_samples=int(tensors[0].shape[0]) if tensors and tensors[0].dim() else 0,
-        )
+        header, metas = wire.header_for(*wire.flatten(_skeleton(nest, columns)))
         if len(_LAYOUTS) >= _MAX_LAYOUTS:
             _LAYOUTS.clear()
-        layout = _LAYOUTS[key] = _Layout(header, metas, size)
+        layout = _LAYOUTS[key] = _Layout(header, metas, header.payload_size)
     return layout
 
 
