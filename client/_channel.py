@@ -125,6 +125,10 @@ class _Link:
                 self._probe = self._open_probe()
             return self._probe
 
+    def close(self) -> None:
+        self._close_probe()
+        self.channel.close()
+
     def _close_probe(self) -> None:
         with self._lock:
             probe, self._probe = self._probe, None
@@ -177,6 +181,21 @@ class _Link:
             if error.code() is grpc.StatusCode.UNAVAILABLE:
                 return error.details() or "UNAVAILABLE"
         return "still connecting"
+
+
+def close_channels() -> None:
+    """Closes this process's cached channels; later calls open new ones.
+
+    For a process done with its servers: a replica list's channel keeps a health
+    watch open, and a channel to a server that went away keeps reconnecting, and a
+    fork (DataLoader workers) while they are busy inside grpc may break the child's
+    grpc (the tests close them between modules for that reason).
+    """
+    with _lock:
+        mine = [key for key in _links if key[0] == os.getpid()]
+        links = [_links.pop(key) for key in mine]
+    for link in links:
+        link.close()
 
 
 def _link(target: str) -> _Link:

@@ -87,3 +87,14 @@ def _no_stream_threads_left() -> Iterator[None]:
     while left := [t.name for t in threading.enumerate() if t.name.startswith("batchwire-stream")]:
         assert time.monotonic() < deadline, f"client stream threads left running: {left}"
         time.sleep(0.05)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _close_client_channels() -> Iterator[None]:
+    """Each module's channels are closed after it: replica lists' health watches and
+    channels to stopped servers would otherwise stay busy inside grpc for the rest of
+    the run, under every later DataLoader fork (a worker's calls then time out)."""
+    yield
+    from batchwire.client._channel import close_channels
+
+    close_channels()
