@@ -386,3 +386,25 @@ def write_json(name: str, args: argparse.Namespace, data: dict[str, Any]) -> Pat
     path.write_text(json.dumps(data, indent=2))
     print(f"\nwrote {path}")
     return path
+
+
+NETNS_ENV = "BATCHWIRE_BENCH_NETNS"
+"""Set in a benchmark run again inside a loopback-only network namespace."""
+
+
+def in_loopback_netns() -> bool:
+    return bool(os.environ.get(NETNS_ENV))
+
+
+def rerun_in_loopback_netns(script: str, env: dict[str, str] | None = None) -> None:
+    """Runs ``script`` (with this process's arguments) again in a network namespace whose
+    only interface is ``lo`` (``unshare -n``, as root), and exits with its status: tools
+    that pick their own address (Ray, tf.data service) then reach nothing but loopback."""
+    import sys
+
+    env = {**os.environ, **(env or {}), NETNS_ENV: "1"}
+    command = " ".join([sys.executable, str(Path(script).resolve()), *sys.argv[1:]])
+    done = subprocess.run(
+        ["unshare", "-n", "--", "sh", "-c", f"ip link set lo up && exec {command}"], env=env
+    )
+    sys.exit(done.returncode)

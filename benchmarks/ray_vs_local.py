@@ -14,19 +14,14 @@ images, batch 32) and byte-bound (pre-made 3 x 224 x 224 uint8 items, batch
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import _harness as h
 import numpy as np
-
-INSIDE = "BATCHWIRE_BENCH_NETNS"
 
 IMAGES = """
 [datasets.images]
@@ -158,15 +153,12 @@ def inside(args) -> None:
 def main() -> None:
     parser = h.arguments(__doc__.splitlines()[0], repeats=3)
     args = parser.parse_args()
-    if os.environ.get(INSIDE):
+    if h.in_loopback_netns():
         inside(args)
         return
-    env = {**os.environ, INSIDE: "1", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-    command = " ".join([sys.executable, *map(str, [Path(__file__).resolve(), *sys.argv[1:]])])
-    done = subprocess.run(
-        ["unshare", "-n", "--", "sh", "-c", f"ip link set lo up && exec {command}"], env=env
+    h.rerun_in_loopback_netns(
+        __file__, {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     )
-    sys.exit(done.returncode)
 
 
 if __name__ == "__main__":

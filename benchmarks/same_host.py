@@ -31,15 +31,12 @@ import os
 import resource
 import statistics
 import subprocess
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import _harness as h
 from _shapes import batch_bytes
 
-INSIDE = "BATCHWIRE_BENCH_NETNS"
 CHUNK_BYTES = 4 << 20
 TF_PYTHON = h.HERE / ".venv-tf" / "bin" / "python"
 LENGTH = 1 << 20  # samples per epoch; a pass that ends starts the next epoch
@@ -162,7 +159,7 @@ def measure_bare(shape: str, timing: tuple) -> dict:
 def measure_tfdata(shape: str, timing: tuple) -> dict:
     if not TF_PYTHON.exists():
         return {"skipped": f"no {TF_PYTHON} (make bench-tf-venv)"}
-    if not os.environ.get(INSIDE):
+    if not h.in_loopback_netns():
         return {
             "skipped": "not root: no loopback-only namespace, and tf.data binds every interface"
         }
@@ -282,15 +279,10 @@ def main() -> None:
     parser = h.arguments(__doc__.splitlines()[0], duration=4.0, warmup=1.5)
     parser.add_argument("--shapes", default="mnist,cifar,imagenet,big")
     args = parser.parse_args()
-    if os.environ.get(INSIDE) or os.geteuid() != 0:
+    if h.in_loopback_netns() or os.geteuid() != 0:
         inside(args)
         return
-    env = {**os.environ, INSIDE: "1"}
-    command = " ".join([sys.executable, *map(str, [Path(__file__).resolve(), *sys.argv[1:]])])
-    done = subprocess.run(
-        ["unshare", "-n", "--", "sh", "-c", f"ip link set lo up && exec {command}"], env=env
-    )
-    sys.exit(done.returncode)
+    h.rerun_in_loopback_netns(__file__)
 
 
 if __name__ == "__main__":
