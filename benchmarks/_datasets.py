@@ -58,3 +58,25 @@ def repeating(
     pattern: str = "noise",
 ) -> Repeating:
     return Repeating(length, shape, dtype, distinct, pattern)
+
+
+class Rows(torch.utils.data.Dataset):
+    """The rows of .npy files (``{field: path}``), memory-mapped, a sample at a time.
+
+    What a DataLoader user of the ``arrays`` source's files would write: item i
+    is ``{field: tensor of row i}`` (copied out of the read-only map).
+    """
+
+    def __init__(self, files: dict[str, str]) -> None:
+        import numpy as np
+
+        self.arrays = {field: np.load(path, mmap_mode="r") for field, path in files.items()}
+        self.length = len(next(iter(self.arrays.values())))
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        import numpy as np
+
+        return {field: torch.from_numpy(np.array(a[index])) for field, a in self.arrays.items()}

@@ -13,11 +13,21 @@ As root it runs itself inside a network namespace with only ``lo`` (``unshare
 - tf.data service (``tfdata_peer.py`` in its own venv, ``make bench-tf-venv``;
   skipped with a note when that venv is missing): dispatcher + worker doing no
   work, one consumer,
-- ``torch.utils.data.DataLoader(num_workers=2)`` over the same in-memory
-  tensors (``_datasets.Repeating``, the items the server's workers collate).
+- ``torch.utils.data.DataLoader(num_workers=2)`` over the same data
+  (``_datasets``: the items the server's workers collate).
 
-batchwire's server has 2 workers and ``nowork`` datasets; each client is a
-process of its own, iterating ``RemoteDataset`` as a training loop does.
+``--source`` says what the server's 2 workers serve, and the DataLoader too:
+
+- ``arrays`` (the default): the ``arrays`` source over .npy files of random
+  rows (``ARRAY_BYTES`` of them per shape, in the page cache), drawn at random
+  with replacement (``sampler="random"``), as MNIST or CIFAR kept in .npy files
+  are served: a batch is one fancy-index gather per field. The DataLoader
+  reads the same files a sample at a time (``_datasets.Rows``).
+- ``python``: ``_datasets:repeating``, a map-style dataset of a few pre-made
+  items: a ``__getitem__`` per sample and a collate per batch.
+
+Each client is a process of its own, iterating ``RemoteDataset`` as a training
+loop does.
 Targets: shm >= 3 x tf.data and >= 1.0 x DataLoader on every shape, mnist
 over shm >= 4,000 batches/s, gRPC >= 0.8 x the bare stream.
 """
@@ -31,7 +41,9 @@ import os
 import resource
 import statistics
 import subprocess
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import _harness as h
@@ -40,6 +52,7 @@ from _shapes import batch_bytes
 CHUNK_BYTES = 4 << 20
 TF_PYTHON = h.HERE / ".venv-tf" / "bin" / "python"
 LENGTH = 1 << 20  # samples per epoch; a pass that ends starts the next epoch
+ARRAY_BYTES = 64 << 20  # rows per shape of the arrays source (at least 4 batches)
 WAYS = ["shm", "grpc", "bare_grpc", "tfdata", "dataloader"]
 
 
@@ -74,26 +87,33 @@ def _forever(iterable_factory: Any) -> Any:
 
 
 def batchwire_client(
-    out: mp.Queue, target: str, shape: str, transport: str | None, timing: tuple
+    out: mp.Queue, target: str, shape: str, transport: str | None, source: str, timing: tuple
 ) -> None:
     """One trainer: iterates ``RemoteDataset`` (pass after pass) and reports its rate."""
     from batchwire.client import RemoteDataset
 
-    options = {} if transport is None else {"transport": transport}
+    options: dict[str, Any] = {} if transport is None else {"transport": transport}
+    if source == "arrays":  # a few rows, drawn with replacement: a long epoch
+        options["sampler"] = {"kind": "random", "num_samples": LENGTH}
     ds = RemoteDataset(target, shape, batch_size=h.SHAPES[shape][0], **options)
     result = _timed(_forever(lambda: ds), *timing)
     result["transport"] = getattr(ds, "transport", "grpc")
     out.put(result)
 
 
-def dataloader_client(out: mp.Queue, shape: str, timing: tuple) -> None:
-    """The local baseline: DataLoader(num_workers=2) over the same pre-made items."""
+def dataloader_client(out: mp.Queue, shape: str, files: dict | None, timing: tuple) -> None:
+    """The local baseline: DataLoader(num_workers=2) over the same data as the server's."""
     import torch
-    from _datasets import Repeating
+    from _datasets import Repeating, Rows
 
     batch_size, image, dtype = h.SHAPES[shape]
+    if files is None:
+        dataset, sampler = Repeating(LENGTH, image, dtype), None
+    else:
+        dataset = Rows(files)
+        sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=LENGTH)
     loader = torch.utils.data.DataLoader(
-        Repeating(LENGTH, image, dtype), batch_size=batch_size, num_workers=2
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=2
     )
     out.put(_timed(_forever(lambda: loader), *timing))
 
@@ -118,7 +138,9 @@ def _rates(result: dict, size: int) -> dict:
     return result
 
 
-def measure_batchwire(server: h.Server, shape: str, transport: str, timing: tuple) -> dict:
+def measure_batchwire(
+    server: h.Server, shape: str, transport: str, source: str, timing: tuple
+) -> dict:
     from batchwire.client import RemoteDataset
 
     has_transport = "transport" in inspect.signature(RemoteDataset).parameters
@@ -126,7 +148,12 @@ def measure_batchwire(server: h.Server, shape: str, transport: str, timing: tupl
         return {"skipped": "the installed client has no transport argument (the shm branch)"}
     before = server.cpu_seconds()
     result = _in_process(
-        batchwire_client, server.target, shape, transport if has_transport else None, timing
+        batchwire_client,
+        server.target,
+        shape,
+        transport if has_transport else None,
+        source,
+        timing,
     )
     after = server.cpu_seconds()
     result = _rates(result, batch_bytes(shape))
@@ -174,28 +201,40 @@ def measure_tfdata(shape: str, timing: tuple) -> dict:
     return json.loads(lines[-1])
 
 
+def write_arrays(folder: Path, shape: str) -> dict[str, str]:
+    """.npy files of random rows of ``shape`` (images and int64 labels); their paths by field."""
+    import numpy as np
+
+    batch_size, image, dtype = h.SHAPES[shape]
+    rows = max(4 * batch_size, ARRAY_BYTES * batch_size // batch_bytes(shape))
+    rng = np.random.default_rng(0)
+    if dtype == "uint8":
+        images = rng.integers(0, 256, (rows, *image), dtype=np.uint8)
+    else:
+        images = rng.standard_normal((rows, *image), dtype=np.float32)
+    files = {"image": folder / f"{shape}-image.npy", "label": folder / f"{shape}-label.npy"}
+    np.save(files["image"], images)
+    np.save(files["label"], rng.integers(0, 10, rows, dtype=np.int64))
+    return {field: str(path) for field, path in files.items()}
+
+
 def inside(args: Any) -> None:
     shapes = ["mnist"] if args.quick else args.shapes.split(",")
+    ways = args.ways.split(",")
     duration, warmup, repeats = h.timing(args)
     timing = (warmup, duration, h.stop_after(args))
-    datasets = [
-        h.dataset_toml(name, h.SHAPES[name][1], h.SHAPES[name][2], source="python", length=LENGTH)
-        for name in shapes
-    ]
-    runs: dict[str, dict[str, list[dict]]] = {name: {way: [] for way in WAYS} for name in shapes}
-    config = h.server_toml(datasets, chunk_bytes=CHUNK_BYTES)
-    with h.Server(config, workers=2) as server:
-        for _ in range(repeats):
-            for name in shapes:
-                got = runs[name]
-                got["shm"].append(measure_batchwire(server, name, "shm", timing))
-                got["grpc"].append(measure_batchwire(server, name, "grpc", timing))
-                got["bare_grpc"].append(measure_bare(name, timing))
-                got["tfdata"].append(measure_tfdata(name, timing))
-                got["dataloader"].append(
-                    _rates(_in_process(dataloader_client, name, timing), batch_bytes(name))
-                )
-                print(f"{name}: " + ", ".join(_brief(w, got[w][-1]) for w in WAYS), flush=True)
+    with tempfile.TemporaryDirectory(prefix="batchwire-same-host-") as folder:
+        files = {
+            name: write_arrays(Path(folder), name) if args.source == "arrays" else None
+            for name in shapes
+        }
+        datasets = [dataset_toml(name, files[name]) for name in shapes]
+        runs = {name: {way: [] for way in WAYS} for name in shapes}
+        config = h.server_toml(datasets, chunk_bytes=CHUNK_BYTES)
+        with h.Server(config, workers=2) as server:
+            for _ in range(repeats):
+                for name in shapes:
+                    measure_shape(server, name, files[name], args.source, ways, timing, runs[name])
     results = {name: _summary(runs[name]) for name in shapes}
     _print(results)
     h.write_json(
@@ -205,6 +244,7 @@ def inside(args: Any) -> None:
             "duration_s": duration,
             "repeats": repeats,
             "chunk_bytes": CHUNK_BYTES,
+            "source": args.source,
             "results": results,
             "runs": runs,
             "targets": {
@@ -215,6 +255,39 @@ def inside(args: Any) -> None:
             },
         },
     )
+
+
+def dataset_toml(name: str, files: dict[str, str] | None) -> str:
+    if files is None:
+        shape, dtype = h.SHAPES[name][1:]
+        return h.dataset_toml(name, shape, dtype, source="python", length=LENGTH)
+    return (
+        f'[datasets.{name}]\nsource = "arrays"\n'
+        f'files = {{ image = "{files["image"]}", label = "{files["label"]}" }}\n'
+    )
+
+
+def measure_shape(
+    server: h.Server,
+    name: str,
+    files: dict[str, str] | None,
+    source: str,
+    ways: list[str],
+    timing: tuple,
+    got: dict[str, list[dict]],
+) -> None:
+    """One repeat of every way in ``ways`` for shape ``name``, appended to ``got``."""
+    size = batch_bytes(name)
+    measure = {
+        "shm": lambda: measure_batchwire(server, name, "shm", source, timing),
+        "grpc": lambda: measure_batchwire(server, name, "grpc", source, timing),
+        "bare_grpc": lambda: measure_bare(name, timing),
+        "tfdata": lambda: measure_tfdata(name, timing),
+        "dataloader": lambda: _rates(_in_process(dataloader_client, name, files, timing), size),
+    }
+    for way in ways:
+        got[way].append(measure[way]())
+    print(f"{name}: " + ", ".join(_brief(w, got[w][-1]) for w in ways), flush=True)
 
 
 def _brief(way: str, result: dict) -> str:
@@ -278,6 +351,8 @@ def _print(results: dict) -> None:
 def main() -> None:
     parser = h.arguments(__doc__.splitlines()[0], duration=4.0, warmup=1.5)
     parser.add_argument("--shapes", default="mnist,cifar,imagenet,big")
+    parser.add_argument("--source", choices=["arrays", "python"], default="arrays")
+    parser.add_argument("--ways", default=",".join(WAYS), help="a subset of " + ",".join(WAYS))
     args = parser.parse_args()
     if h.in_loopback_netns() or os.geteuid() != 0:
         inside(args)

@@ -72,6 +72,21 @@ def load_samples(
     ) from failed
 
 
+def gather_into(
+    pipeline: Any, indices: Sequence[int], reserve: Callable[[int], memoryview]
+) -> pb.BatchHeader | None:
+    """The header of the batch that the pipeline's source gathered straight into
+    ``reserve(size)`` (``load_batch_into``); None where it cannot, or if it failed
+    (the general path then writes that memory again, and names what broke)."""
+    batched = getattr(pipeline, "load_batch_into", None)
+    if batched is None:
+        return None
+    try:
+        return batched(indices, reserve)
+    except Exception:
+        return None
+
+
 def gather_batch(pipeline: Any, indices: Sequence[int]) -> Any | None:
     """The batch from the pipeline's one-call path (``load_batch``); None where it has none.
 
@@ -190,19 +205,25 @@ def build_each(
     """Builds ``batches`` in order, handing each header and its tensors to ``put``.
 
     Building (indices -> header + tensors) knows nothing of where the bytes go.
-    With ``reserve``, a batch of the default collate is written straight into
-    the memory it hands out (``direct_collate``), then ``put(header, None)``.
+    With ``reserve``, a source's gather or a batch of the default collate is
+    written straight into the memory it hands out (``direct_collate``), then
+    ``put(header, None)``.
     Stops at the first batch that fails and returns why (naming the dataset and
     the sample); None when all were built.
     """
     for done, indices in enumerate(batches):
+        left = len(batches) - done
         try:
+            if reserve is not None:
+                header = gather_into(pipeline, indices, lambda size: reserve(size, left))  # noqa: B023
+                if header is not None:
+                    put(header, None)
+                    continue
             batch = gather_batch(pipeline, indices)
             if batch is None:
                 samples = load_samples(pipeline, name, indices, seed=seed, epoch=epoch)
                 collate_fn = getattr(pipeline, "collate_fn", default_collate)
                 if reserve is not None and collate_fn is default_collate:
-                    left = len(batches) - done
                     header = collate_into(samples, lambda size: reserve(size, left))  # noqa: B023
                     if header is not None:
                         put(header, None)
@@ -214,7 +235,7 @@ def build_each(
             if reserve is not None and header.payload_size:
                 # Another collate, or a source's gather: one copy into the payload memory.
                 size = header.payload_size
-                write_into(reserve(size, len(batches) - done), tensors, header.tensors, size)
+                write_into(reserve(size, left), tensors, header.tensors, size)
                 put(header, None)
             else:
                 put(header, tensors)

@@ -34,11 +34,13 @@ from torch.utils.data import default_collate
 
 from batchwire.server.collate import CollateFn, build_collate, describe_collate
 from batchwire.server.config import DatasetConfig, Table
+from batchwire.server.direct_collate import Reserve
 from batchwire.server.samplers import KINDS, balanced_weights
 from batchwire.server.sources import MapDataset, build_dataset
 from batchwire.server.sources.arrays import map_npy
 from batchwire.server.transform_config import ItemTransforms, build_item_transforms
 from batchwire.server.transforms import sample_generator
+from batchwire.v1 import batchwire_pb2 as pb
 
 
 @dataclass(frozen=True, eq=False)  # compared by identity: plans are cached per config
@@ -109,10 +111,21 @@ class Pipeline:
         ``default_collate``; only without transforms and with the default collate,
         where the result is the same. ``None``: load sample by sample.
         """
-        batched = getattr(self.source, "load_batch", None)
-        if batched is None or self.transforms is not None or self.collate_fn is not default_collate:
+        batched = self._source_batch("load_batch")
+        return batched(indices) if batched is not None else None
+
+    def load_batch_into(self, indices: Sequence[int], reserve: Reserve) -> pb.BatchHeader | None:
+        """``load_batch``, encoded straight into ``reserve(size)`` (the payload's memory) where
+        the source can (``arrays``: ``direct_collate.gather_into``); None: it cannot."""
+        batched = self._source_batch("load_batch_into")
+        return batched(indices, reserve) if batched is not None else None
+
+    def _source_batch(self, name: str) -> Any:
+        """The source's one-call batch method ``name``, where its result is what the
+        per-sample path gives (no transforms, the default collate); else None."""
+        if self.transforms is not None or self.collate_fn is not default_collate:
             return None
-        return batched(indices)
+        return getattr(self.source, name, None)
 
     def __getitem__(self, index: int) -> Any:
         return self.load(index)

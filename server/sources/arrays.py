@@ -20,7 +20,9 @@ import numpy as np
 import torch
 
 from batchwire.server.config import Table
+from batchwire.server.direct_collate import Reserve, gather_into
 from batchwire.server.sources import storage
+from batchwire.v1 import batchwire_pb2 as pb
 
 
 def map_npy(path: Path) -> np.ndarray:
@@ -97,12 +99,21 @@ class ArrayDataset:
 
     def load_batch(self, indices: Sequence[int]) -> Any:
         """``default_collate([self[i] for i in indices])``, one fancy-index read per field."""
-        rows = np.asarray(indices, dtype=np.int64)
-        if len(rows) and not (rows.min() >= 0 and rows.max() < self.length):
-            raise IndexError(f"an index is out of range for length {self.length}")
+        rows = self._rows(indices)
         values = {name: torch.from_numpy(array[rows]) for name, array in self.arrays.items()}
         # default_collate turns a batch of tuples into a list
         return values if self.item == "dict" else list(values.values())
+
+    def load_batch_into(self, indices: Sequence[int], reserve: Reserve) -> pb.BatchHeader | None:
+        """``load_batch``, encoded straight into ``reserve(size)``; None: not planned (see
+        ``direct_collate.gather_into``)."""
+        return gather_into(self.arrays, self._rows(indices), self.item == "tuple", reserve)
+
+    def _rows(self, indices: Sequence[int]) -> np.ndarray:
+        rows = np.asarray(indices, dtype=np.int64)
+        if len(rows) and not (rows.min() >= 0 and rows.max() < self.length):
+            raise IndexError(f"an index is out of range for length {self.length}")
+        return rows
 
 
 def fetch_remote(table: Table, name: str, cache: storage.FileCache | None) -> str | None:

@@ -16,7 +16,8 @@ from batchwire import wire
 from batchwire.server._fastpath import KeptFiles, write_payload_file
 from batchwire.server.batches import build_and_write, encode_batch
 from batchwire.server.collate import PadCollate
-from batchwire.server.direct_collate import collate_into
+from batchwire.server.direct_collate import collate_into, gather_into
+from batchwire.server.sources.arrays import ArrayDataset
 from batchwire.v1 import batchwire_pb2 as pb
 
 
@@ -232,3 +233,62 @@ def _encoded(batch) -> tuple[pb.BatchHeader, bytes]:
     payload = bytearray(header.payload_size)
     wire.write_payload(tensors, list(header.tensors), memoryview(payload))
     return header, bytes(payload)
+
+
+def _arrays(n: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(n)
+    return {
+        "image": rng.integers(0, 256, (n, 3, 5, 7), dtype=np.uint8),  # 105 B a row: gaps
+        "label": np.arange(n, dtype=np.int64) % 10,  # a row is 0-d
+        "half": rng.random((n, 3)).astype(np.float16),
+        "mask": rng.random((n, 2)) > 0.5,
+        "empty": np.zeros((n, 0), np.float32),
+    }
+
+
+@pytest.mark.parametrize("item", ["dict", "tuple"])
+def test_an_arrays_gather_is_byte_identical_to_its_batch_encoded(item: str) -> None:
+    dataset = ArrayDataset(_arrays(40), item)
+    memory = bytearray()
+
+    def reserve(size: int) -> memoryview:
+        memory[:] = b"\xff" * size  # a recycled file: stale bytes everywhere
+        return memoryview(memory)
+
+    for indices in ([3, 1, 39, 3, 0], [7], list(range(40))):
+        header = dataset.load_batch_into(indices, reserve)
+        expected_header, expected = _encoded(dataset.load_batch(indices))
+        assert header == expected_header
+        assert bytes(memory) == expected
+
+
+@pytest.mark.parametrize(
+    "array",
+    [np.zeros((4, 2), np.uint16), np.zeros((4, 2), ">f4")],
+    ids=["a dtype that cannot travel", "big-endian"],
+)
+def test_an_arrays_gather_of_anything_else_is_not_planned(array: np.ndarray) -> None:
+    reserved = []
+    header = gather_into({"x": array}, np.arange(2), False, reserved.append)
+    assert header is None and not reserved
+
+
+def test_workers_gather_array_rows_straight_into_the_payload(tmp_path: Path, monkeypatch) -> None:
+    dataset = ArrayDataset(_arrays(64), "dict")
+    batches = [[5, 9, 9, 60], list(range(0, 64, 3)), [63]]
+    expected, end = bytearray(), 0
+    for indices in batches:
+        header, payload = _encoded(dataset.load_batch(indices))
+        base = wire.aligned(end)
+        expected += bytes(base - end) + payload
+        end = base + header.payload_size
+
+    def no_load_batch(self, indices):
+        raise AssertionError("gathered into a tensor, then copied")
+
+    monkeypatch.setattr(ArrayDataset, "load_batch", no_load_batch)
+    path = tmp_path / "task"
+    path.write_bytes(b"\xff" * 20_000)
+    written = build_and_write(dataset, "demo", batches, str(path), kept=KeptFiles())
+    assert written.error is None and len(written.headers) == 3
+    assert path.read_bytes()[:end] == bytes(expected)
