@@ -12,15 +12,17 @@ never reaches the server). See NOTE [ Who frees a mapped payload ] in
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import mmap
 import os
 import struct
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
+import numpy as np
 
 from batchwire.client._errors import BatchwireError, ServerError
 from batchwire.client._retry import StreamCutShort
@@ -125,50 +127,122 @@ def _owner(path: str) -> str:
         return "?"
 
 
+MAPPINGS_KEPT = 16
+"""Mappings of the server's files a stream keeps for their next batches (least recently used go)."""
+
+_PAGE = mmap.PAGESIZE
+_PRESENT, _FILE_PAGE = 1 << 63, 1 << 61  # /proc/self/pagemap entry bits
+
+
+@dataclass
+class _Mapping:
+    """A private (copy-on-write) mapping of one of the server's payload files."""
+
+    memory: mmap.mmap
+    inode: tuple[int, int]  # (st_dev, st_ino): a path the server reused names another file
+    address: int
+    mapped: int = 0  # batches handed out of it
+    released: list[int] = field(default_factory=list)  # one entry per batch let go (finalizers)
+
+    @property
+    def live(self) -> bool:
+        return self.mapped > len(self.released)
+
+
 class PayloadMapper:
     """One stream's mappings: ``mapper(handle, header)`` is the batch's payload (a view).
 
-    Consecutive batches in one object share a mapping. The stream's release board
-    hears of each handle mapped (word 0) and, once a mapping's last tensor is gone,
-    of each of its handles released (word 1 + slot), so the server may reuse the
-    object (see NOTE [ Who frees a mapped payload ] in ``server/shm_delivery.py``).
+    The server recycles a handful of payload files for a stream's batches, so
+    the stream keeps its mappings of them (``MAPPINGS_KEPT``): mapping a file and
+    filling in its page tables, then tearing them down, cost more than half of
+    the client's CPU per cifar-sized batch. A kept mapping is used again only
+    where it shows the file's current bytes: pages a training loop wrote to are
+    private copies of old bytes, so a batch over any such page (``/proc/self/
+    pagemap``) gets a new mapping. Each batch tells the stream's release board
+    that it was mapped (word 0) and, once its last tensor is gone, that it was
+    released (word 1 + slot), so the server may reuse the file (see NOTE [ Who
+    frees a mapped payload ] in ``server/shm_delivery.py``).
     """
 
     def __init__(self, target: str = "") -> None:
         self._target = target
-        self._path = ""
-        self._mapping: mmap.mmap | None = None
-        self._released: list[tuple[int, int]] = []  # (slot, seq) of the mapping's handles
+        self._kept: collections.OrderedDict[str, _Mapping] = collections.OrderedDict()
         self._board: mmap.mmap | None = None
         self._mapped = 0
+        self._pagemap = _open_pagemap()
 
     def __call__(self, handle: pb.SharedMemoryPayload, header: pb.BatchHeader) -> memoryview:
         if handle.release_path:
-            self._board = self._open(handle.release_path, writable=True)
+            self._board = self._open(handle.release_path, writable=True)[0]
         board = self._board
         if board is None:
             raise StreamCutShort("a shared-memory handle came before the stream's release board")
-        if handle.path != self._path or self._mapping is None:
-            mapping = self._open(handle.path, writable=False)
-            # Runs once no view of the mapping is left (its batches' tensors are gone).
-            self._released = []
-            weakref.finalize(mapping, _release, board, self._released, os.getpid())
-            self._mapping, self._path = mapping, handle.path
-        mapping = self._mapping
         end = handle.offset + header.payload_size
-        if handle.offset < 0 or end > len(mapping):
+        if handle.offset < 0:
             raise StreamCutShort(
-                f"batch {header.batch_index}: {handle.path} holds {len(mapping)} bytes, "
-                f"not {header.payload_size} at {handle.offset}",
+                f"batch {header.batch_index}: a negative offset in {handle.path}",
                 target=self._target,
             )
-        view = memoryview(mapping)[handle.offset : end]
-        self._released.append((handle.slot, handle.seq))
+        mapping = self._mapping(handle.path, handle.offset, end, header.batch_index)
+        mapping.mapped += 1
+        batch = np.frombuffer(mapping.memory, np.uint8, header.payload_size, handle.offset)
+        # Runs once no tensor of this batch is left (they hold ``batch`` through the view).
+        weakref.finalize(
+            batch, _release, board, handle.slot, handle.seq, mapping.released, os.getpid()
+        )
         self._mapped += 1
         _WORD.pack_into(board, 0, self._mapped)  # the server may send the next handle
-        return view
+        return memoryview(batch)
 
-    def _open(self, path: str, *, writable: bool) -> mmap.mmap:
+    def _mapping(self, path: str, start: int, end: int, batch_index: int) -> _Mapping:
+        """A mapping of ``path`` whose bytes ``[start, end)`` are the file's current ones."""
+        kept = self._kept.pop(path, None)
+        if kept is not None and end <= len(kept.memory) and self._current(kept, path, start, end):
+            self._kept[path] = kept  # the most recently used, last
+            return kept
+        memory, info = self._open(path, writable=False)
+        if end > len(memory):
+            raise StreamCutShort(
+                f"batch {batch_index}: {path} holds {len(memory)} bytes, not {end - start} "
+                f"at {start}",
+                target=self._target,
+            )
+        address = np.frombuffer(memory, np.uint8, 1).ctypes.data
+        mapping = _Mapping(memory, (info.st_dev, info.st_ino), address)
+        self._kept[path] = mapping
+        while len(self._kept) > MAPPINGS_KEPT:
+            self._kept.popitem(last=False)
+        return mapping
+
+    def _current(self, kept: _Mapping, path: str, start: int, end: int) -> bool:
+        """True if ``kept``'s pages ``[start, end)`` show the file's bytes (none copied on write)."""
+        try:
+            info = os.stat(path)
+        except OSError:
+            return False  # removed: opening it again says so
+        if (info.st_dev, info.st_ino) != kept.inode:
+            return False
+        if kept.live or end <= start:
+            return True  # a batch of it is held: the server cannot have written over it
+        if self._pagemap is None:
+            return False  # cannot tell which pages the loop wrote to
+        first, last = (kept.address + start) // _PAGE, (kept.address + end - 1) // _PAGE
+        try:
+            raw = os.pread(self._pagemap, 8 * (last - first + 1), 8 * first)
+        except OSError:
+            return False
+        pages = np.frombuffer(raw, np.uint64)
+        present = (pages & np.uint64(_PRESENT)) != 0
+        if (present & ((pages & np.uint64(_FILE_PAGE)) == 0)).any():
+            return False  # a page the loop wrote to: a private copy of old bytes
+        if not present.all():  # never read since the file grew, or evicted: fill them in
+            low = first * _PAGE - kept.address
+            with contextlib.suppress(OSError, ValueError):
+                kept.memory.madvise(_MADV_POPULATE_READ, low, (last + 1 - first) * _PAGE)
+        return True
+
+    def _open(self, path: str, *, writable: bool) -> tuple[mmap.mmap, os.stat_result]:
+        """A mapping of ``path`` and what the file mapped is (whatever the name names later)."""
         try:
             fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_NOFOLLOW)
         except OSError as exc:
@@ -178,31 +252,46 @@ class PayloadMapper:
                 target=self._target,
             ) from None
         try:
-            size = os.fstat(fd).st_size
+            info = os.fstat(fd)
             if writable:
-                return mmap.mmap(fd, size)  # shared: the server reads it
+                return mmap.mmap(fd, info.st_size), info  # shared: the server reads it
             # Private (copy-on-write): tensors may be written to, the server never sees it.
             # Not MAP_POPULATE: on a writable private map it copies every page (breaks
             # COW up front); MADV_POPULATE_READ (Linux 5.14) maps the pages for reading.
             mapping = mmap.mmap(
-                fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE
+                fd, info.st_size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE
             )
             with contextlib.suppress(OSError):  # an older kernel: pages fault in on first read
                 mapping.madvise(_MADV_POPULATE_READ)
-            return mapping
+            return mapping, info
         finally:
             os.close(fd)
 
     def close(self) -> None:
         """Drops the stream's own references; the batches' views keep their mappings."""
-        self._mapping, self._path, self._board = None, "", None
+        self._kept.clear()
+        self._board = None
+        if self._pagemap is not None:
+            os.close(self._pagemap)
+            self._pagemap = None
 
 
-def _release(board: mmap.mmap, handles: list[tuple[int, int]], pid: int) -> None:
-    # A finalizer (any thread, maybe in the GC): plain writes into the board. The board
-    # stays mapped while a finalizer names it, after its stream ended too (then unread).
+def _open_pagemap() -> int | None:
+    """This process's page table flags (whether a page is the file's or a private copy),
+    or None where /proc does not give them: kept mappings are then used again only
+    while one of their batches is held."""
+    try:
+        return os.open("/proc/self/pagemap", os.O_RDONLY)
+    except OSError:
+        return None
+
+
+def _release(board: mmap.mmap, slot: int, seq: int, released: list[int], pid: int) -> None:
+    # A finalizer (any thread, maybe in the GC): plain writes into the board, and a list
+    # append (atomic). The board stays mapped while a finalizer names it, after its
+    # stream ended too (then unread).
     if os.getpid() != pid:
         return  # a forked child's copy (a DataLoader worker): the parent still holds the batch
+    released.append(seq)
     with contextlib.suppress(ValueError):  # closed: nothing to tell
-        for slot, seq in handles:
-            _WORD.pack_into(board, _WORD.size * (1 + slot), seq)
+        _WORD.pack_into(board, _WORD.size * (1 + slot), seq)

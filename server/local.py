@@ -18,7 +18,7 @@ from batchwire.server.pool import WorkerPool
 
 log = logging.getLogger(__name__)
 
-TASK_BYTES = 4 << 20
+TASK_BYTES = 8 << 20
 TASK_SECONDS = 0.005
 MAX_TASK_BATCHES = 16
 
@@ -33,10 +33,12 @@ def group_size(batch_bytes: int, build_seconds: float | None) -> int:
     (``TASK_SECONDS`` hold several, by the last task's build time) share a task;
     slow ones go one per task, so their first batch and their latency do not
     wait on a group. Until a build time is known, one per task. ``TASK_BYTES``
-    is 4 MiB, not 1: 16 mnist batches (200 KB) per task instead of 5 took the
+    is 8 MiB, not 1: 16 mnist batches (200 KB) per task instead of 5 took the
     server's CPU per batch from ~190 to ~115 us and the client's from ~95 to
     ~70 us over shared memory (one task, one payload file, one mapping and one
-    packed message per 16), at the cost of 2 tasks x 4 MiB ahead per stream.
+    packed message per 16); two cifar batches (3.1 MB) per task instead of one
+    took cifar over shared memory from ~1,150 to ~1,300 batches/s. 16 MiB was
+    slower again (~700/s: more payload memory in flight, fresh files).
     """
     if batch_bytes <= 0 or build_seconds is None:
         return 1

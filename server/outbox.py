@@ -6,7 +6,8 @@ message's worth of bookkeeping: at 200 KB a batch that fixed cost is as large
 as the bytes' (benchmarks/RESULTS.md, mnist). Clients that accept it
 (``max_batches_per_message``) get small batches that are ready together in
 one message, up to the chunk size. Nothing is held back waiting for a later
-batch: the stream flushes before it waits on a worker.
+batch: the stream flushes before it waits on a worker (batches already
+built join the message).
 """
 
 from __future__ import annotations
@@ -44,6 +45,11 @@ class Outbox:
             yield from self.flush()
         self._pack.append((header, payload))
         self._pack_bytes += size
+
+    @property
+    def empty(self) -> bool:
+        """True when no batch added waits for its message."""
+        return not self._pack
 
     def flush(self) -> Iterator[bytes]:
         """Yields the batches held for packing, as one message."""

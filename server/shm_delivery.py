@@ -177,18 +177,24 @@ class SharedStream:
         limit = max(self._window, min(MAX_WINDOW, self._window_bytes // max(size, 1)))
         return self._sent - self._mapped >= limit
 
-    def has_room(self, size: int) -> bool:
-        """True if the client may hold ``size`` more bytes mapped (else: send bytes)."""
-        if self._room(size):
+    def has_room(self, size: int, grouped: int = 1) -> bool:
+        """True if the client may hold ``size`` more bytes mapped (else: send bytes).
+
+        ``grouped``: batches per payload file (a worker task's). The client
+        releases a file's batches together, once it is done with the last, so
+        the stream holds that many more while the client works through a file.
+        """
+        if self._room(size, grouped):
             return True
         self._read_board(full=True)  # a batch kept long (say, the first) blocks no later ones
-        return self._room(size)
+        return self._room(size, grouped)
 
-    def _room(self, size: int) -> bool:
-        held = len(self._held)
+    def _room(self, size: int, grouped: int) -> bool:
         if not self._free_slots:
             return False
-        return held < 2 * self._window or self._held_bytes + size <= 2 * self._window_bytes
+        if len(self._held) < 2 * self._window + grouped - 1:
+            return True
+        return self._held_bytes + size <= 2 * self._window_bytes + (grouped - 1) * size
 
     async def wait(self) -> None:
         """Sleeps a little while the client maps (called in a loop until not ``must_wait``)."""

@@ -91,7 +91,7 @@ class StreamHooks:
 class SharedPayloads(Protocol):
     def shareable(self, payload: memoryview) -> bool: ...
     def must_wait(self, size: int) -> bool: ...
-    def has_room(self, size: int) -> bool: ...
+    def has_room(self, size: int, grouped: int) -> bool: ...
     async def wait(self) -> None: ...
     def handle(self, payload: memoryview) -> bytes: ...
 
@@ -120,6 +120,8 @@ class BatchStream:
         self._group = executor.group_size(batch_bytes, None)
         self._pending: deque[tuple[list[int], Future[list[BuiltBatch]]]] = deque()
         self._outbox = Outbox(limits.chunk_bytes, limits.per_message, hooks.on_sent)
+        self._unsent: list[BuiltBatch] = []
+        """Batches handed to the outbox; released once their messages are written."""
 
     async def run(self) -> None:
         """Sends every batch, or raises ``StreamStopped`` (or ``CancelledError``)."""
@@ -146,13 +148,21 @@ class BatchStream:
                         # wait on a task counts once, on its first batch.
                         batch.header.build_seconds = batch.build_seconds
                         batch.header.wait_seconds, waited = waited, 0.0
+                        self._unsent.append(batch)
                         await self._send(position, batch)
-                    await self._flush()
+                    # The next task's batches join this message when they are ready
+                    # already: a message costs ~0.4 ms of grpc.aio whatever it holds.
+                    if failure is not None or not (pending and pending[0][1].done()):
+                        await self._flush()
                 finally:
-                    release_all(built)  # sent or not: their memory goes back now
+                    if self._outbox.empty:  # the payloads' bytes or handles are out
+                        release_all(self._unsent)
+                        self._unsent.clear()
                 if failure is not None:
                     raise StreamStopped(failure, positions[len(built)]) from failure
         finally:
+            release_all(self._unsent)  # sent or not: their memory goes back now
+            self._unsent.clear()
             self._drop_pending()
 
     def _refill(self) -> None:
@@ -194,7 +204,7 @@ class BatchStream:
                 while shared.must_wait(len(payload)):
                     self._check_drain(position)
                     await shared.wait()
-            if shared.has_room(len(payload)):  # else the client holds many: bytes
+            if shared.has_room(len(payload), self._group):  # else the client holds many: bytes
                 await self._write(self._outbox.add(header, wire.Shared(shared.handle(payload))))
                 return
         if self._hooks.compress is not None:

@@ -12,6 +12,7 @@ import stat
 from pathlib import Path
 
 import pytest
+import torch
 
 from batchwire.client._shm import PayloadMapper
 from batchwire.server import shm_delivery
@@ -87,4 +88,76 @@ def test_group_makes_objects_0640(tmp_path: Path):
     offer = shm.offer()
     info = os.stat(offer.path)
     assert stat.S_IMODE(info.st_mode) == 0o640 and info.st_gid == 65534
+    shm.close()
+
+
+def test_a_kept_mapping_shows_a_recycled_file_and_never_a_loop_s_writes(tmp_path: Path):
+    """The client keeps its mapping of a payload file for the file's next batch; pages a
+    training loop wrote to are private copies of old bytes, so then it maps the file anew."""
+    files = PayloadFiles(str(tmp_path), object())
+    shm = shm_delivery.SharedMemory(str(tmp_path))
+    stream = shm.stream(window=4, window_bytes=SIZE)
+    mapper = PayloadMapper()
+    header = pb.BatchHeader(payload_size=SIZE)
+
+    def batch(path: str, fill: int) -> torch.Tensor:
+        with open(path, "r+b" if os.path.exists(path) else "wb") as out:  # in place, as workers
+            out.write(bytes([fill]) * SIZE)
+        view = files.open(path, SIZE)
+        assert stream.shareable(view) and stream.has_room(SIZE, 1)
+        handle = pb.SharedMemoryPayload.FromString(stream.handle(view))
+        del view
+        return torch.frombuffer(mapper(handle, header), dtype=torch.uint8)
+
+    def recycled(path: str) -> str:
+        gc.collect()  # the batch's finalizer tells the server; the server's mapping goes
+        assert not stream.must_wait(SIZE)  # reads the release board: the hold ends
+        gc.collect()
+        assert files.take() == path  # the server writes its next batch over the same file
+        return path
+
+    path = files.take()
+    first = batch(path, 1)
+    assert first.eq(1).all()
+    mapping = mapper._kept[path].memory
+    del first
+    second = batch(recycled(path), 2)
+    assert second.eq(2).all()
+    assert mapper._kept[path].memory is mapping  # used again: no new mapping
+    second.fill_(9)  # a loop that normalises in place: copy-on-write pages of old bytes
+    del second
+    third = batch(recycled(path), 3)
+    assert third.eq(3).all()  # the new bytes, not the loop's 9s
+    assert mapper._kept[path].memory is not mapping  # mapped anew
+    del third
+    stream.close()
+    mapper.close()
+    gc.collect()
+    files.trim()
+    assert not os.listdir(tmp_path)
+    shm.close()
+
+
+def test_a_client_holds_a_file_s_batches_until_its_last_so_the_stream_holds_a_task_more(
+    tmp_path: Path,
+):
+    files = PayloadFiles(str(tmp_path), object())
+    shm = shm_delivery.SharedMemory(str(tmp_path))
+    stream = shm.stream(window=2, window_bytes=SIZE)
+    mapper = PayloadMapper()
+    header = pb.BatchHeader(payload_size=SIZE)
+    kept = []
+    for fill in range(4):  # mapped, none released: 2 * window held
+        view = payload(files, fill)
+        assert stream.shareable(view) and stream.has_room(SIZE, 1)
+        kept.append(mapper(pb.SharedMemoryPayload.FromString(stream.handle(view)), header))
+        del view
+    assert not stream.has_room(SIZE, 1)  # one batch per file: the next goes as bytes
+    assert stream.has_room(SIZE, 3)  # three per file: the client lets go of them together
+    stream.close()
+    kept.clear()
+    mapper.close()
+    gc.collect()
+    files.trim()
+    assert not os.listdir(tmp_path)
     shm.close()

@@ -162,6 +162,35 @@ def test_every_batch_in_order(executor: ThreadExecutor, per_message: int, batch_
     assert all(len(batch.payload) == 0 for batch in built)  # every one released once sent
 
 
+def test_batches_built_while_a_write_waits_share_the_next_message(
+    executor: ThreadExecutor,
+) -> None:
+    # One batch per task (batch_bytes=0); the client takes its first message late, so the
+    # tasks ahead are built by then: each message cost grpc.aio ~0.4 ms when it went alone.
+    client = _Client()
+    client.block.clear()
+    built: list[BuiltBatch] = []
+    stream = _stream(executor, "small", client, per_message=8, built=built)
+
+    async def main() -> None:
+        running = asyncio.ensure_future(stream.run())
+        for _ in range(6000):  # until the tasks ahead are built (60 s bound a hang)
+            await asyncio.sleep(0.01)
+            if len(stream._pending) > 1 and all(f.done() for _, f in stream._pending):
+                break
+        client.block.set()
+        await running
+
+    asyncio.run(main())
+    received = client.batches()
+    assert [position for position, _ in received] == list(range(25))
+    for position, batch in received:
+        assert torch.equal(batch, _expected(position, 8))
+    assert len(client.messages) < 25
+    assert len(built) == 25
+    assert all(len(batch.payload) == 0 for batch in built)  # every one released once sent
+
+
 def test_a_range_of_positions(executor: ThreadExecutor) -> None:
     client = _Client()
     asyncio.run(_stream(executor, "big", client, positions=range(3, 20, 4)).run())
