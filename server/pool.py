@@ -180,6 +180,9 @@ class WorkerPool:
         self._context.set_forkserver_preload(["batchwire.server._worker"])
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # queue or a worker's load changed
+        # A slot to restart, or the pool closed or broken: its own condition, so that the
+        # respawn thread does not wake for every task sent and finished.
+        self._respawn_due = threading.Condition(self._lock)
         self._queue: deque[Task] = deque()
         self._workers: list[_Worker] = []
         self._respawns: dict[int, _Respawn] = {}  # slot -> its next start
@@ -268,6 +271,7 @@ class WorkerPool:
                 doomed += [task for worker in self._workers for task in worker.tasks.values()]
             listeners = list(self._listeners) if changed else []
             self._changed.notify_all()
+            self._respawn_due.notify_all()
         for task in doomed:
             settle(task.future, exception=PoolFailed(failure))
         if changed:
@@ -573,6 +577,7 @@ class WorkerPool:
             self._queue.extendleft(reversed(orphans))  # first in line: their streams wait on them
             if not self._closed:
                 self._respawns[dead.slot] = _Respawn(due=time.monotonic())
+                self._respawn_due.notify_all()
             self.replaced += 1
             self._changed.notify_all()
         log.warning(
@@ -598,7 +603,7 @@ class WorkerPool:
 
     def _respawn(self) -> bool:
         """Starts a worker in each empty slot whose time has come; False once closed."""
-        with self._changed:
+        with self._respawn_due:
             while True:
                 if self._closed or self._broken:
                     return False
@@ -607,7 +612,7 @@ class WorkerPool:
                 if due:
                     break
                 waits = [respawn.due - now for respawn in self._respawns.values()]
-                self._changed.wait(min(waits) if waits else None)
+                self._respawn_due.wait(min(waits) if waits else None)
         for slot in due:
             try:
                 proc = self._start_worker(slot)
@@ -669,6 +674,7 @@ class WorkerPool:
             self._queue.clear()
             self._respawns.clear()
             self._changed.notify_all()
+            self._respawn_due.notify_all()
         self._wake_writer.send(None)
         for worker in workers:
             try:
