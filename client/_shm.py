@@ -128,7 +128,10 @@ def _owner(path: str) -> str:
 
 
 MAPPINGS_KEPT = 16
-"""Mappings of the server's files a stream keeps for their next batches (least recently used go)."""
+KEPT_BYTES = 512 << 20
+"""Mappings of the server's files a stream keeps for their next batches, and their bytes at
+most (least recently used go first): a file the server has since let go of (idle, or given
+away) stays allocated while a stream keeps a mapping of it."""
 
 _PAGE = mmap.PAGESIZE
 _PRESENT, _FILE_PAGE = 1 << 63, 1 << 61  # /proc/self/pagemap entry bits
@@ -153,9 +156,9 @@ class PayloadMapper:
     """One stream's mappings: ``mapper(handle, header)`` is the batch's payload (a view).
 
     The server recycles a handful of payload files for a stream's batches, so
-    the stream keeps its mappings of them (``MAPPINGS_KEPT``): mapping a file and
-    filling in its page tables, then tearing them down, cost more than half of
-    the client's CPU per cifar-sized batch. A kept mapping is used again only
+    the stream keeps its mappings of them (``MAPPINGS_KEPT``, ``KEPT_BYTES``):
+    mapping a file and filling in its page tables, then tearing them down, cost
+    more than half of the client's CPU per cifar-sized batch. A kept mapping is used again only
     where it shows the file's current bytes: pages a training loop wrote to are
     private copies of old bytes, so a batch over any such page (``/proc/self/
     pagemap``) gets a new mapping. Each batch tells the stream's release board
@@ -167,6 +170,7 @@ class PayloadMapper:
     def __init__(self, target: str = "") -> None:
         self._target = target
         self._kept: collections.OrderedDict[str, _Mapping] = collections.OrderedDict()
+        self._kept_bytes = 0
         self._board: mmap.mmap | None = None
         self._mapped = 0
         self._pagemap = _open_pagemap()
@@ -197,9 +201,11 @@ class PayloadMapper:
     def _mapping(self, path: str, start: int, end: int, batch_index: int) -> _Mapping:
         """A mapping of ``path`` whose bytes ``[start, end)`` are the file's current ones."""
         kept = self._kept.pop(path, None)
-        if kept is not None and end <= len(kept.memory) and self._current(kept, path, start, end):
-            self._kept[path] = kept  # the most recently used, last
-            return kept
+        if kept is not None:
+            if end <= len(kept.memory) and self._current(kept, path, start, end):
+                self._kept[path] = kept  # the most recently used, last
+                return kept
+            self._kept_bytes -= len(kept.memory)
         memory, info = self._open(path, writable=False)
         if end > len(memory):
             raise StreamCutShort(
@@ -210,8 +216,11 @@ class PayloadMapper:
         address = np.frombuffer(memory, np.uint8, 1).ctypes.data
         mapping = _Mapping(memory, (info.st_dev, info.st_ino), address)
         self._kept[path] = mapping
-        while len(self._kept) > MAPPINGS_KEPT:
-            self._kept.popitem(last=False)
+        self._kept_bytes += len(memory)
+        while len(self._kept) > 1 and (
+            len(self._kept) > MAPPINGS_KEPT or self._kept_bytes > KEPT_BYTES
+        ):
+            self._kept_bytes -= len(self._kept.popitem(last=False)[1].memory)
         return mapping
 
     def _current(self, kept: _Mapping, path: str, start: int, end: int) -> bool:
@@ -270,6 +279,7 @@ class PayloadMapper:
     def close(self) -> None:
         """Drops the stream's own references; the batches' views keep their mappings."""
         self._kept.clear()
+        self._kept_bytes = 0
         self._board = None
         if self._pagemap is not None:
             os.close(self._pagemap)
