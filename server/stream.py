@@ -132,7 +132,11 @@ class BatchStream:
                 # Stays in `pending` while awaited, so a cancelled stream cancels it too.
                 positions, future = pending[0]
                 waited = time.monotonic()
-                built, failure = await self._await(future, positions[0])
+                try:
+                    built, failure = await self._await(future, positions[0])
+                except StreamStopped:
+                    await self._flush()  # batches packed before it go out first
+                    raise
                 waited = time.monotonic() - waited
                 self._hooks.on_waited(waited)
                 pending.popleft()

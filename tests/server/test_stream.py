@@ -10,6 +10,7 @@ integration tests check the same stream through the real server.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -189,6 +190,26 @@ def test_batches_built_while_a_write_waits_share_the_next_message(
     assert len(client.messages) < 25
     assert len(built) == 25
     assert all(len(batch.payload) == 0 for batch in built)  # every one released once sent
+
+
+def test_batches_packed_before_a_drain_still_go_out(executor: ThreadExecutor) -> None:
+    # Each check sleeps, so that the next task is built when the stream decides whether to
+    # flush: batches wait packed while the stream turns to the next task, and the drain
+    # comes due there (the 5th check: the wait on task 2).
+    client = _Client()
+    checks = []
+
+    def draining() -> bool:
+        time.sleep(0.05)
+        checks.append(None)
+        return len(checks) >= 5
+
+    stream = _stream(executor, "small", client, per_message=8, draining=draining)
+    with pytest.raises(StreamStopped) as stopped:
+        asyncio.run(stream.run())
+    assert isinstance(stopped.value.failure, Draining)
+    assert stopped.value.position == 2
+    assert [position for position, _ in client.batches()] == [0, 1]
 
 
 def test_a_range_of_positions(executor: ThreadExecutor) -> None:
