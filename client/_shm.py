@@ -174,6 +174,7 @@ class PayloadMapper:
         self._board: mmap.mmap | None = None
         self._mapped = 0
         self._pagemap = _open_pagemap()
+        self._pagemap_checked = False
 
     def __call__(self, handle: pb.SharedMemoryPayload, header: pb.BatchHeader) -> memoryview:
         if handle.release_path:
@@ -215,6 +216,13 @@ class PayloadMapper:
             )
         address = np.frombuffer(memory, np.uint8, 1).ctypes.data
         mapping = _Mapping(memory, (info.st_dev, info.st_ino), address)
+        if not self._pagemap_checked:
+            # A page just mapped and filled in is present and the file's: a /proc that
+            # says otherwise (a sandbox's) cannot tell copied pages either.
+            self._pagemap_checked = True
+            flags = self._page_flags(mapping, 0, 1)
+            if flags is None or not (flags[0] & _PRESENT and flags[0] & _FILE_PAGE):
+                self._close_pagemap()
         self._kept[path] = mapping
         self._kept_bytes += len(memory)
         while len(self._kept) > 1 and (
@@ -233,22 +241,30 @@ class PayloadMapper:
             return False
         if kept.live or end <= start:
             return True  # a batch of it is held: the server cannot have written over it
-        if self._pagemap is None:
+        pages = self._page_flags(kept, start, end)
+        if pages is None:
             return False  # cannot tell which pages the loop wrote to
-        first, last = (kept.address + start) // _PAGE, (kept.address + end - 1) // _PAGE
-        try:
-            raw = os.pread(self._pagemap, 8 * (last - first + 1), 8 * first)
-        except OSError:
-            return False
-        pages = np.frombuffer(raw, np.uint64)
+        first = (kept.address + start) // _PAGE
         present = (pages & np.uint64(_PRESENT)) != 0
         if (present & ((pages & np.uint64(_FILE_PAGE)) == 0)).any():
             return False  # a page the loop wrote to: a private copy of old bytes
         if not present.all():  # never read since the file grew, or evicted: fill them in
             low = first * _PAGE - kept.address
             with contextlib.suppress(OSError, ValueError):
-                kept.memory.madvise(_MADV_POPULATE_READ, low, (last + 1 - first) * _PAGE)
+                kept.memory.madvise(_MADV_POPULATE_READ, low, len(pages) * _PAGE)
         return True
+
+    def _page_flags(self, mapping: _Mapping, start: int, end: int) -> np.ndarray | None:
+        """The pagemap entries of the pages under ``mapping``'s bytes ``[start, end)``."""
+        if self._pagemap is None:
+            return None
+        first = (mapping.address + start) // _PAGE
+        last = (mapping.address + end - 1) // _PAGE
+        try:
+            raw = os.pread(self._pagemap, 8 * (last - first + 1), 8 * first)
+        except OSError:
+            return None
+        return np.frombuffer(raw, np.uint64) if len(raw) == 8 * (last - first + 1) else None
 
     def _open(self, path: str, *, writable: bool) -> tuple[mmap.mmap, os.stat_result]:
         """A mapping of ``path`` and what the file mapped is (whatever the name names later)."""
@@ -281,6 +297,9 @@ class PayloadMapper:
         self._kept.clear()
         self._kept_bytes = 0
         self._board = None
+        self._close_pagemap()
+
+    def _close_pagemap(self) -> None:
         if self._pagemap is not None:
             os.close(self._pagemap)
             self._pagemap = None

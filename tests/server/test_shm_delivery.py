@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from batchwire.client import _shm
 from batchwire.client._shm import PayloadMapper
 from batchwire.server import shm_delivery
 from batchwire.server._payloads import PayloadFiles
@@ -91,9 +92,16 @@ def test_group_makes_objects_0640(tmp_path: Path):
     shm.close()
 
 
-def test_a_kept_mapping_shows_a_recycled_file_and_never_a_loop_s_writes(tmp_path: Path):
+@pytest.mark.parametrize("pagemap", [True, False], ids=["pagemap", "no pagemap"])
+def test_a_kept_mapping_shows_a_recycled_file_and_never_a_loop_s_writes(
+    tmp_path: Path, monkeypatch, pagemap: bool
+):
     """The client keeps its mapping of a payload file for the file's next batch; pages a
-    training loop wrote to are private copies of old bytes, so then it maps the file anew."""
+    training loop wrote to are private copies of old bytes, so then it maps the file anew.
+    Where /proc cannot say which pages were written, a mapping is used again only while a
+    batch of it is held."""
+    if not pagemap:
+        monkeypatch.setattr(_shm, "_open_pagemap", lambda: None)
     files = PayloadFiles(str(tmp_path), object())
     shm = shm_delivery.SharedMemory(str(tmp_path))
     stream = shm.stream(window=4, window_bytes=SIZE)
@@ -123,7 +131,8 @@ def test_a_kept_mapping_shows_a_recycled_file_and_never_a_loop_s_writes(tmp_path
     del first
     second = batch(recycled(path), 2)
     assert second.eq(2).all()
-    assert mapper._kept[path].memory is mapping  # used again: no new mapping
+    assert (mapper._kept[path].memory is mapping) == pagemap  # used again: no new mapping
+    mapping = mapper._kept[path].memory
     second.fill_(9)  # a loop that normalises in place: copy-on-write pages of old bytes
     del second
     third = batch(recycled(path), 3)
