@@ -119,9 +119,9 @@ class BatchStream:
         self._batch_bytes = batch_bytes  # the first batch's estimate (0: unknown)
         self._group = executor.group_size(batch_bytes, None)
         self._pending: deque[tuple[list[int], Future[list[BuiltBatch]]]] = deque()
-        self._outbox = Outbox(limits.chunk_bytes, limits.per_message, hooks.on_sent)
-        self._unsent: list[BuiltBatch] = []
-        """Batches handed to the outbox; released once their messages are written."""
+        self._outbox = Outbox(limits.chunk_bytes, limits.per_message, self._sent)
+        self._unsent: deque[BuiltBatch] = deque()
+        """Batches handed to the outbox, in order; each released once its message is written."""
 
     async def run(self) -> None:
         """Sends every batch, or raises ``StreamStopped`` (or ``CancelledError``)."""
@@ -152,16 +152,16 @@ class BatchStream:
                         # wait on a task counts once, on its first batch.
                         batch.header.build_seconds = batch.build_seconds
                         batch.header.wait_seconds, waited = waited, 0.0
-                        self._unsent.append(batch)
                         await self._send(position, batch)
                     # The next task's batches join this message when they are ready
                     # already: a message costs ~0.4 ms of grpc.aio whatever it holds.
                     if failure is not None or not (pending and pending[0][1].done()):
                         await self._flush()
                 finally:
-                    if self._outbox.empty:  # the payloads' bytes or handles are out
-                        release_all(self._unsent)
-                        self._unsent.clear()
+                    # Sent ones are released already; those never handed to the outbox
+                    # (a failure, a cancel) now. Those waiting in it go once written.
+                    waiting = {id(batch) for batch in self._unsent}
+                    release_all([batch for batch in built if id(batch) not in waiting])
                 if failure is not None:
                     raise StreamStopped(failure, positions[len(built)]) from failure
         finally:
@@ -209,13 +209,22 @@ class BatchStream:
                     self._check_drain(position)
                     await shared.wait()
             if shared.has_room(len(payload), self._group):  # else the client holds many: bytes
+                self._unsent.append(batch)
                 await self._write(self._outbox.add(header, wire.Shared(shared.handle(payload))))
                 return
         if self._hooks.compress is not None:
             payload = await self._hooks.compress(header, payload)
         elif batch.file is not None:  # read from the file, not the mapping (wire.FileSlice)
             payload = wire.FileSlice(*batch.file, len(payload), owner=payload[:])
+        self._unsent.append(batch)
         await self._write(self._outbox.add(header, payload))
+
+    def _sent(self, header: pb.BatchHeader) -> None:
+        """The outbox wrote the message that ends this batch: its memory goes back now."""
+        batch = self._unsent.popleft()  # the outbox keeps the order batches came in
+        assert batch.header is header, "the outbox sent batches out of order"
+        batch.release()
+        self._hooks.on_sent(header)
 
     async def _flush(self) -> None:
         await self._write(self._outbox.flush())

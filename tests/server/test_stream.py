@@ -192,6 +192,29 @@ def test_batches_built_while_a_write_waits_share_the_next_message(
     assert all(len(batch.payload) == 0 for batch in built)  # every one released once sent
 
 
+def test_a_slow_client_holds_no_more_than_the_prefetch_and_one_message(
+    executor: ThreadExecutor,
+) -> None:
+    # The executor is always ahead of this client, so the stream keeps packing built tasks
+    # into the next message: each batch must still go back once its message is out.
+    built: list[BuiltBatch] = []
+    held: list[int] = []
+
+    class SlowClient(_Client):
+        async def write(self, message: bytes) -> None:
+            await asyncio.sleep(0.02)
+            held.append(sum(1 for batch in built if len(batch.payload)))
+            await super().write(message)
+
+    client = SlowClient()
+    stream = _stream(executor, "small", client, per_message=4, built=built)
+    asyncio.run(stream.run())
+    assert [position for position, _ in client.batches()] == list(range(25))
+    assert len(client.messages) < 25  # packed: built tasks joined the next message
+    assert max(held) <= 4 + 4  # prefetch_batches, and the message being written
+    assert all(len(batch.payload) == 0 for batch in built)
+
+
 def test_batches_packed_before_a_drain_still_go_out(executor: ThreadExecutor) -> None:
     # Each check sleeps, so that the next task is built when the stream decides whether to
     # flush: batches wait packed while the stream turns to the next task, and the drain
