@@ -115,7 +115,10 @@ def dataloader_client(out: mp.Queue, shape: str, files: dict | None, timing: tup
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=2
     )
-    out.put(_timed(_forever(lambda: loader), *timing))
+    batches = _forever(lambda: loader)
+    result = _timed(batches, *timing)
+    batches.close()  # the DataLoader shuts its workers down now, not at interpreter exit
+    out.put(result)
 
 
 def _in_process(target: Any, *args: Any) -> dict:
