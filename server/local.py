@@ -38,7 +38,9 @@ def group_size(batch_bytes: int, build_seconds: float | None) -> int:
     ~70 us over shared memory (one task, one payload file, one mapping and one
     packed message per 16); two cifar batches (3.1 MB) per task instead of one
     took cifar over shared memory from ~1,150 to ~1,300 batches/s. 16 MiB was
-    slower again (~700/s: more payload memory in flight, fresh files).
+    slower then (~700/s), until the stream held a task's worth more handles for a
+    client working through a file (``shm_delivery.SharedStream.has_room``); since,
+    12 and 16 MiB measure within the noise of 8 (1,600-1,880/s), so the smaller stays.
     """
     if batch_bytes <= 0 or build_seconds is None:
         return 1
