@@ -134,7 +134,7 @@ most (least recently used go first): a file the server has since let go of (idle
 away) stays allocated while a stream keeps a mapping of it."""
 
 _PAGE = mmap.PAGESIZE
-_PRESENT, _FILE_PAGE = 1 << 63, 1 << 61  # /proc/self/pagemap entry bits
+_PRESENT, _SWAPPED, _FILE_PAGE = 1 << 63, 1 << 62, 1 << 61  # /proc/self/pagemap entry bits
 
 
 @dataclass
@@ -158,10 +158,11 @@ class PayloadMapper:
     The server recycles a handful of payload files for a stream's batches, so
     the stream keeps its mappings of them (``MAPPINGS_KEPT``, ``KEPT_BYTES``):
     mapping a file and filling in its page tables, then tearing them down, cost
-    more than half of the client's CPU per cifar-sized batch. A kept mapping is used again only
-    where it shows the file's current bytes: pages a training loop wrote to are
-    private copies of old bytes, so a batch over any such page (``/proc/self/
-    pagemap``) gets a new mapping. Each batch tells the stream's release board
+    more than half of the client's CPU per cifar-sized batch. A kept mapping is
+    used again only where it shows the file's current bytes: pages a training
+    loop wrote to are private copies of old bytes, so once the server may have
+    written over the file, a mapping with any such page (``/proc/self/pagemap``)
+    is replaced by a new one. Each batch tells the stream's release board
     that it was mapped (word 0) and, once its last tensor is gone, that it was
     released (word 1 + slot), so the server may reuse the file (see NOTE [ Who
     frees a mapped payload ] in ``server/shm_delivery.py``).
@@ -232,26 +233,33 @@ class PayloadMapper:
         return mapping
 
     def _current(self, kept: _Mapping, path: str, start: int, end: int) -> bool:
-        """True if ``kept``'s pages ``[start, end)`` show the file's bytes (none copied on write)."""
+        """True if ``kept`` shows the file's current bytes at ``[start, end)``.
+
+        While a batch of it is held, the server cannot have written over the file
+        since the mapping was made or last checked here. Else the file may hold a
+        new task, so no page of the whole mapping may be a private copy of older
+        bytes (a loop's write in place to any earlier batch of it, even swapped out).
+        """
         try:
             info = os.stat(path)
         except OSError:
             return False  # removed: opening it again says so
         if (info.st_dev, info.st_ino) != kept.inode:
             return False
-        if kept.live or end <= start:
-            return True  # a batch of it is held: the server cannot have written over it
-        pages = self._page_flags(kept, start, end)
+        if kept.live:
+            return True
+        pages = self._page_flags(kept, 0, len(kept.memory))
         if pages is None:
-            return False  # cannot tell which pages the loop wrote to
-        first = (kept.address + start) // _PAGE
+            return False  # cannot tell which pages a loop wrote to
         present = (pages & np.uint64(_PRESENT)) != 0
-        if (present & ((pages & np.uint64(_FILE_PAGE)) == 0)).any():
-            return False  # a page the loop wrote to: a private copy of old bytes
-        if not present.all():  # never read since the file grew, or evicted: fill them in
-            low = first * _PAGE - kept.address
+        copied = present & ((pages & np.uint64(_FILE_PAGE)) == 0)
+        if copied.any() or ((pages & np.uint64(_SWAPPED)) != 0).any():
+            return False  # a private copy of old bytes
+        first = start // _PAGE
+        region = present[first : max(first, (end - 1) // _PAGE + 1)]
+        if not region.all():  # never read since the file grew, or evicted: fill them in
             with contextlib.suppress(OSError, ValueError):
-                kept.memory.madvise(_MADV_POPULATE_READ, low, len(pages) * _PAGE)
+                kept.memory.madvise(_MADV_POPULATE_READ, first * _PAGE, len(region) * _PAGE)
         return True
 
     def _page_flags(self, mapping: _Mapping, start: int, end: int) -> np.ndarray | None:

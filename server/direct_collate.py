@@ -195,7 +195,8 @@ def gather_into(
     ``rows`` must be in range (checked by the caller). None: not planned here
     (a dtype torch has not, a byte order not native); nothing was reserved.
     """
-    key = ("gather", as_list, len(rows), *((a.dtype, a.shape[1:]) for a in arrays.values()))
+    names = () if as_list else tuple(arrays)  # a worker serves every dataset: names count
+    key = ("gather", names, len(rows), *((a.dtype, a.shape[1:]) for a in arrays.values()))
     layout = _LAYOUTS.get(key)
     if layout is None:
         try:

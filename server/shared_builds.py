@@ -48,8 +48,8 @@ built since it opened and is still held (also once the others have ended) and
 builds the rest itself; a solo stream, the ranks of a DDP job
 (different plans) and a trainer's parallel streams (disjoint positions) hold
 nothing beyond their prefetch; when the streams end, nothing is held. A held
-batch of a grouped task keeps that task's payload file mapped (at most 1 MiB:
-only small batches are grouped).
+batch of a grouped task keeps that task's payload file mapped (at most 8 MiB,
+``local.TASK_BYTES``: only small batches are grouped).
 
 *Failures.* A batch that fails fails every stream waiting on it (a copy of
 the exception each) and is not kept: a later request builds it again. Batches

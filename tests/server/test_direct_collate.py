@@ -262,6 +262,21 @@ def test_an_arrays_gather_is_byte_identical_to_its_batch_encoded(item: str) -> N
         assert bytes(memory) == expected
 
 
+def test_datasets_gathered_by_one_worker_keep_their_own_field_names() -> None:
+    # One worker serves every dataset: a layout cached for one must not name another's fields.
+    memory = bytearray(1 << 12)
+    rows = np.arange(3)
+    first = gather_into(
+        {"image": np.zeros((4, 2)), "label": np.zeros(4)}, rows, False, lambda size: memory
+    )
+    second = gather_into(
+        {"x": np.zeros((4, 2)), "y": np.zeros(4)}, rows, False, lambda size: memory
+    )
+    assert first is not None and second is not None
+    assert list(first.structure.map.keys) == ["image", "label"]
+    assert list(second.structure.map.keys) == ["x", "y"]
+
+
 @pytest.mark.parametrize(
     "array",
     [np.zeros((4, 2), np.uint16), np.zeros((4, 2), ">f4")],

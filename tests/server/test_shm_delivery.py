@@ -170,3 +170,46 @@ def test_a_client_holds_a_file_s_batches_until_its_last_so_the_stream_holds_a_ta
     files.trim()
     assert not os.listdir(tmp_path)
     shm.close()
+
+
+def test_a_loop_s_write_to_one_batch_of_a_file_never_shows_in_a_later_batch_of_it(
+    tmp_path: Path,
+):
+    """Two batches share a file; the loop writes in place to the second only. Once the
+    server writes the next task over that file, no batch of it may show the old write:
+    the first is mapped from a clean region, the second while the first is held."""
+    files = PayloadFiles(str(tmp_path), object())
+    shm = shm_delivery.SharedMemory(str(tmp_path))
+    stream = shm.stream(window=4, window_bytes=SIZE)
+    mapper = PayloadMapper()
+    header = pb.BatchHeader(payload_size=SIZE)
+
+    def task(path: str, fills: tuple[int, int]) -> list[torch.Tensor]:
+        with open(path, "r+b" if os.path.exists(path) else "wb") as out:  # in place, as workers
+            out.write(bytes([fills[0]]) * SIZE + bytes([fills[1]]) * SIZE)
+        view = files.open(path, 2 * SIZE)
+        handles = []
+        for part in (view[:SIZE], view[SIZE:]):
+            assert stream.shareable(part) and stream.has_room(SIZE, 2)
+            handles.append(pb.SharedMemoryPayload.FromString(stream.handle(part)))
+        del view, part
+        return [torch.frombuffer(mapper(h, header), dtype=torch.uint8) for h in handles]
+
+    path = files.take()
+    first, second = task(path, (1, 2))
+    second.fill_(0xEE)  # copy-on-write pages in the second batch only
+    del first, second
+    gc.collect()
+    assert not stream.must_wait(SIZE)  # both released: the server's hold ends
+    gc.collect()
+    assert files.take() == path
+    third, fourth = task(path, (3, 4))
+    assert third.eq(3).all()
+    assert fourth.eq(4).all()  # not the loop's 0xEE
+    del third, fourth
+    stream.close()
+    mapper.close()
+    gc.collect()
+    files.trim()
+    assert not os.listdir(tmp_path)
+    shm.close()
