@@ -139,12 +139,7 @@ def test_a_kept_mapping_shows_a_recycled_file_and_never_a_loop_s_writes(
     assert third.eq(3).all()  # the new bytes, not the loop's 9s
     assert mapper._kept[path].memory is not mapping  # mapped anew
     del third
-    stream.close()
-    mapper.close()
-    gc.collect()
-    files.trim()
-    assert not os.listdir(tmp_path)
-    shm.close()
+    _ends_clean(stream, mapper, files, shm, tmp_path)
 
 
 def test_a_client_holds_a_file_s_batches_until_its_last_so_the_stream_holds_a_task_more(
@@ -163,13 +158,8 @@ def test_a_client_holds_a_file_s_batches_until_its_last_so_the_stream_holds_a_ta
         del view
     assert not stream.has_room(SIZE, 1)  # one batch per file: the next goes as bytes
     assert stream.has_room(SIZE, 3)  # three per file: the client lets go of them together
-    stream.close()
     kept.clear()
-    mapper.close()
-    gc.collect()
-    files.trim()
-    assert not os.listdir(tmp_path)
-    shm.close()
+    _ends_clean(stream, mapper, files, shm, tmp_path)
 
 
 def test_a_loop_s_write_to_one_batch_of_a_file_never_shows_in_a_later_batch_of_it(
@@ -207,6 +197,11 @@ def test_a_loop_s_write_to_one_batch_of_a_file_never_shows_in_a_later_batch_of_i
     assert third.eq(3).all()
     assert fourth.eq(4).all()  # not the loop's 0xEE
     del third, fourth
+    _ends_clean(stream, mapper, files, shm, tmp_path)
+
+
+def _ends_clean(stream, mapper: PayloadMapper, files: PayloadFiles, shm, tmp_path: Path) -> None:
+    """The stream and the client let go: no object is left in the shared-memory folder."""
     stream.close()
     mapper.close()
     gc.collect()
