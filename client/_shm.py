@@ -240,14 +240,14 @@ class PayloadMapper:
         new task, so no page of the whole mapping may be a private copy of older
         bytes (a loop's write in place to any earlier batch of it, even swapped out).
         """
+        if kept.live:
+            return True  # and the path names its file still: the server holds it for us
         try:
             info = os.stat(path)
         except OSError:
             return False  # removed: opening it again says so
         if (info.st_dev, info.st_ino) != kept.inode:
             return False
-        if kept.live:
-            return True
         pages = self._page_flags(kept, 0, len(kept.memory))
         if pages is None:
             return False  # cannot tell which pages a loop wrote to

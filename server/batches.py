@@ -72,34 +72,20 @@ def load_samples(
     ) from failed
 
 
-def gather_into(
-    pipeline: Any, indices: Sequence[int], reserve: Callable[[int], memoryview]
-) -> pb.BatchHeader | None:
-    """The header of the batch that the pipeline's source gathered straight into
-    ``reserve(size)`` (``load_batch_into``); None where it cannot, or if it failed
-    (the general path then writes that memory again, and names what broke)."""
-    batched = getattr(pipeline, "load_batch_into", None)
-    if batched is None:
-        return None
-    try:
-        return batched(indices, reserve)
-    except Exception:
-        return None
+def source_batch(pipeline: Any, method: str, *args: Any) -> Any | None:
+    """The pipeline's one-call batch: ``load_batch(indices)``, or ``load_batch_into(indices,
+    reserve)`` (its header; the payload gathered straight into ``reserve(size)``).
 
-
-def gather_batch(pipeline: Any, indices: Sequence[int]) -> Any | None:
-    """The batch from the pipeline's one-call path (``load_batch``); None where it has none.
-
-    If it fails, None too: the per-sample path runs instead, so that the error
-    names the sample that broke.
+    None where the pipeline has none, or if it failed: the per-sample path runs
+    instead (writing that memory again), so that the error names the sample that broke.
     """
-    batched = getattr(pipeline, "load_batch", None)
-    if batched is None:
+    call = getattr(pipeline, method, None)
+    if call is None:
         return None
     try:
-        return batched(indices)
+        return call(*args)
     except Exception:
-        return None  # the per-sample path names the sample that broke
+        return None
 
 
 def collate(
@@ -213,18 +199,23 @@ def build_each(
     """
     for done, indices in enumerate(batches):
         left = len(batches) - done
+
+        def into(size: int) -> memoryview:
+            assert reserve is not None
+            return reserve(size, left)  # noqa: B023 (called before the loop goes on)
+
         try:
             if reserve is not None:
-                header = gather_into(pipeline, indices, lambda size: reserve(size, left))  # noqa: B023
+                header = source_batch(pipeline, "load_batch_into", indices, into)
                 if header is not None:
                     put(header, None)
                     continue
-            batch = gather_batch(pipeline, indices)
+            batch = source_batch(pipeline, "load_batch", indices)
             if batch is None:
                 samples = load_samples(pipeline, name, indices, seed=seed, epoch=epoch)
                 collate_fn = getattr(pipeline, "collate_fn", default_collate)
                 if reserve is not None and collate_fn is default_collate:
-                    header = collate_into(samples, lambda size: reserve(size, left))  # noqa: B023
+                    header = collate_into(samples, into)
                     if header is not None:
                         put(header, None)
                         continue
@@ -235,7 +226,7 @@ def build_each(
             if reserve is not None and header.payload_size:
                 # Another collate, or a source's gather: one copy into the payload memory.
                 size = header.payload_size
-                write_into(reserve(size, left), tensors, header.tensors, size)
+                write_into(into(size), tensors, header.tensors, size)
                 put(header, None)
             else:
                 put(header, tensors)

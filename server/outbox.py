@@ -46,11 +46,6 @@ class Outbox:
         self._pack.append((header, payload))
         self._pack_bytes += size
 
-    @property
-    def empty(self) -> bool:
-        """True when no batch added waits for its message."""
-        return not self._pack
-
     def flush(self) -> Iterator[bytes]:
         """Yields the batches held for packing, as one message."""
         if not self._pack:
