@@ -14,7 +14,7 @@ from typing import Protocol
 
 import grpc
 
-from batchwire import compression, wire
+from batchwire import allocator, compression, wire
 from batchwire.client import _credentials, _shm
 from batchwire.client._errors import ConnectError, ServerError
 from batchwire.client._parallel import Stop
@@ -329,6 +329,7 @@ class BatchClient:
             packed.max_batches_per_message = wire.MAX_BATCHES_PER_MESSAGE
             request = packed
         _wait(self, fail_fast=True)
+        allocator.keep_message_memory()  # received messages reuse freed memory (once)
         call = _link(self.target).channel.unary_stream(
             _SERVICE + "StreamBatches",
             request_serializer=pb.StreamBatchesRequest.SerializeToString,
