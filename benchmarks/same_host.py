@@ -10,6 +10,11 @@ As root it runs itself inside a network namespace with only ``lo`` (``unshare
 - batchwire over gRPC (``transport="grpc"``),
 - the bare grpcio stream of pre-built messages of batchwire's message size
   (``min(batch, chunk_bytes)``): grpcio's own floor,
+- ``grpc_glibc_defaults`` and ``bare_grpc_kept``: the same two with the other
+  allocator setting (``batchwire.allocator``): batchwire's client with glibc's
+  adaptive malloc thresholds (``BATCHWIRE_MALLOC_TUNING=0``, as before it fixed
+  them), and the bare stream's client with them fixed as batchwire's are. Not
+  run unless asked for (``--ways``).
 - tf.data service (``tfdata_peer.py`` in its own venv, ``make bench-tf-venv``;
   skipped with a note when that venv is missing): dispatcher + worker doing no
   work, one consumer,
@@ -54,6 +59,7 @@ TF_PYTHON = h.HERE / ".venv-tf" / "bin" / "python"
 LENGTH = 1 << 20  # samples per epoch; a pass that ends starts the next epoch
 ARRAY_BYTES = 64 << 20  # rows per shape of the arrays source (at least 4 batches)
 WAYS = ["shm", "grpc", "bare_grpc", "tfdata", "dataloader"]
+ALLOCATOR_WAYS = ["grpc_glibc_defaults", "bare_grpc_kept"]
 
 
 def _cpu_self() -> float:
@@ -87,9 +93,16 @@ def _forever(iterable_factory: Any) -> Any:
 
 
 def batchwire_client(
-    out: mp.Queue, target: str, shape: str, transport: str | None, source: str, timing: tuple
+    out: mp.Queue,
+    target: str,
+    shape: str,
+    transport: str | None,
+    source: str,
+    timing: tuple,
+    environment: dict[str, str],
 ) -> None:
     """One trainer: iterates ``RemoteDataset`` (pass after pass) and reports its rate."""
+    os.environ.update(environment)
     from batchwire.client import RemoteDataset
 
     options: dict[str, Any] = {} if transport is None else {"transport": transport}
@@ -142,7 +155,12 @@ def _rates(result: dict, size: int) -> dict:
 
 
 def measure_batchwire(
-    server: h.Server, shape: str, transport: str, source: str, timing: tuple
+    server: h.Server,
+    shape: str,
+    transport: str,
+    source: str,
+    timing: tuple,
+    environment: dict[str, str] | None = None,
 ) -> dict:
     from batchwire.client import RemoteDataset
 
@@ -157,6 +175,7 @@ def measure_batchwire(
         transport if has_transport else None,
         source,
         timing,
+        environment or {},
     )
     after = server.cpu_seconds()
     result = _rates(result, batch_bytes(shape))
@@ -170,9 +189,20 @@ def measure_batchwire(
     return result
 
 
-def measure_bare(shape: str, timing: tuple) -> dict:
+def bare_kept_client(out: mp.Queue, size: int, timing: tuple) -> None:
+    """The bare stream, received by a process whose malloc thresholds are fixed as batchwire's."""
+    from batchwire import allocator
+
+    allocator.keep_message_memory()
+    out.put(h.bare_grpc_run(size, timing[1], tuned=True, messages=timing[2]))
+
+
+def measure_bare(shape: str, timing: tuple, *, kept: bool = False) -> dict:
     size = min(batch_bytes(shape), CHUNK_BYTES)
-    run = h.bare_grpc_run(size, timing[1], tuned=True, messages=timing[2])
+    if kept:
+        run = _in_process(bare_kept_client, size, timing)
+    else:
+        run = h.bare_grpc_run(size, timing[1], tuned=True, messages=timing[2])
     gigabytes = run["messages"] * size / 1e9
     return {
         "message_bytes": size,
@@ -232,7 +262,7 @@ def inside(args: Any) -> None:
             for name in shapes
         }
         datasets = [dataset_toml(name, files[name]) for name in shapes]
-        runs = {name: {way: [] for way in WAYS} for name in shapes}
+        runs = {name: {way: [] for way in WAYS + ALLOCATOR_WAYS} for name in shapes}
         config = h.server_toml(datasets, chunk_bytes=CHUNK_BYTES)
         with h.Server(config, workers=2) as server:
             for _ in range(repeats):
@@ -285,6 +315,10 @@ def measure_shape(
         "shm": lambda: measure_batchwire(server, name, "shm", source, timing),
         "grpc": lambda: measure_batchwire(server, name, "grpc", source, timing),
         "bare_grpc": lambda: measure_bare(name, timing),
+        "grpc_glibc_defaults": lambda: measure_batchwire(
+            server, name, "grpc", source, timing, {"BATCHWIRE_MALLOC_TUNING": "0"}
+        ),
+        "bare_grpc_kept": lambda: measure_bare(name, timing, kept=True),
         "tfdata": lambda: measure_tfdata(name, timing),
         "dataloader": lambda: _rates(_in_process(dataloader_client, name, files, timing), size),
     }
@@ -324,6 +358,8 @@ def _summary(runs: dict[str, list[dict]]) -> dict:
         "shm_over_dataloader": ratio("shm", "dataloader"),
         "grpc_over_bare_grpc": ratio("grpc", "bare_grpc"),
         "grpc_over_tfdata": ratio("grpc", "tfdata"),
+        "grpc_over_bare_grpc_kept": ratio("grpc", "bare_grpc_kept"),
+        "grpc_over_grpc_glibc_defaults": ratio("grpc", "grpc_glibc_defaults"),
     }
     return median
 
@@ -334,7 +370,7 @@ def _print(results: dict) -> None:
             return None
         return f"{result['gb_per_s']:.2f} ({result['batches_per_s']:,.0f}/s)"
 
-    rows = []
+    rows, allocator_rows = [], []
     for name, result in results.items():
         ratios = result["ratios"]
         rows.append(
@@ -342,6 +378,11 @@ def _print(results: dict) -> None:
             + [ratios[key] for key in ("shm_over_tfdata", "shm_over_dataloader")]
             + [ratios["grpc_over_bare_grpc"]]
         )
+        if any("gb_per_s" in result[way] for way in ALLOCATOR_WAYS):
+            allocator_rows.append(
+                [name, *(rate(result[way]) for way in ALLOCATOR_WAYS)]
+                + [ratios["grpc_over_grpc_glibc_defaults"], ratios["grpc_over_bare_grpc_kept"]]
+            )
     print(
         h.table(
             "same host, GB/s (batches/s), median",
@@ -349,13 +390,23 @@ def _print(results: dict) -> None:
             rows,
         )
     )
+    if allocator_rows:
+        print(
+            h.table(
+                "the other allocator setting, GB/s (batches/s), median",
+                ["shape", *ALLOCATOR_WAYS, "grpc/grpc_glibc_defaults", "grpc/bare_grpc_kept"],
+                allocator_rows,
+            )
+        )
 
 
 def main() -> None:
     parser = h.arguments(__doc__.splitlines()[0], duration=4.0, warmup=1.5)
     parser.add_argument("--shapes", default="mnist,cifar,imagenet,big")
     parser.add_argument("--source", choices=["arrays", "python"], default="arrays")
-    parser.add_argument("--ways", default=",".join(WAYS), help="a subset of " + ",".join(WAYS))
+    parser.add_argument(
+        "--ways", default=",".join(WAYS), help="a subset of " + ",".join(WAYS + ALLOCATOR_WAYS)
+    )
     args = parser.parse_args()
     if h.in_loopback_netns() or os.geteuid() != 0:
         inside(args)
