@@ -55,6 +55,11 @@ def _user_chose() -> str | None:
     return None
 
 
+def thresholds_fixed() -> bool:
+    """True once ``keep_message_memory`` fixed them in this process."""
+    return bool(_decided)
+
+
 def keep_message_memory() -> bool:
     """Fixes glibc's mmap and trim thresholds for this process, once; True if they are set."""
     global _decided

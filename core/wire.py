@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from batchwire import allocator
 from batchwire.v1 import batchwire_pb2 as pb
 
 if sys.byteorder != "little":  # pragma: no cover - no big-endian host in sight
@@ -527,11 +528,12 @@ class BufferPool:
 
     def take(self, size: int) -> Any:
         """A writable buffer of ``size`` bytes (contents undefined: fill all of it)."""
-        if size < HUGE_PAGE_MIN_BYTES:
-            # From the heap, freed with its batch: that free is what keeps glibc's mmap
-            # threshold above the size of grpcio's messages, so that they too come from
-            # the heap. Kept here, every 4 MiB message became a fresh mmap (RemoteDataset
-            # client 0.8 -> 1.5 s/GB for imagenet).
+        if size < HUGE_PAGE_MIN_BYTES and not allocator.thresholds_fixed():
+            # From the heap, freed with its batch: under glibc's adaptive thresholds that
+            # free is what keeps the mmap threshold above the size of grpcio's messages,
+            # so that they too come from the heap. Kept here, every 4 MiB message became
+            # a fresh mmap (RemoteDataset client 0.8 -> 1.5 s/GB for imagenet). Once
+            # batchwire.allocator fixed them, a kept buffer saves zeroing a new one.
             return bytearray(size)
         self._collect()
         free = self._free.get(size)

@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from batchwire import wire
+from batchwire import allocator, wire
 from batchwire.v1 import batchwire_pb2 as pb
 
 
@@ -93,6 +93,24 @@ def test_reassembly_buffers_are_reused_only_once_their_batch_is_gone(monkeypatch
         gc.collect()
     assert torch.equal(kept[0], images[0]) and torch.equal(kept[1], images[1])
     assert len(made) == 3  # two kept, one going round for the other four batches
+
+
+def test_small_reassembly_buffers_go_round_only_under_fixed_malloc_thresholds(monkeypatch) -> None:
+    # Below 32 MiB a kept buffer would, under glibc's adaptive thresholds, push grpcio's
+    # messages into fresh mmaps; once batchwire.allocator fixed them it saves zeroing.
+    images = [torch.full((4, 1000), float(i)) for i in range(4)]
+    for fixed, pooled in ((False, 0), (True, 1)):  # pooled: buffers the pool made
+        monkeypatch.setattr(allocator, "_decided", fixed)
+        made = []
+        monkeypatch.setattr(wire, "batch_buffer", lambda size: made.append(size) or bytearray(size))
+        assembler = wire.BatchAssembler()
+        for image in images:
+            for frame in _frames({"x": image}, chunk_bytes=4096):
+                done = assembler.add(wire.parse_chunk(frame))
+            assert torch.equal(done[1]["x"], image)
+            del done
+            gc.collect()
+        assert len(made) == pooled, (fixed, made)  # else each a fresh heap bytearray
 
 
 AT_THE_FILE_LIMIT = """
