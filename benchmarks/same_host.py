@@ -380,8 +380,12 @@ def _print(results: dict) -> None:
         )
         if any("gb_per_s" in result[way] for way in ALLOCATOR_WAYS):
             allocator_rows.append(
-                [name, *(rate(result[way]) for way in ALLOCATOR_WAYS)]
-                + [ratios["grpc_over_grpc_glibc_defaults"], ratios["grpc_over_bare_grpc_kept"]]
+                [
+                    name,
+                    *(rate(result[way]) for way in ALLOCATOR_WAYS),
+                    ratios["grpc_over_grpc_glibc_defaults"],
+                    ratios["grpc_over_bare_grpc_kept"],
+                ]
             )
     print(
         h.table(

@@ -23,7 +23,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import platform
 import threading
 
 log = logging.getLogger(__name__)
@@ -50,9 +49,16 @@ def _user_chose() -> str | None:
     for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
         if name in os.environ:
             return f"{name} is set"
-    if platform.libc_ver()[0] != "glibc":
+    if not _glibc():
         return "not glibc"
     return None
+
+
+def _glibc() -> bool:
+    try:
+        return os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")  # type: ignore[union-attr]
+    except (AttributeError, OSError, ValueError):  # musl, macOS
+        return False
 
 
 def thresholds_fixed() -> bool:

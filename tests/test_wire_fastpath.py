@@ -101,8 +101,10 @@ def test_small_reassembly_buffers_go_round_only_under_fixed_malloc_thresholds(mo
     images = [torch.full((4, 1000), float(i)) for i in range(4)]
     for fixed, pooled in ((False, 0), (True, 1)):  # pooled: buffers the pool made
         monkeypatch.setattr(allocator, "_decided", fixed)
-        made = []
-        monkeypatch.setattr(wire, "batch_buffer", lambda size: made.append(size) or bytearray(size))
+        made: list[int] = []
+        monkeypatch.setattr(
+            wire, "batch_buffer", lambda size, made=made: made.append(size) or bytearray(size)
+        )
         assembler = wire.BatchAssembler()
         for image in images:
             for frame in _frames({"x": image}, chunk_bytes=4096):

@@ -12,7 +12,6 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from _serverproc import ServerProcess
@@ -32,19 +31,19 @@ seed = 3
 fields.image = { shape = [1000, 1000], dtype = "float32" }
 fields.label = { shape = [], dtype = "int64", high = 10 }
 """
-TRAINER = """
+TRAINER = f"""
 import resource, sys
 from batchwire.client import RemoteDataset
 
 ds = RemoteDataset(sys.argv[1], "frames", batch_size=1, transport="grpc")
 faults = 0
 for seen, batch in enumerate(ds, 1):  # 4 MB a batch: one message of its own
-    if seen == {warm_up}:
+    if seen == {WARM_UP}:
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    if seen == {warm_up} + {batches}:
+    if seen == {WARM_UP} + {BATCHES}:
         print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
         break
-""".format(batches=BATCHES, warm_up=WARM_UP)
+"""
 
 glibc_only = pytest.mark.skipif(
     allocator._user_chose() not in (None, f"{allocator.ENV} is off"),
