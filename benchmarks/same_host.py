@@ -193,7 +193,9 @@ def bare_kept_client(out: mp.Queue, size: int, timing: tuple) -> None:
     """The bare stream, received by a process whose malloc thresholds are fixed as batchwire's."""
     from batchwire import allocator
 
-    allocator.keep_message_memory()
+    if not allocator.keep_message_memory():
+        out.put({"skipped": "malloc thresholds not fixed here (BATCHWIRE_MALLOC_TUNING, ...)"})
+        return
     out.put(h.bare_grpc_run(size, timing[1], tuned=True, messages=timing[2]))
 
 
@@ -201,6 +203,8 @@ def measure_bare(shape: str, timing: tuple, *, kept: bool = False) -> dict:
     size = min(batch_bytes(shape), CHUNK_BYTES)
     if kept:
         run = _in_process(bare_kept_client, size, timing)
+        if "skipped" in run:
+            return run
     else:
         run = h.bare_grpc_run(size, timing[1], tuned=True, messages=timing[2])
     gigabytes = run["messages"] * size / 1e9

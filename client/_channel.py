@@ -329,7 +329,8 @@ class BatchClient:
             packed.max_batches_per_message = wire.MAX_BATCHES_PER_MESSAGE
             request = packed
         _wait(self, fail_fast=True)
-        allocator.keep_message_memory()  # received messages reuse freed memory (once)
+        if not request.shared_memory_nonce:  # bytes arrive: reuse their freed memory (once)
+            allocator.keep_message_memory()
         call = _link(self.target).channel.unary_stream(
             _SERVICE + "StreamBatches",
             request_serializer=pb.StreamBatchesRequest.SerializeToString,

@@ -20,6 +20,7 @@ a buffer reused once that batch's tensors are gone; none otherwise).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import math
@@ -515,14 +516,15 @@ class BufferPool:
     zeroes each new page (big's 38.5 MB huge-page map per batch). A stream's
     batches are mostly of one size and a training loop lets go of a batch a
     step or two later, so a few maps go round. A map comes back when its view
-    (the batch's tensors hold it) is collected; at most ``keep`` wait for
-    reuse, the rest are unmapped then. Smaller buffers come from the heap
+    (the batch's tensors hold it) is collected; the ``keep`` last returned wait
+    for reuse by a batch of their size, older ones are let go. Smaller buffers
+    come from the heap unless ``batchwire.allocator`` fixed its thresholds
     (``take``).
     """
 
     def __init__(self, keep: int = 4) -> None:
         self._keep = keep
-        self._free: dict[int, list[bytearray | mmap.mmap]] = {}
+        self._free: collections.deque[bytearray | mmap.mmap] = collections.deque()  # oldest first
         # A finalizer may run in any thread, inside the cyclic GC: a queue, no lock of ours.
         self._returned: queue.SimpleQueue[bytearray | mmap.mmap] = queue.SimpleQueue()
 
@@ -536,8 +538,13 @@ class BufferPool:
             # batchwire.allocator fixed them, a kept buffer saves zeroing a new one.
             return bytearray(size)
         self._collect()
-        free = self._free.get(size)
-        buffer = free.pop() if free else batch_buffer(size)
+        # By position, not deque.remove: that compares bytearrays by their contents.
+        at = next((i for i, kept in enumerate(self._free) if len(kept) == size), None)
+        if at is None:
+            buffer = batch_buffer(size)
+        else:
+            buffer = self._free[at]
+            del self._free[at]
         view = memoryview(buffer)
         weakref.finalize(view, self._returned.put, buffer)
         return view
@@ -548,8 +555,10 @@ class BufferPool:
                 buffer = self._returned.get_nowait()
             except queue.Empty:
                 return
-            if sum(len(free) for free in self._free.values()) < self._keep:
-                self._free.setdefault(len(buffer), []).append(buffer)
+            # The newest stay: sizes that vary (dynamic batching) must not pin old ones.
+            self._free.append(buffer)
+            if len(self._free) > self._keep:
+                self._free.popleft()
 
 
 class BatchAssembler:

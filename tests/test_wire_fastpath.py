@@ -115,6 +115,24 @@ def test_small_reassembly_buffers_go_round_only_under_fixed_malloc_thresholds(mo
         assert len(made) == pooled, (fixed, made)  # else each a fresh heap bytearray
 
 
+def test_the_pool_keeps_the_buffers_returned_last_whatever_their_size(monkeypatch) -> None:
+    # Dynamic batching: sizes vary, so old sizes must not hold the pool's places.
+    monkeypatch.setattr(allocator, "_decided", True)
+    made: list[int] = []
+    monkeypatch.setattr(wire, "batch_buffer", lambda size: made.append(size) or bytearray(size))
+    pool = wire.BufferPool(keep=2)
+    for size in (100, 200, 300):
+        view = pool.take(size)
+        del view
+        gc.collect()
+    assert made == [100, 200, 300]
+    pool.take(300)  # returned last: kept
+    pool.take(200)
+    assert made == [100, 200, 300]
+    pool.take(100)  # the oldest: let go when 300 came back
+    assert made == [100, 200, 300, 100]
+
+
 AT_THE_FILE_LIMIT = """
 import os, resource, sys
 from batchwire import wire
