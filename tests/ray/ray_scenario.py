@@ -302,6 +302,11 @@ def main() -> None:
         assert isinstance(stopped.failure, ExecutorFailed), stopped.failure
         print(f"no actors: the stream ended: {stopped.failure}", flush=True)
     # Health heard it (an actor may already be placed again by now: not asserted here).
+    # The listener runs just after the state changes, maybe after the stream saw it.
+    for _ in range(50):  # bounds a hang
+        if any(h and "no Ray actor is alive" in h for h in heard):
+            break
+        time.sleep(0.1)
     assert heard[0] is None and any(h and "no Ray actor is alive" in h for h in heard), heard
     cluster.add_node(num_cpus=2, object_store_memory=store)
     for _ in range(600):  # bounds a hang: until an actor is placed on the new node
