@@ -5,11 +5,11 @@ grpcio receives each message into fresh buffers (its read slices, then the
 gone. With glibc's default, adaptive settings those multi-MiB blocks are
 ``mmap``ed and ``munmap``ed, or the arena's top is trimmed, one message after
 another, so every page of every batch is faulted in and zeroed anew: about a
-fifth of a gRPC client's CPU went to page faults: ~330 of them per 3.1 MB
-batch, ~6,900 per 38.5 MB one (benchmarks/RESULTS.md, "Allocator"). Fixed thresholds keep blocks below
-32 MiB in the heap and up to ``TRIM_BYTES`` of freed memory per arena for the
-next message: the process holds on to a few messages' worth of memory it would
-otherwise give back and take again.
+fifth of a gRPC client's CPU went to page faults, ~330 of them per 3.1 MB
+batch and ~6,900 per 38.5 MB one (benchmarks/RESULTS.md, "Allocator"). Fixed
+thresholds keep blocks below 32 MiB in the heap and up to ``TRIM_BYTES`` of
+freed memory per arena for the next message: the process holds on to a few
+messages' worth of memory it would otherwise give back and take again.
 
 It is process-wide, so it is applied once, when the process opens its first
 batch stream that receives bytes (not a shared-memory one), and never where
